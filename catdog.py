@@ -319,3 +319,59 @@ def write_json(path, obj):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+# ---------------------------------------------------------------- monitoring: input statistics and drift
+# Cheap per-image statistics, computed on the decoded upright RGB image (before the
+# model's preprocessing). train.py stores their reference distribution beside the
+# model; the service compares a rolling window of live inputs against it with PSI.
+DRIFT_FEATURES = ("width", "height", "brightness", "contrast", "saturation", "red", "green", "blue")
+PSI_BINS = 10
+DRIFT_THRESHOLD = 0.25  # PSI above 0.25 is the usual "significant shift" rule of thumb
+CONFIDENCE_EDGES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+def image_stats(img):
+    """Per-image statistics used for drift: size, brightness, contrast, saturation, colour means."""
+    small = img.copy()
+    small.thumbnail((64, 64))
+    arr = np.asarray(small, dtype=np.float32)
+    gray = arr @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    red, green, blue = arr.reshape(-1, 3).mean(axis=0)
+    return {"width": img.width, "height": img.height, "brightness": float(gray.mean()),
+            "contrast": float(gray.std()), "saturation": float((arr.max(axis=2) - arr.min(axis=2)).mean()),
+            "red": float(red), "green": float(green), "blue": float(blue)}
+
+
+def reference_profile(stats, confidences=()):
+    """Reference distribution of each feature: decile bin edges and the fraction per bin."""
+    profile = {"features": {}, "count": len(stats)}
+    for name in DRIFT_FEATURES:
+        values = np.array([s[name] for s in stats], dtype=np.float64)
+        edges = np.unique(np.quantile(values, np.linspace(0, 1, PSI_BINS + 1)[1:-1]))
+        profile["features"][name] = {"edges": edges.tolist(), "fractions": bin_fractions(edges, values)}
+    if len(confidences):
+        edges = np.array(CONFIDENCE_EDGES[1:-1])
+        profile["confidence"] = {"edges": edges.tolist(), "fractions": bin_fractions(edges, confidences)}
+    return profile
+
+
+def bin_fractions(edges, values):
+    counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
+    return (counts / max(1, counts.sum())).tolist()
+
+
+def psi(reference, values, eps=1e-4):
+    """Population Stability Index of `values` against a reference {edges, fractions}."""
+    expected = np.clip(np.array(reference["fractions"]), eps, None)
+    actual = np.clip(np.array(bin_fractions(np.array(reference["edges"]), values)), eps, None)
+    return float(np.sum((actual - expected) * np.log(actual / expected)))
+
+
+def drift_scores(profile, stats, confidences=()):
+    """PSI per feature (and for confidence) of a window of live inputs against the profile."""
+    scores = {name: psi(profile["features"][name], [s[name] for s in stats])
+              for name in DRIFT_FEATURES if stats}
+    if len(confidences) and "confidence" in profile:
+        scores["confidence"] = psi(profile["confidence"], confidences)
+    return scores
