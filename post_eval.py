@@ -1,0 +1,297 @@
+"""Post-deployment evaluation: is the DEPLOYED model still right?
+
+Sends labelled photos to a running service as real HTTP requests, tells the service
+the true labels via /feedback (which feeds its live accuracy), and measures what a
+client sees: accuracy, precision, recall, F1, the confusion matrix and latency
+percentiles. Logs them to MLflow tagged with the serving model version, writes a
+Markdown report with a confusion-matrix plot, and exits non-zero when accuracy is
+below the threshold, so a bad deployment fails loudly instead of printing 50 %.
+
+    python post_eval.py http://127.0.0.1:8000 ../shared/datasets/dogs-vs-cats-3k --limit 200
+    python post_eval.py http://127.0.0.1:8000 --manifest data/manifest.csv --split test
+
+Labels come from file names (cat.12.jpg) or folders (cat/12.jpg), or from the manifest.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+import catdog
+
+# ---------------------------------------------------------------- config (override with --key value)
+min_accuracy = 0.99     # below this the run fails (exit 1)
+limit = 0               # evaluate at most this many images (0 = all); balanced over classes
+concurrency = 4         # parallel clients: enough to exercise the server's batching, not a load test
+timeout = 30.0          # seconds per request
+out = os.path.join("reports", "post_eval")
+experiment = "catdog-post-deploy"
+feedback = True         # post the true labels to /feedback (feeds the service's live accuracy)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+
+
+# ---------------------------------------------------------------- which photos, with which labels
+def labelled_files(paths):
+    """[(path, label)] for image files in the given files/folders; unlabelled files are skipped."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            for root, _, names in os.walk(path):
+                found += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+        else:
+            found.append(path)
+    pairs = [(p, catdog.label_from_name(p)) for p in sorted(found)]
+    return [(p, label) for p, label in pairs if label]
+
+
+def manifest_files(manifest, split):
+    """[(path, label)] for the kept rows of one split of preprocess.py's manifest.
+
+    Prefer the ORIGINAL photo a client would send (the manifest's source path); fall
+    back to the processed copy when the original is not on this machine.
+    """
+    base = os.path.dirname(os.path.abspath(manifest))
+    pairs = []
+    with open(manifest, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("split") != split or row.get("drop_reason"):
+                continue
+            candidates = [row.get(key) for key in ("source", "path", "processed_path", "out_path")]
+            for candidate in filter(None, candidates):
+                resolved = [candidate, os.path.join(base, candidate)]
+                existing = [p for p in resolved if os.path.isfile(p)]
+                if existing:
+                    pairs.append((existing[0], row.get("label") or catdog.label_from_name(existing[0])))
+                    break
+    return pairs
+
+
+def balanced_head(pairs, n):
+    """The first n pairs, alternating classes, so a small --limit still sees both classes."""
+    if not n or n >= len(pairs):
+        return pairs
+    by_class = [[p for p in pairs if p[1] == c] for c in catdog.CLASSES]
+    mixed = [p for group in zip(*by_class) for p in group]
+    mixed += [p for group in by_class for p in group[len(min(by_class, key=len)):]]
+    return mixed[:n]
+
+
+# ---------------------------------------------------------------- HTTP (stdlib only)
+def http_json(url, data=None, headers=None, method=None):
+    """(status, parsed JSON body or {}) for one request. HTTP errors are answers, not
+    exceptions; no answer at all (refused, reset, timed out) is status 0."""
+    request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as e:
+        status, body = e.code, e.read()
+    except OSError as e:
+        return 0, {"error": str(e)}
+    try:
+        return status, json.loads(body or b"{}")
+    except ValueError:
+        return status, {"error": body[:200].decode("utf-8", "replace")}
+
+
+def multipart(field, filename, content, content_type="application/octet-stream"):
+    """A multipart/form-data body with one file field, as a browser would send it."""
+    boundary = uuid.uuid4().hex
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+            f"Content-Type: {content_type}\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def predict(url, path, label):
+    """Send one photo to /predict; the client-side latency is what a user waits."""
+    with open(path, "rb") as f:
+        content = f.read()
+    # A neutral file name: the file name carries the label and must never reach the service.
+    body, headers = multipart("file", "photo.jpg", content)
+    started = time.perf_counter()
+    status, answer = http_json(f"{url}/predict", body, headers, method="POST")
+    latency_ms = (time.perf_counter() - started) * 1000
+    return {"path": path, "label": label, "status": status, "latency_ms": latency_ms,
+            "predicted": answer.get("label") if status == 200 else None,
+            "confidence": answer.get("confidence"), "request_id": answer.get("request_id"),
+            "model_version": answer.get("model_version"), "error": answer.get("error")}
+
+
+def send_feedback(url, result):
+    body = json.dumps({"request_id": result["request_id"], "label": result["label"]}).encode()
+    status, _ = http_json(f"{url}/feedback", body, {"Content-Type": "application/json"}, "POST")
+    return 200 <= status < 300
+
+
+# ---------------------------------------------------------------- metrics (numpy)
+def classification_metrics(results):
+    """Accuracy over every photo sent (a failed request counts as wrong), per-class
+    precision/recall/F1 over the answered ones, and the confusion matrix (rows = truth)."""
+    index = {c: i for i, c in enumerate(catdog.CLASSES)}
+    answered = [r for r in results if r["predicted"] in index]
+    matrix = np.zeros((len(index), len(index)), dtype=int)
+    for r in answered:
+        matrix[index[r["label"]], index[r["predicted"]]] += 1
+    metrics = {"images": len(results), "answered": len(answered), "errors": len(results) - len(answered),
+               "accuracy": float(np.trace(matrix) / max(1, len(results)))}
+    for i, name in enumerate(catdog.CLASSES):
+        precision = matrix[i, i] / max(1, matrix[:, i].sum())
+        recall = matrix[i, i] / max(1, matrix[i, :].sum())
+        metrics[f"precision_{name}"] = float(precision)
+        metrics[f"recall_{name}"] = float(recall)
+        metrics[f"f1_{name}"] = float(2 * precision * recall / max(1e-12, precision + recall))
+    metrics["f1_macro"] = float(np.mean([metrics[f"f1_{c}"] for c in catdog.CLASSES]))
+    return metrics, matrix
+
+
+def latency_metrics(results, wall_s):
+    latencies = np.array([r["latency_ms"] for r in results if r["status"] == 200])
+    p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) if len(latencies) else (float("nan"),) * 3
+    return {"latency_p50_ms": float(p50), "latency_p95_ms": float(p95), "latency_p99_ms": float(p99),
+            "latency_mean_ms": float(latencies.mean()) if len(latencies) else float("nan"),
+            "throughput_rps": len(results) / wall_s if wall_s else 0.0}
+
+
+# ---------------------------------------------------------------- outputs
+def plot_confusion(matrix, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3.6, 3.2), dpi=120)
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), count in np.ndenumerate(matrix):
+        dark = count > matrix.max() / 2
+        ax.text(j, i, str(count), ha="center", va="center", color="white" if dark else "black")
+    ax.set_xticks(range(len(catdog.CLASSES)), catdog.CLASSES)
+    ax.set_yticks(range(len(catdog.CLASSES)), catdog.CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("post-deployment confusion matrix", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(path, url, version, source, metrics, matrix, results, stats, passed):
+    wrong = [r for r in results if r["predicted"] != r["label"]]
+    lines = [
+        "# Post-deployment evaluation", "",
+        f"- service: {url}, model version `{version}`",
+        f"- photos: {metrics['images']} from {source}, {metrics['errors']} failed requests",
+        f"- result: **{'PASS' if passed else 'FAIL'}** (accuracy {metrics['accuracy']:.4f}, "
+        f"threshold {min_accuracy})", "",
+        "| metric | value |", "|---|---|",
+        *[f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()],
+        "", "## Confusion matrix (rows = true label)", "", "![confusion matrix](confusion_matrix.png)", "",
+        "| | " + " | ".join(f"pred {c}" for c in catdog.CLASSES) + " |",
+        "|---" * (len(catdog.CLASSES) + 1) + "|",
+        *[f"| true {c} | " + " | ".join(str(n) for n in row) + " |" for c, row in zip(catdog.CLASSES, matrix)],
+    ]
+    if stats:
+        lines += ["", "## The service's own view (`/stats` after feedback)", "", "```json",
+                  json.dumps(stats, indent=2, sort_keys=True), "```"]
+    if wrong:
+        lines += ["", f"## Wrong or failed ({len(wrong)})", "", "| photo | true | predicted | confidence | status |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['path']} | {r['label']} | {r['predicted']} | {r['confidence']} | {r['status']} |"
+                  for r in wrong[:50]]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def log_to_mlflow(url, version, source, metrics, out_dir):
+    import mlflow  # slow import; only when there is something to log
+
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=f"post-eval {version}") as run:
+        mlflow.set_tags({"model_version": version, "service_url": url, "stage": "post-deploy"})
+        mlflow.log_params({"source": source, "limit": limit, "concurrency": concurrency,
+                           "min_accuracy": min_accuracy, "feedback": feedback})
+        mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
+        mlflow.log_artifacts(out_dir)
+        return run.info.run_id
+
+
+# ---------------------------------------------------------------- main
+def main(argv=None):
+    global min_accuracy, limit, concurrency, timeout, out, experiment, feedback
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
+    parser.add_argument("images", nargs="*", help="photo files or folders (cat.N.jpg or cat/ dog/)")
+    parser.add_argument("--manifest", help="preprocess.py's manifest CSV: evaluate one split of it")
+    parser.add_argument("--split", default="test", help="the manifest split to evaluate")
+    parser.add_argument("--min-accuracy", type=float, default=min_accuracy)
+    parser.add_argument("--limit", type=int, default=limit)
+    parser.add_argument("--concurrency", type=int, default=concurrency)
+    parser.add_argument("--timeout", type=float, default=timeout)
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--experiment", default=experiment)
+    parser.add_argument("--no-feedback", dest="feedback", action="store_false")
+    args = parser.parse_args(argv)
+    min_accuracy, limit, concurrency, timeout = args.min_accuracy, args.limit, args.concurrency, args.timeout
+    out, experiment, feedback = args.out, args.experiment, args.feedback
+    url = args.url.rstrip("/")
+
+    if args.manifest:
+        pairs, source = manifest_files(args.manifest, args.split), f"{args.manifest} split={args.split}"
+    else:
+        pairs, source = labelled_files(args.images), " ".join(args.images)
+    pairs = balanced_head(pairs, limit)
+    if not pairs:
+        sys.exit(f"post_eval: no labelled photos found in {source or '(nothing given)'}")
+
+    status, health = http_json(f"{url}/health")
+    if status != 200:
+        sys.exit(f"post_eval: {url}/health answered {status} {health}; is the service up?")
+
+    print(f"post_eval: {len(pairs)} photos from {source} -> {url} ({concurrency} clients)")
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda pair: predict(url, *pair), pairs))
+        wall_s = time.perf_counter() - started
+        answered = [r for r in results if r["request_id"]]
+        delivered = sum(pool.map(lambda r: send_feedback(url, r), answered)) if feedback else 0
+    versions = {r["model_version"] for r in results if r["model_version"]} or {health.get("model_version")}
+    version = ",".join(sorted(map(str, versions)))
+
+    metrics, matrix = classification_metrics(results)
+    metrics.update(latency_metrics(results, wall_s))
+    metrics["feedback_posted"] = delivered
+    _, stats = http_json(f"{url}/stats")  # the service's live accuracy after our feedback, if it has /stats
+
+    passed = metrics["accuracy"] >= min_accuracy
+    feedback_ok = not feedback or delivered == len(answered)
+    os.makedirs(out, exist_ok=True)
+    plot_confusion(matrix, os.path.join(out, "confusion_matrix.png"))
+    catdog.write_json(os.path.join(out, "metrics.json"), {"model_version": version, "url": url, **metrics})
+    write_report(os.path.join(out, "report.md"), url, version, source, metrics, matrix, results,
+                 stats if isinstance(stats, dict) and "error" not in stats else None, passed)
+    run_id = log_to_mlflow(url, version, source, metrics, out)
+
+    print(f"model {version}: accuracy {metrics['accuracy']:.4f} ({metrics['images']} photos, "
+          f"{metrics['errors']} failed), f1 {metrics['f1_macro']:.4f}, latency p50/p95/p99 "
+          f"{metrics['latency_p50_ms']:.1f}/{metrics['latency_p95_ms']:.1f}/{metrics['latency_p99_ms']:.1f} ms, "
+          f"{metrics['throughput_rps']:.1f} req/s, feedback {delivered}/{len(answered)}")
+    print(f"confusion matrix (rows true {'/'.join(catdog.CLASSES)}): {matrix.tolist()}")
+    print(f"report {os.path.join(out, 'report.md')}, MLflow run {run_id} in experiment {experiment!r}")
+    if not feedback_ok:
+        print(f"FAIL: /feedback accepted {delivered} of {len(answered)} labels", file=sys.stderr)
+    if not passed:
+        print(f"FAIL: accuracy {metrics['accuracy']:.4f} is below {min_accuracy}", file=sys.stderr)
+    return 0 if passed and feedback_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

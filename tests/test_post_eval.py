@@ -1,0 +1,151 @@
+"""post_eval.py against a small stand-in service whose answers we know in advance.
+
+The stand-in decides from the image content alone (red photo -> cat, blue -> dog), so
+a dog photo painted red is a known mistake; it records every feedback it receives.
+"""
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import catdog  # noqa: E402
+import post_eval  # noqa: E402
+
+RED, BLUE = (200, 40, 40), (40, 40, 200)
+
+
+class StandIn(BaseHTTPRequestHandler):
+    feedback = []  # (request_id, label) pairs received
+    predictions = {}  # request_id -> label answered
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, status, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/health":
+            return self.reply(200, {"status": "ok", "model_version": "v-test"})
+        self.reply(404, {"error": "not found"})
+
+    def do_POST(self):
+        data = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/feedback":
+            answer = json.loads(data)
+            known = answer["request_id"] in self.predictions
+            if known:
+                self.feedback.append((answer["request_id"], answer["label"]))
+            return self.reply(200 if known else 404, {"ok": known})
+        # The label is in the file name on disk; the service must not be told it.
+        assert b'filename="photo.jpg"' in data
+        start = data.index(b"\r\n\r\n") + 4
+        img = catdog.open_image(data[start:data.rindex(b"\r\n--")])
+        red, _, blue = np.asarray(img, dtype=float).reshape(-1, 3).mean(axis=0)
+        label = "cat" if red > blue else "dog"
+        request_id = uuid.uuid4().hex
+        self.predictions[request_id] = label
+        self.reply(200, {"label": label, "confidence": 0.9, "model_version": "v-test",
+                         "request_id": request_id, "latency_ms": 1.0})
+
+
+@pytest.fixture()
+def service():
+    StandIn.feedback, StandIn.predictions = [], {}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture()
+def photos(tmp_path):
+    """3 red cats, 3 blue dogs and 1 red dog (a known mistake): accuracy 6/7."""
+    folder = tmp_path / "photos"
+    (folder / "dog").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (64, 48), RED).save(folder / f"cat.{i}.jpg")
+        Image.new("RGB", (64, 48), BLUE).save(folder / "dog" / f"{i}.jpg")
+    Image.new("RGB", (64, 48), RED).save(folder / "dog" / "red.jpg")
+    return folder
+
+
+def run_cli(url, args, tmp_path):
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "post_eval.py"), url, *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_known_answers_feedback_report_and_mlflow_run(service, photos, tmp_path):
+    out = tmp_path / "report"
+    result = run_cli(service, [str(photos), "--min-accuracy", "0.8", "--out", str(out)], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    metrics = catdog.read_json(out / "metrics.json")
+    assert metrics["images"] == 7 and metrics["errors"] == 0
+    assert metrics["accuracy"] == pytest.approx(6 / 7)
+    assert metrics["precision_cat"] == pytest.approx(3 / 4) and metrics["recall_cat"] == 1.0
+    assert metrics["precision_dog"] == 1.0 and metrics["recall_dog"] == pytest.approx(3 / 4)
+    assert metrics["f1_dog"] == pytest.approx(2 * 0.75 / 1.75)
+    assert 0 < metrics["latency_p50_ms"] <= metrics["latency_p95_ms"] <= metrics["latency_p99_ms"]
+    assert "[[3, 0], [1, 3]]" in result.stdout
+
+    # Every answered request got its TRUE label back, including the wrong one.
+    assert len(StandIn.feedback) == 7 and metrics["feedback_posted"] == 7
+    assert sorted(label for _, label in StandIn.feedback) == ["cat"] * 3 + ["dog"] * 4
+    assert {rid for rid, _ in StandIn.feedback} == set(StandIn.predictions)
+
+    report = (out / "report.md").read_text()
+    assert "PASS" in report and "| true dog | 1 | 3 |" in report and "red.jpg" in report
+    assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The MLflow run carries the metrics and the serving model version.
+    db = sqlite3.connect(tmp_path / "mlflow.db")
+    (run_id,) = db.execute("select run_uuid from tags where key='model_version' and value='v-test'").fetchone()
+    accuracy = db.execute("select value from metrics where run_uuid=? and key='accuracy'", (run_id,)).fetchone()
+    assert accuracy[0] == pytest.approx(6 / 7)
+    assert re.search(rf"MLflow run {run_id}", result.stdout)
+
+
+def test_below_threshold_exits_non_zero(service, photos, tmp_path):
+    result = run_cli(service, [str(photos), "--out", str(tmp_path / "r")], tmp_path)  # default 0.99
+    assert result.returncode == 1
+    assert "accuracy 0.8571 is below 0.99" in result.stderr
+    assert "FAIL" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_service_down_fails_before_sending(photos, tmp_path):
+    result = run_cli("http://127.0.0.1:9", [str(photos), "--out", str(tmp_path / "r")], tmp_path)
+    assert result.returncode != 0 and "is the service up" in (result.stdout + result.stderr)
+
+
+def test_limit_keeps_both_classes_and_manifest_split(photos, tmp_path):
+    pairs = post_eval.labelled_files([str(photos)])
+    assert len(pairs) == 7 and {label for _, label in pairs} == {"cat", "dog"}
+    assert sorted(label for _, label in post_eval.balanced_head(pairs, 4)) == ["cat", "cat", "dog", "dog"]
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,sha256,label,width,height,split,drop_reason\n"
+                        f"{photos}/cat.0.jpg,x,cat,64,48,test,\n"
+                        f"{photos}/cat.1.jpg,x,cat,64,48,train,\n"
+                        f"{photos}/dog/0.jpg,x,dog,64,48,test,\n"
+                        f"{photos}/dog/1.jpg,x,dog,0,0,,corrupt\n")
+    assert post_eval.manifest_files(str(manifest), "test") == [
+        (f"{photos}/cat.0.jpg", "cat"), (f"{photos}/dog/0.jpg", "dog")]
