@@ -1,0 +1,130 @@
+"""monitoring/: the Prometheus config and alert rules pass promtool and their unit tests,
+the dashboard and alerts query only metrics (and labels) the real service exports, and
+a real Prometheus scrapes a real service."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from service_helpers import Server, synthetic_photo, tiny_model  # noqa: E402
+
+MONITORING = os.path.join(ROOT, "monitoring")
+needs_promtool = pytest.mark.skipif(not shutil.which("promtool"),
+                                    reason="promtool missing (Debian package prometheus; `make system-deps`)")
+# Series Prometheus itself adds to every scrape, not exported by the service.
+SCRAPE_LABELS = {"job", "instance"}
+
+
+def promtool(*args):
+    result = subprocess.run(["promtool", *args], cwd=MONITORING, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@needs_promtool
+def test_promtool_config_rules_and_rule_unit_tests():
+    assert "SUCCESS" in promtool("check", "config", "prometheus.yml")
+    assert "6 rules found" in promtool("check", "rules", "alerts.yml")
+    assert "SUCCESS" in promtool("test", "rules", "alerts_test.yml")
+
+
+def alert_rules():
+    with open(os.path.join(MONITORING, "alerts.yml")) as f:
+        return [rule for group in yaml.safe_load(f)["groups"] for rule in group["rules"]]
+
+
+def dashboard():
+    with open(os.path.join(MONITORING, "grafana", "dashboard.json")) as f:
+        return json.load(f)
+
+
+def queries():
+    """(where, PromQL) for every alert rule and every dashboard query."""
+    found = [(f"alert {rule['alert']}", rule["expr"]) for rule in alert_rules()]
+    found += [(f"panel {panel['title']!r}", target["expr"])
+              for panel in dashboard()["panels"] for target in panel["targets"]]
+    return found
+
+
+def test_alerts_cover_the_issue_and_dashboard_is_provisioned():
+    names = {rule["alert"] for rule in alert_rules()}
+    assert {"CatdogHighErrorRate", "CatdogHighLatencyP99", "CatdogLiveAccuracyLow",
+            "CatdogInputDrift", "CatdogTargetDown"} <= names
+    with open(os.path.join(MONITORING, "alerts_test.yml")) as f:
+        tested = {case["alertname"] for test in yaml.safe_load(f)["tests"] for case in test["alert_rule_test"]
+                  if case["exp_alerts"]}
+    assert tested == names, "every alert has a unit test in which it fires"
+
+    with open(os.path.join(MONITORING, "grafana", "datasource.yml")) as f:
+        (source,) = yaml.safe_load(f)["datasources"]
+    panels = dashboard()["panels"]
+    titles = " ".join(p["title"].lower() for p in panels)
+    for topic in ("requests", "errors", "latency", "label", "confidence", "live accuracy", "drift"):
+        assert topic in titles
+    for panel in panels:
+        assert panel["targets"] and panel["datasource"]["uid"] == source["uid"]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    """The real serve.py with a tiny model; drift needs only one sample so every family has series."""
+    server = Server(tiny_model(), str(tmp_path_factory.mktemp("db") / "catdog.db"), DRIFT_MIN_SAMPLES=1)
+    rng = np.random.default_rng(3)
+    for kind in ("cat", "dog"):
+        answer = server.predict(synthetic_photo(rng, kind)).json()
+        assert answer["label"] == kind
+        assert server.post("/feedback", json={"request_id": answer["request_id"], "label": kind}).ok
+    assert server.predict(b"not a photo").status_code == 422
+    yield server
+    server.stop()
+
+
+def exported(metrics_text):
+    """{series name: {label name: {values}}} from Prometheus text format."""
+    series = {}
+    for line in metrics_text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, labels = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? ", line).groups()
+        entry = series.setdefault(name, {})
+        for key, value in re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels or ""):
+            entry.setdefault(key, set()).add(value)
+    return series
+
+
+def test_dashboard_and_alerts_name_only_exported_metrics(service):
+    series = exported(service.get("/metrics").text)
+    assert "catdog_drift_psi" in series and "catdog_live_accuracy" in series  # nothing hidden by an empty family
+    for where, expr in queries():
+        names = set(re.findall(r"\bcatdog_\w+", expr))
+        assert names or "up{" in expr, f"{where}: no catdog metric in {expr}"
+        missing = names - set(series)
+        assert not missing, f"{where} queries {missing}, which /metrics does not export"
+        known_labels = set().union(SCRAPE_LABELS, *(series[n] for n in names))
+        for name, selector in re.findall(r"\b(catdog_\w+)\{([^}]*)\}", expr):
+            for label, op, value in re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', selector):
+                assert label in series[name], f"{where}: {name} has no label {label!r}"
+                if op == "=":
+                    assert value in series[name][label], f"{where}: {name}{{{label}={value!r}}} never exported"
+        for clause in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+            for label in filter(None, (s.strip() for s in clause.split(","))):
+                assert label in known_labels, f"{where}: groups by {label!r}, which {names} do not carry"
+
+
+@pytest.mark.skipif(not shutil.which("prometheus"), reason="prometheus missing (Debian package; `make system-deps`)")
+def test_prometheus_scrapes_the_service(service):
+    result = subprocess.run(["bash", os.path.join(MONITORING, "scrape_check.sh"), service.url],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "endpoint=/predict,status=200 2" in result.stdout
+    assert "endpoint=/predict,status=422 1" in result.stdout
+    assert "live accuracy: 1 over 2 predictions" in result.stdout
+    assert "6 loaded, unhealthy None" in result.stdout
