@@ -63,14 +63,14 @@ def tiny_model(version="tiny-1", dog_if_blue=True):
 
 def synthetic_photo(rng, kind=None, fmt="JPEG", size=None, dark=False, gray=False):
     """Photo-like JPEG bytes: a tinted gradient with noise. kind 'cat' is reddish, 'dog' bluish."""
-    width, height = size or (int(rng.integers(200, 500)), int(rng.integers(150, 400)))
+    width, height = size or (int(rng.integers(120, 360)), int(rng.integers(100, 300)))
     base = rng.uniform(60, 200, 3)
     if kind == "cat":
         base[0], base[2] = max(base[0], base[2]) + 40, min(base[0], base[2]) - 20
     elif kind == "dog":
         base[0], base[2] = min(base[0], base[2]) - 20, max(base[0], base[2]) + 40
     ramp = np.linspace(-30, 30, width)[None, :, None] * rng.uniform(-1, 1, 3)
-    arr = base + ramp + rng.normal(0, 20, (height, width, 3))
+    arr = base + ramp + 20 * rng.standard_normal((height, width, 3), dtype=np.float32)
     if gray:
         arr = arr.mean(axis=2, keepdims=True).repeat(3, axis=2)
     if dark:

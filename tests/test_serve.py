@@ -265,7 +265,7 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path):
 
 
 def test_drift_rises_on_dark_and_grayscale_inputs_and_stays_low_in_distribution(tmp_path):
-    s = Server(tiny_model(), str(tmp_path / "catdog.db"), DRIFT_WINDOW=150, DRIFT_MIN_SAMPLES=100, THREADS=4)
+    s = Server(tiny_model(), str(tmp_path / "catdog.db"), DRIFT_WINDOW=120, DRIFT_MIN_SAMPLES=100, THREADS=4)
     rng = np.random.default_rng(10)
 
     def send(photos):
@@ -274,15 +274,15 @@ def test_drift_rises_on_dark_and_grayscale_inputs_and_stays_low_in_distribution(
         return s.get("/stats").json()["drift"]
 
     try:
-        assert send([synthetic_photo(rng) for _ in range(50)])["psi"] == {}  # too few inputs to judge yet
-        normal = send([synthetic_photo(rng) for _ in range(100)])
-        dark = send([synthetic_photo(rng, dark=True) for _ in range(150)])
-        gray = send([synthetic_photo(rng, gray=True) for _ in range(150)])
+        assert send([synthetic_photo(rng) for _ in range(40)])["psi"] == {}  # too few inputs to judge yet
+        normal = send([synthetic_photo(rng) for _ in range(80)])
+        dark = send([synthetic_photo(rng, dark=True) for _ in range(120)])
+        gray = send([synthetic_photo(rng, gray=True) for _ in range(120)])
         metrics = s.get("/metrics").text
     finally:
         s.stop()
-    assert normal["samples"] == 150 and normal["drifted"] == [], normal
+    assert normal["samples"] == 120 and normal["drifted"] == [], normal
     assert max(normal["psi"].values()) < catdog.DRIFT_THRESHOLD, normal
     assert dark["psi"]["brightness"] > 4 * catdog.DRIFT_THRESHOLD and "brightness" in dark["drifted"], dark
     assert gray["psi"]["saturation"] > 4 * catdog.DRIFT_THRESHOLD and "saturation" in gray["drifted"], gray
-    assert 'catdog_drift_psi{feature="saturation"}' in metrics and "catdog_drift_window_samples 150" in metrics
+    assert 'catdog_drift_psi{feature="saturation"}' in metrics and "catdog_drift_window_samples 120" in metrics
