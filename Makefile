@@ -67,8 +67,11 @@ lock: setup
 	  -o requirements.txt requirements.in
 
 # ------------------------------------------------------------------ pipeline
+# preprocess.py writes data/processed/, data/manifest.csv, data/quality_report.*, and
+# data/raw/ when it downloads; `dvc add` records it all in data.dvc (`dvc push` uploads).
 data: setup
 	$(PY) preprocess.py --source "$(DATA_SOURCE)" --out data/processed
+	$(VENV)/bin/dvc add --quiet data
 
 train: setup
 	$(PY) train.py
