@@ -1,7 +1,7 @@
 # catdog: every stage is a target; CI and the self-hosted runner call these same targets.
 #   make all     data -> train (champion in models/, ready to serve)
 #   make test    the whole test suite
-#   make serve | image | push | deploy | rollback | post-eval | bench | mlflow-ui
+#   make serve | image | push | deploy | rollback | post-eval | monitor-check | bench | mlflow-ui
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -36,7 +36,7 @@ export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 4294967296
 
 .PHONY: all setup system-deps lock data train serve test bench image push deploy rollback \
-        smoke post-eval mlflow-ui clean
+        smoke post-eval monitor-check mlflow-ui clean
 
 all: data train
 
@@ -81,6 +81,18 @@ serve: setup
 
 test: setup system-deps
 	$(PY) -m pytest
+
+# ------------------------------------------------------------------ monitoring
+# Evaluate the running service at URL over HTTP (feedback posted, MLflow run, report in
+# reports/post_eval/); fails below 99 % accuracy. Default photos: the held-out test split
+# (the original photos when present); or `make post-eval IMAGES="dir-or-files"`.
+IMAGES ?=
+post-eval: setup
+	$(PY) post_eval.py $(URL) $(or $(IMAGES),--manifest data/manifest.csv --split test)
+
+# Debian prometheus on 127.0.0.1 scrapes the service at URL and the request counter is queried.
+monitor-check: system-deps
+	monitoring/scrape_check.sh $(URL)
 
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5001 --backend-store-uri sqlite:///mlflow.db
