@@ -65,7 +65,7 @@ def manifest_files(manifest, split):
         for row in csv.DictReader(f):
             if row.get("split") != split or row.get("drop_reason"):
                 continue
-            candidates = [row.get(key) for key in ("source", "path", "processed_path", "out_path")]
+            candidates = [row.get("source"), row.get("path")]
             for candidate in filter(None, candidates):
                 resolved = [candidate, os.path.join(base, candidate)]
                 existing = [p for p in resolved if os.path.isfile(p)]

@@ -136,14 +136,19 @@ def test_limit_keeps_both_classes_and_manifest_split(photos, tmp_path):
     assert len(pairs) == 7 and {label for _, label in pairs} == {"cat", "dog"}
     assert sorted(label for _, label in post_eval.balanced_head(pairs, 4)) == ["cat", "cat", "dog", "dog"]
 
-    manifest = tmp_path / "manifest.csv"
-    manifest.write_text("path,sha256,label,width,height,split,drop_reason\n"
-                        f"{photos}/cat.0.jpg,x,cat,64,48,test,\n"
-                        f"{photos}/cat.1.jpg,x,cat,64,48,train,\n"
-                        f"{photos}/dog/0.jpg,x,dog,64,48,test,\n"
-                        f"{photos}/dog/1.jpg,x,dog,0,0,,corrupt\n")
+    # preprocess.py's layout: `path` (processed copy) relative to the manifest's folder,
+    # `source` the original as given on the command line, "zip!member" for a zip.
+    data = tmp_path / "data"
+    (data / "processed").mkdir(parents=True)
+    Image.new("RGB", (64, 48), BLUE).save(data / "processed" / "dog.7.jpg")
+    manifest = data / "manifest.csv"
+    manifest.write_text("path,source,sha256,label,width,height,format,bytes,split,drop_reason,duplicate_of\n"
+                        f"processed/cat.0.jpg,{photos}/cat.0.jpg,x,cat,64,48,JPEG,1,test,,\n"
+                        f"processed/cat.1.jpg,{photos}/cat.1.jpg,x,cat,64,48,JPEG,1,train,,\n"
+                        "processed/dog.7.jpg,raw/pets.zip!dog.7.jpg,x,dog,64,48,JPEG,1,test,,\n"
+                        f",{photos}/dog/1.jpg,x,dog,0,0,,0,,corrupt,\n")
     assert post_eval.manifest_files(str(manifest), "test") == [
-        (f"{photos}/cat.0.jpg", "cat"), (f"{photos}/dog/0.jpg", "dog")]
+        (f"{photos}/cat.0.jpg", "cat"), (str(data / "processed" / "dog.7.jpg"), "dog")]
 
 
 def test_against_the_real_service(tmp_path):
