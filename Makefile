@@ -76,8 +76,13 @@ data: setup
 train: setup
 	$(PY) train.py
 
+# The service on 0.0.0.0:8000 (settings from env vars: PORT, MODEL_PATH, DB_PATH, ... see README).
 serve: setup
 	$(PY) serve.py
+
+# serve.py vs a naive Flask + PyTorch-eager service at 1/8/32 clients on the shared photos.
+bench: setup
+	$(PY) bench.py
 
 test: setup system-deps
 	$(PY) -m pytest

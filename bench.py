@@ -1,0 +1,230 @@
+"""make bench: serve.py against a naive peer-style service, same network, same photos.
+
+    python bench.py                       # models/ and the shared photo sample
+    python bench.py --clients 1,8 --scale 0.5
+
+The baseline is what peers ship: Flask's own server, the same network in PyTorch eager
+(catdog.load_model of models/model.pt), one image per forward, no batching. Both are
+driven over loopback with real photos by 1, 8 and 32 concurrent clients, each a keep-alive
+connection posting multipart uploads back to back, a bounded number of requests per
+level. Prints requests/s and p50/p95/p99 per service, the speed-up and start -> ready.
+serve.py also runs with BATCH_MAX=1 to show what the batcher buys. Settings of serve.py
+come from the environment as usual (e.g. BATCH_WAIT_MS=0 python bench.py).
+This prints figures; it is not a test.
+"""
+import argparse
+import csv
+import glob
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+import numpy as np
+
+import catdog
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--models", default=catdog.MODELS_DIR, help="folder with model.onnx, model.json, model.pt")
+parser.add_argument("--photos", default=os.path.join("..", "shared", "datasets", "dogs-vs-cats-3k"))
+parser.add_argument("--n-photos", type=int, default=64)
+parser.add_argument("--clients", default="1,8,32")
+parser.add_argument("--requests", type=int, default=30, help="requests per client, per level (at least --min-requests)")
+parser.add_argument("--min-requests", type=int, default=60)
+parser.add_argument("--max-requests", type=int, default=480)
+parser.add_argument("--skip-baseline", action="store_true")
+parser.add_argument("--baseline-server", type=int, help=argparse.SUPPRESS)  # internal: run the baseline on this port
+args = parser.parse_args()
+
+
+# ---------------------------------------------------------------- the peer-style baseline
+def run_baseline(port):
+    import torch
+    from flask import Flask, jsonify, request
+
+    model, meta = catdog.load_model(os.path.join(args.models, "model.pt"))
+    app = Flask("baseline")
+
+    @app.post("/predict")
+    def predict():
+        img = catdog.open_image(request.files["file"].read())
+        x = torch.from_numpy(catdog.preprocess(img, meta["preprocess"]))[None]
+        with torch.no_grad():
+            probabilities = catdog.softmax(model(x)[0].numpy())
+        best = int(probabilities.argmax())
+        return jsonify(label=meta["classes"][best], confidence=float(probabilities[best]))
+
+    @app.get("/health")
+    def health():
+        return jsonify(status="ok")
+
+    app.run(host="127.0.0.1", port=port, threaded=True)
+
+
+# ---------------------------------------------------------------- photos and load
+def pick_photos():
+    """Real photos, from the held-out test split when data/ has a manifest saying which they are."""
+    names = sorted(os.listdir(args.photos))
+    test_names = set()
+    for manifest in glob.glob(os.path.join(catdog.DATA_DIR, "manifest*.csv")):
+        with open(manifest) as f:
+            for row in csv.DictReader(f):
+                if row.get("split") == "test":
+                    test_names |= {os.path.basename(v) for v in row.values() if isinstance(v, str)}
+    chosen = [n for n in names if n in test_names] or names
+    source = "test split" if test_names and chosen is not names else "sample"
+    step = max(1, len(chosen) // args.n_photos)
+    chosen = chosen[::step][: args.n_photos]
+    bodies = []
+    for name in chosen:
+        with open(os.path.join(args.photos, name), "rb") as f:
+            data = f.read()
+        boundary = uuid.uuid4().hex
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"photo.jpg\"\r\n"
+                f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        bodies.append((body, f"multipart/form-data; boundary={boundary}"))
+    return bodies, f"{len(bodies)} photos from the {source} of {args.photos}"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(port, proc, timeout=120):
+    while True:
+        if proc.poll() is not None:
+            sys.exit(f"the service on port {port} exited with {proc.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        if timeout < 0:
+            sys.exit(f"the service on port {port} never became ready")
+        time.sleep(0.01)
+        timeout -= 0.01
+
+
+def drive(port, bodies, clients, total):
+    """`clients` threads post photos back to back until `total` requests are done."""
+    latencies, errors, lock = [], [], threading.Lock()
+    counter = iter(range(total))
+
+    def client(offset):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        for i in counter:
+            body, content_type = bodies[(i + offset) % len(bodies)]
+            started = time.perf_counter()
+            try:
+                conn.request("POST", "/predict", body, {"Content-Type": content_type})
+                response = conn.getresponse()
+                answer = response.read()
+                ok = response.status == 200 and b'"label"' in answer
+            except OSError as e:
+                ok, answer = False, repr(e).encode()
+                conn.close()
+            with lock:
+                (latencies if ok else errors).append(time.perf_counter() - started if ok else answer[:200])
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(k * 7,)) for k in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    ms = np.array(latencies) * 1000
+    return {"rps": len(latencies) / elapsed, "p50": np.percentile(ms, 50), "p95": np.percentile(ms, 95),
+            "p99": np.percentile(ms, 99), "n": len(latencies), "errors": len(errors),
+            "error_sample": errors[:1]}
+
+
+def measure(name, command, env, bodies, levels):
+    port = free_port()
+    started = time.perf_counter()
+    proc = subprocess.Popen(command + ([] if "PORT" in env else ["--baseline-server", str(port)]),
+                            env={**env, "PORT": str(port)}, cwd=HERE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(port, proc)
+        ready_s = time.perf_counter() - started
+        drive(port, bodies, 4, 24)  # warm-up: first requests allocate, fill caches
+        results = {}
+        for clients in levels:
+            total = min(args.max_requests, max(args.min_requests, args.requests * clients))
+            results[clients] = drive(port, bodies, clients, total)
+            r = results[clients]
+            print(f"  {name:<26} {clients:>3} clients  {r['rps']:7.1f} req/s  p50 {r['p50']:6.1f}  "
+                  f"p95 {r['p95']:6.1f}  p99 {r['p99']:6.1f} ms  ({r['n']} ok, {r['errors']} errors)", flush=True)
+            if r["errors"]:
+                print(f"    first error: {r['error_sample'][0]!r}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return ready_s, results
+
+
+def main():
+    if args.baseline_server:
+        return run_baseline(args.baseline_server)
+    for needed in ("model.onnx", "model.json") + (() if args.skip_baseline else ("model.pt",)):
+        if not os.path.exists(os.path.join(args.models, needed)):
+            sys.exit(f"{args.models}/{needed} is missing: run `make train` first")
+    if not os.path.isdir(args.photos):
+        sys.exit(f"no photos at {args.photos}")
+    bodies, where = pick_photos()
+    levels = [int(c) for c in args.clients.split(",")]
+    meta = catdog.read_json(os.path.join(args.models, "model.json"))
+    db_dir = tempfile.mkdtemp(prefix="catdog-bench-")
+    serve_env = {**os.environ, "HOST": "127.0.0.1", "MODEL_PATH": os.path.join(args.models, "model.onnx"),
+                 "DB_PATH": os.path.join(db_dir, "bench.db")}
+    from serve import available_cpus  # for the printout only
+
+    print(f"bench: {where}; model {meta['arch']} {meta.get('version')}; {available_cpus()} CPUs available; "
+          f"loopback; batching BATCH_MAX={os.environ.get('BATCH_MAX', '16')} "
+          f"BATCH_WAIT_MS={os.environ.get('BATCH_WAIT_MS', '2')}", flush=True)
+    python = [sys.executable]
+    ready_s, ours = measure("serve.py (ONNX Runtime)", python + ["serve.py"], serve_env, bodies, levels)
+    print(f"  serve.py start -> ready: {ready_s:.2f} s", flush=True)
+    _, unbatched = measure("serve.py, BATCH_MAX=1", python + ["serve.py"], {**serve_env, "BATCH_MAX": "1"},
+                           bodies, levels)
+    baseline = None
+    if not args.skip_baseline:
+        _, baseline = measure("baseline (Flask + eager)", python + [os.path.join(HERE, "bench.py"), "--models",
+                              args.models], dict(os.environ), bodies, levels)
+
+    print("\nclients | serve.py req/s p50/p95/p99 ms | no batching req/s p99 | baseline req/s p50/p95/p99 ms | speed-up")
+    for c in levels:
+        o, u = ours[c], unbatched[c]
+        line = f"{c:>7} | {o['rps']:6.1f} {o['p50']:5.1f}/{o['p95']:5.1f}/{o['p99']:5.1f} | {u['rps']:6.1f} {u['p99']:6.1f}"
+        if baseline:
+            b = baseline[c]
+            line += f" | {b['rps']:6.1f} {b['p50']:6.1f}/{b['p95']:6.1f}/{b['p99']:6.1f} | {o['rps'] / b['rps']:5.1f}x"
+        print(line)
+    print("\ntargets:")
+    if baseline and 8 in ours:
+        ratio = ours[8]["rps"] / baseline[8]["rps"]
+        print(f"  throughput at 8 clients vs baseline: {ratio:.1f}x (target >= 5x) {'PASS' if ratio >= 5 else 'MISS'}")
+    if 8 in ours:
+        print(f"  p99 at 8 clients: {ours[8]['p99']:.1f} ms (target <= 100 ms) {'PASS' if ours[8]['p99'] <= 100 else 'MISS'}")
+    print(f"  start -> ready: {ready_s:.2f} s (target <= 3 s) {'PASS' if ready_s <= 3 else 'MISS'}")
+
+
+if __name__ == "__main__":
+    main()
