@@ -60,18 +60,21 @@ def manifest_files(manifest, split):
     back to the processed copy when the original is not on this machine.
     """
     base = os.path.dirname(os.path.abspath(manifest))
-    pairs = []
+    pairs, missing = [], 0
     with open(manifest, newline="") as f:
         for row in csv.DictReader(f):
             if row.get("split") != split or row.get("drop_reason"):
                 continue
-            candidates = [row.get("source"), row.get("path")]
-            for candidate in filter(None, candidates):
-                resolved = [candidate, os.path.join(base, candidate)]
-                existing = [p for p in resolved if os.path.isfile(p)]
-                if existing:
-                    pairs.append((existing[0], row.get("label") or catdog.label_from_name(existing[0])))
-                    break
+            # `source` is as preprocess.py was given it (relative to where it ran), `path`
+            # is relative to the manifest's folder.
+            resolved = [row.get("source"), os.path.join(base, row.get("path") or "")]
+            existing = [p for p in resolved if p and os.path.isfile(p)]
+            if existing:
+                pairs.append((existing[0], row.get("label") or catdog.label_from_name(existing[0])))
+            else:
+                missing += 1
+    if missing:
+        print(f"post_eval: {missing} {split} photos of {manifest} are not on this machine", file=sys.stderr)
     return pairs
 
 
