@@ -1,0 +1,298 @@
+"""preprocess.py on dirty synthetic datasets (both layouts, folder, zip and URL) and on
+the shared 3k Kaggle sample when it is present."""
+import collections
+import csv
+import functools
+import hashlib
+import http.server
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import catdog
+import preprocess
+from conftest import ROOT, SHARED_SAMPLE, photo_bytes, synthetic_photo
+
+GOOD_PER_CLASS = 20  # 80/10/10 -> 16/2/2 per class
+DROPPED = {"empty": 1, "corrupt": 1, "not_an_image": 1, "thumbs_db": 1, "too_small": 1,
+           "duplicate": 1, "near_duplicate": 1, "no_label": 1}
+
+
+def dirty_files():
+    """{kaggle-style name: bytes}: 40 usable photos in awkward encodings plus one file for
+    every reason to drop."""
+    files = {}
+    for i in range(GOOD_PER_CLASS):
+        for label, offset in (("cat", 0), ("dog", 1000)):
+            files[f"{label}.{i}.jpg"] = photo_bytes(offset + i, size=(96 + i, 80))
+    files["cat.1.jpg"] = photo_bytes(1, mode="L")                     # grayscale
+    files["cat.2.jpg"] = photo_bytes(2, mode="CMYK")                  # CMYK JPEG
+    files["cat.3.jpg"] = photo_bytes(3, fmt="PNG")                    # PNG named .jpg
+    files["dog.1.jpg"] = photo_bytes(1001, mode="RGBA", fmt="PNG")    # transparency
+    files["dog.2.jpg"] = photo_bytes(1002, mode="P", fmt="GIF")       # palette GIF
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the camera was held sideways; upright is 80 wide, 120 high
+    files["cat.4.jpg"] = photo_bytes(4, size=(120, 80), exif=exif.tobytes())
+    whole = photo_bytes(5000, size=(300, 200))
+    files["cat.100.jpg"] = b""                                        # 0 bytes
+    files["cat.101.jpg"] = whole[: len(whole) // 2]                   # truncated download
+    files["dog.100.jpg"] = b"<html>Access denied</html>"              # not an image
+    files["dog.101.jpg"] = photo_bytes(1101, size=(20, 40))           # too small
+    files["cat.102.jpg"] = files["cat.0.jpg"]                         # exact copy
+    copy = io.BytesIO()                                               # resized, re-encoded copy
+    synthetic_photo(1000, size=(96, 80)).resize((86, 72)).save(copy, "JPEG", quality=60)
+    files["dog.102.jpg"] = copy.getvalue()
+    files["Thumbs.db"] = b"\xd0\xcf\x11\xe0 thumbnail cache"
+    files["README.txt"] = b"photos of pets"
+    return files
+
+
+def petimages_name(name):
+    """cat.12.jpg -> PetImages/Cat/12.jpg (Microsoft's layout); other files stay at the top."""
+    label, _, rest = name.partition(".")
+    return f"PetImages/{label.title()}/{rest}" if label in catdog.CLASSES else f"PetImages/{name}"
+
+
+def write_folder(folder, files, rename=lambda n: n):
+    for name, data in files.items():
+        path = os.path.join(folder, rename(name))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    return str(folder)
+
+
+def write_zip(path, files, rename=lambda n: n):
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(rename(name), data)
+    return str(path)
+
+
+def run(source, out, workers=1, *extra):
+    args = preprocess.parser.parse_args(["--source", str(source), "--out", str(out),
+                                         "--workers", str(workers), *extra])
+    return preprocess.main(args)
+
+
+def read_manifest(out):
+    with open(os.path.join(os.path.dirname(out), "manifest.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def processed_files(out):
+    """{relative path: bytes} of every image written under out."""
+    found = {}
+    for folder, _, names in os.walk(out):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, out)] = f.read()
+    return found
+
+
+def split_of_each_photo(out):
+    """{output file name: split} from the manifest."""
+    return {os.path.basename(r["path"]): r["split"] for r in read_manifest(out) if r["path"]}
+
+
+@pytest.fixture(scope="module")
+def kaggle_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("kaggle")
+    source = write_folder(base / "raw", dirty_files())
+    out = str(base / "data" / "processed")
+    return source, out, run(source, out)
+
+
+def test_every_drop_reason_is_counted(kaggle_run):
+    _, _, report = kaggle_run
+    assert report["dropped"] == DROPPED
+    assert report["inputs"] == 2 * GOOD_PER_CLASS + sum(DROPPED.values())
+    assert report["kept"] == 2 * GOOD_PER_CLASS
+
+
+def test_stratified_80_10_10_split(kaggle_run):
+    _, out, report = kaggle_run
+    expected = {"train": 16, "val": 2, "test": 2}
+    assert report["splits"] == {s: {"cat": n, "dog": n} for s, n in expected.items()}
+    for split, n in expected.items():
+        for label in catdog.CLASSES:
+            assert len(os.listdir(os.path.join(out, split, label))) == n
+
+
+def test_outputs_are_224_rgb_jpegs(kaggle_run):
+    _, out, _ = kaggle_run
+    files = processed_files(out)
+    assert len(files) == 2 * GOOD_PER_CLASS
+    for path, data in files.items():
+        img = Image.open(io.BytesIO(data))
+        assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (224, 224)), path
+        assert path.split(os.sep)[1] == os.path.basename(path).split(".")[0]  # cat/cat.N.jpg
+
+
+def test_manifest_has_one_row_per_input_file(kaggle_run):
+    source, out, _ = kaggle_run
+    rows = read_manifest(out)
+    assert sorted(os.path.basename(r["source"]) for r in rows) == sorted(os.listdir(source))
+    by_name = {os.path.basename(r["source"]): r for r in rows}
+    for name, reason in [("cat.100.jpg", "empty"), ("cat.101.jpg", "corrupt"), ("dog.100.jpg", "not_an_image"),
+                         ("dog.101.jpg", "too_small"), ("Thumbs.db", "thumbs_db"), ("README.txt", "no_label")]:
+        assert (by_name[name]["drop_reason"], by_name[name]["split"], by_name[name]["path"]) == (reason, "", ""), name
+    assert (by_name["cat.102.jpg"]["drop_reason"], by_name["cat.102.jpg"]["duplicate_of"]) == ("duplicate", "cat.0.jpg")
+    assert (by_name["dog.102.jpg"]["drop_reason"], by_name["dog.102.jpg"]["duplicate_of"]) == ("near_duplicate", "dog.0.jpg")
+    for row in rows:
+        if not row["drop_reason"]:
+            assert os.path.isfile(os.path.join(os.path.dirname(out), row["path"]))
+            assert row["sha256"] == catdog.sha256_file(row["source"])
+            assert row["path"].split("/")[1:3] == [row["split"], row["label"]]
+
+
+def test_awkward_encodings_become_upright_rgb(kaggle_run):
+    _, out, _ = kaggle_run
+    by_name = {os.path.basename(r["source"]): r for r in read_manifest(out)}
+    assert by_name["cat.3.jpg"]["format"] == "PNG" and not by_name["cat.3.jpg"]["drop_reason"]
+    for name in ("cat.1.jpg", "cat.2.jpg", "dog.1.jpg", "dog.2.jpg"):
+        assert not by_name[name]["drop_reason"], name
+    # EXIF orientation 6 was applied: the stored 120x80 picture is 80 wide and 120 high.
+    assert (by_name["cat.4.jpg"]["width"], by_name["cat.4.jpg"]["height"]) == ("80", "120")
+    # Transparency became white, not black: the RGBA photo's mean colour stays close.
+    rgba = Image.open(os.path.join(os.path.dirname(out), by_name["dog.1.jpg"]["path"]))
+    original = catdog.fit_for_storage(synthetic_photo(1001))
+    assert np.abs(np.asarray(rgba, float) - np.asarray(original, float)).mean() < 8
+
+
+def test_no_photo_or_near_copy_in_two_splits(kaggle_run):
+    _, out, _ = kaggle_run
+    rows = [r for r in read_manifest(out) if not r["drop_reason"]]
+    assert len({r["sha256"] for r in rows}) == len(rows)
+    # Checked without the hashes preprocess.py uses: any two stored images in different
+    # splits differ clearly, pixel by pixel, on a 16x16 grey thumbnail.
+    thumbs = [np.asarray(Image.open(os.path.join(os.path.dirname(out), r["path"])).convert("L").resize((16, 16)), float)
+              for r in rows]
+    for i in range(len(rows)):
+        for j in range(i + 1, len(rows)):
+            if rows[i]["split"] != rows[j]["split"]:
+                assert np.abs(thumbs[i] - thumbs[j]).mean() > 10, (rows[i]["source"], rows[j]["source"])
+
+
+def test_quality_report_json_and_markdown(kaggle_run):
+    _, out, report = kaggle_run
+    data_dir = os.path.dirname(out)
+    with open(os.path.join(data_dir, "quality_report.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(report))
+    with open(os.path.join(data_dir, "quality_report.md")) as f:
+        markdown = f.read()
+    assert "| near_duplicate | 1 |" in markdown and "| train | 16 | 16 | 32 |" in markdown
+    assert report["seconds"]["total"] > 0
+
+
+def test_rerun_is_deterministic_and_replaces_old_output(kaggle_run, tmp_path):
+    source, out, _ = kaggle_run
+    before = processed_files(out)
+    stale = os.path.join(out, "train", "cat", "cat.999.jpg")
+    with open(stale, "wb") as f:
+        f.write(b"left over from an older run")
+    run(source, out, 2)  # the parallel path must give the same bytes
+    assert processed_files(out) == before
+    other = str(tmp_path / "again" / "processed")
+    run(source, other)
+    assert processed_files(other) == before
+
+
+def test_petimages_folder_and_zip_give_the_same_dataset(kaggle_run, tmp_path):
+    _, kaggle_out, kaggle_report = kaggle_run
+    files = dirty_files()
+    folder = write_folder(tmp_path / "ms", files, petimages_name)
+    archive = write_zip(tmp_path / "kagglecatsanddogs.zip", files, petimages_name)
+    for source, where in ((folder, "from_folder"), (archive, "from_zip")):
+        out = str(tmp_path / where / "processed")
+        report = run(source, out, 2)
+        assert (report["dropped"], report["splits"]) == (kaggle_report["dropped"], kaggle_report["splits"])
+        # Same photos, same names (PetImages/Cat/7.jpg -> cat.7.jpg), same splits.
+        assert split_of_each_photo(out) == split_of_each_photo(kaggle_out)
+        assert processed_files(out) == processed_files(kaggle_out)
+    sources = {r["source"] for r in read_manifest(str(tmp_path / "from_zip" / "processed"))}
+    assert f"{archive}!PetImages/Cat/7.jpg" in sources
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files with HTTP Range support (the stdlib server has none), recording each Range."""
+
+    ranges = []
+
+    def do_GET(self):
+        with open(self.translate_path(self.path), "rb") as f:
+            data = f.read()
+        start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers["Range"] else 0
+        self.ranges.append(self.headers["Range"])
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        self.wfile.write(data[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+def test_url_source_resumes_download_and_records_checksum(tmp_path):
+    served = tmp_path / "site"
+    served.mkdir()
+    archive = write_zip(served / "pets.zip", dirty_files(), petimages_name)
+    with open(archive, "rb") as f:
+        whole = f.read()
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "pets.zip.part").write_bytes(whole[:1000])  # an interrupted earlier download
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(RangeHandler, directory=served))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/pets.zip"
+        report = run(url, tmp_path / "data" / "processed", 1, "--raw-dir", str(raw))
+    finally:
+        server.shutdown()
+    assert RangeHandler.ranges == ["bytes=1000-"]
+    assert (raw / "pets.zip").read_bytes() == whole and not (raw / "pets.zip.part").exists()
+    digest = hashlib.sha256(whole).hexdigest()
+    assert report["source"]["sha256"] == digest
+    assert (raw / "pets.zip.sha256").read_text().split()[0] == digest
+    assert report["kept"] == 2 * GOOD_PER_CLASS
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not os.path.isdir(SHARED_SAMPLE), reason=f"shared sample {SHARED_SAMPLE} is absent")
+def test_shared_3k_sample(tmp_path):
+    """The real 3k Kaggle sample, as `make data` runs it (a separate process, all cores)."""
+    out = tmp_path / "data" / "processed"
+    subprocess.run([sys.executable, "preprocess.py", "--source", SHARED_SAMPLE, "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True)
+    report = json.loads((tmp_path / "data" / "quality_report.json").read_text())
+    rows = read_manifest(str(out))
+    assert report["inputs"] == len(rows) == 3000
+    # The sample holds one near-copy pair (dog.74.jpg re-saves dog.180.jpg) and nothing else
+    # to drop; the survivor of the pair stays in one split only.
+    assert report["dropped"] == {"near_duplicate": 1}
+    dropped = [r for r in rows if r["drop_reason"]]
+    assert [(os.path.basename(r["source"]), r["duplicate_of"]) for r in dropped] == [("dog.74.jpg", "dog.180.jpg")]
+    assert report["splits"] == {"train": {"cat": 1200, "dog": 1199}, "val": {"cat": 150, "dog": 150},
+                                "test": {"cat": 150, "dog": 150}}
+    kept = [r for r in rows if not r["drop_reason"]]
+    assert len({r["sha256"] for r in kept}) == len(kept) == 2999
+    # Checksums in the manifest are the published ones for every file.
+    with open(SHARED_SAMPLE + ".sha256") as f:
+        published = dict(line.split()[::-1] for line in f if line.strip())
+    assert {os.path.basename(r["source"]): r["sha256"] for r in rows} == published
+    counts = collections.Counter((r["split"], r["label"]) for r in kept)
+    for (split, label), n in counts.items():
+        names = os.listdir(out / split / label)
+        assert len(names) == n
+        img = Image.open(out / split / label / names[0])
+        assert (img.mode, img.size) == ("RGB", (224, 224))
