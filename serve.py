@@ -96,9 +96,9 @@ def log(**fields):
 
 
 # ---------------------------------------------------------------- the model
-model = None  # the current model: a dict, swapped whole on reload so requests never see half of one
+model = None  # the current model, set once loaded AND warmed; swapped whole on reload
 model_lock = threading.Lock()  # one load at a time
-ready = threading.Event()
+load_error = None  # why the last load failed, for /health
 
 
 def load_model(path=MODEL_PATH):
@@ -120,18 +120,19 @@ def load_model(path=MODEL_PATH):
 
 def reload_model(reason):
     """Load (or reload) the model in the background; the old one serves until the swap."""
-    global model
+    global model, load_error
     with model_lock:
         started = time.perf_counter()
         try:
             new = load_model()
         except Exception as e:  # keep serving the old model rather than none
-            log(event="model_load_failed", reason=reason, path=MODEL_PATH, error=f"{type(e).__name__}: {e}")
+            load_error = f"{type(e).__name__}: {e}"
+            log(event="model_load_failed", reason=reason, path=MODEL_PATH, error=load_error)
             return
         if model is not None and model["version"] != new["version"]:
-            recent_confidences.clear()  # confidences belong to a model; input statistics do not
-        model = new
-        ready.set()
+            with metrics_lock:
+                recent_confidences.clear()  # confidences belong to a model; input statistics do not
+        model, load_error = new, None
         log(event="model_loaded", reason=reason, model_version=new["version"], arch=new["meta"].get("arch"),
             ort_threads=new["threads"], drift_profile=new["profile"] is not None,
             load_ms=round((time.perf_counter() - started) * 1000, 1))
@@ -316,7 +317,7 @@ def metrics_text():
          [f"catdog_model_info{label_text(('version', 'arch'), (current['version'], current['meta'].get('arch')))} 1"]
          if current else []),
         ("catdog_model_ready", "gauge", "1 when the model is loaded and warmed up.",
-         [f"catdog_model_ready {int(ready.is_set() and not stopping.is_set())}"]),
+         [f"catdog_model_ready {int(current is not None and not stopping.is_set())}"]),
         ("catdog_in_flight_requests", "gauge", "Requests being handled now.", [f"catdog_in_flight_requests {in_flight}"]),
         ("catdog_start_time_seconds", "gauge", "Process start, Unix time.", [f"catdog_start_time_seconds {started_at}"]),
     ]
@@ -349,29 +350,33 @@ def start_request():
     g.label = g.reason = None
     with metrics_lock:
         in_flight += 1
+        g.counted = True
 
 
 @app.after_request
 def finish_request(response):
-    seconds = time.perf_counter() - g.started
+    seconds = time.perf_counter() - g.get("started", time.perf_counter())
     endpoint = request.url_rule.rule if request.url_rule else "unmatched"  # raw paths would explode label sets
+    g.request_id = g.get("request_id") or uuid.uuid4().hex
     response.headers["X-Request-ID"] = g.request_id
     count("requests", (endpoint, str(response.status_code)))
     observe("latency", (endpoint,), seconds)
     log(request_id=g.request_id, method=request.method, endpoint=endpoint, status=response.status_code,
-        latency_ms=round(seconds * 1000, 2), label=g.label, error=g.reason)
+        latency_ms=round(seconds * 1000, 2), label=g.get("label"), error=g.get("reason"))
     return response
 
 
 @app.teardown_request
 def end_request(exc):
     global in_flight
-    with metrics_lock:
-        in_flight -= 1
+    if g.pop("counted", False):
+        with metrics_lock:
+            in_flight -= 1
 
 
 def error(status, reason, message):
     g.reason = reason
+    g.request_id = g.get("request_id") or uuid.uuid4().hex
     return jsonify(error=reason, message=message, request_id=g.request_id), status
 
 
@@ -416,9 +421,9 @@ def decode(data):
 
 @app.post("/predict")
 def predict():
-    current = model
-    if current is None or stopping.is_set():
-        return error(503, "not_ready", "the model is not loaded yet" if current is None else "shutting down")
+    current = model  # this request uses this model throughout, even if a reload swaps it meanwhile
+    if current is None:
+        return error(503, "not_ready", "the model is not loaded yet")
     try:
         img = decode(read_upload())
     except catdog.ImageError as e:
@@ -473,8 +478,9 @@ def health():
     current = model
     if stopping.is_set():
         return jsonify(status="stopping"), 503
-    if current is None or not ready.is_set():
-        return jsonify(status="loading" if os.path.exists(MODEL_PATH) else "no_model", model_path=MODEL_PATH), 503
+    if current is None:
+        status = "no_model" if not os.path.exists(MODEL_PATH) else "load_failed" if load_error else "loading"
+        return jsonify(status=status, model_path=MODEL_PATH, error=load_error), 503
     return jsonify(status="ok", model_version=current["version"], arch=current["meta"].get("arch"))
 
 
