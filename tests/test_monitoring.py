@@ -128,3 +128,24 @@ def test_prometheus_scrapes_the_service(service):
     assert "endpoint=/predict,status=422 1" in result.stdout
     assert "live accuracy: 1 over 2 predictions" in result.stdout
     assert "6 loaded, unhealthy None" in result.stdout
+
+
+def test_compose_monitoring_profile_mounts_these_files():
+    """The opt-in profile runs Prometheus and Grafana on exactly these files, scraping the api service."""
+    with open(os.path.join(ROOT, "docker-compose.yml")) as f:
+        compose = yaml.safe_load(f)
+    services = compose["services"]
+    monitoring = {name for name, s in services.items() if "monitoring" in s.get("profiles", [])}
+    assert monitoring == {"prometheus", "grafana"} and "profiles" not in services["api"]
+    for name in monitoring:
+        for volume in services[name]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert os.path.isfile(os.path.join(ROOT, source)), f"{name} mounts missing {source}"
+    mounted = " ".join(services["prometheus"]["volumes"] + services["grafana"]["volumes"])
+    for path in ("prometheus.yml", "alerts.yml", "grafana/datasource.yml", "grafana/dashboards.yml",
+                 "grafana/dashboard.json"):
+        assert f"./monitoring/{path}:" in mounted
+    with open(os.path.join(MONITORING, "prometheus.yml")) as f:
+        (job,) = yaml.safe_load(f)["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == ["api:8000"]
