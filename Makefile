@@ -99,6 +99,37 @@ post-eval: setup
 monitor-check: system-deps
 	monitoring/scrape_check.sh $(URL)
 
+# ------------------------------------------------------------------ containers
+# The image is code + champion model, so build it after `make all`. BUILD_FLAGS goes to the
+# builder (.ci/run passes the Podman sandbox's flags); EXTRA_TAGS are pushed too (`latest`
+# on main); SMOKE_ARGS are smoke.sh's photos: IMAGES_DIR, or CAT_PHOTO DOG_PHOTO.
+BUILD_FLAGS ?=
+EXTRA_TAGS ?=
+SMOKE_ARGS ?=
+DEPLOY_ENV = IMAGE="$(IMAGE)" DOCKER="$(DOCKER)" COMPOSE="$(COMPOSE)" URL="$(URL)" SMOKE_ARGS="$(SMOKE_ARGS)"
+
+image:
+	@test -f models/model.onnx || { echo "no models/model.onnx: run 'make all' first" >&2; exit 1; }
+	$(DOCKER) build $(BUILD_FLAGS) \
+	  --build-arg REVISION="$$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
+	  --build-arg MODEL_VERSION="$$($(PYTHON) -c 'import json; print(json.load(open("models/model.json"))["version"])')" \
+	  -t $(IMAGE):$(TAG) .
+
+push:
+	$(DOCKER) push $(IMAGE):$(TAG)
+	for tag in $(EXTRA_TAGS); do $(DOCKER) tag $(IMAGE):$(TAG) $(IMAGE):$$tag; $(DOCKER) push $(IMAGE):$$tag; done
+
+# Pull TAG, Compose up, wait for /health, smoke.sh; on failure the last good tag comes back
+# and the target fails. `make rollback` steps back one good tag.
+deploy:
+	$(DEPLOY_ENV) ./deploy.sh $(TAG)
+
+rollback:
+	$(DEPLOY_ENV) ./deploy.sh --rollback
+
+smoke:
+	./smoke.sh $(URL) $(SMOKE_ARGS)
+
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5001 --backend-store-uri sqlite:///mlflow.db
 

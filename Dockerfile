@@ -1,0 +1,59 @@
+# The serving image: code + champion model, the immutable unit that gets deployed.
+# No torch: the service runs the exported ONNX model with ONNX Runtime.
+#   make image                      # docker build, tagged $(IMAGE):$(TAG)
+#   docker run --read-only -p 8000:8000 <image>
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+# ---------------------------------------------------------------- builder: a venv with the serving deps
+FROM ${BASE_IMAGE} AS builder
+# e.g. "--index-url https://pypi.example/simple" behind a mirror
+ARG PIP_OPTS=""
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+COPY requirements-serve.txt /tmp/
+# The runtime never installs anything, so pip and setuptools go, and so do the packages'
+# own test suites (~30 MB of the image).
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir $PIP_OPTS -r /tmp/requirements-serve.txt \
+ && /opt/venv/bin/pip uninstall --yes --quiet pip setuptools \
+ && find /opt/venv -depth -type d -name tests -exec rm -rf {} +
+
+# ---------------------------------------------------------------- runtime
+FROM ${BASE_IMAGE}
+ARG REVISION=unknown
+ARG MODEL_VERSION=unknown
+ARG SOURCE=https://github.com/catdog/catdog
+LABEL org.opencontainers.image.title="catdog" \
+      org.opencontainers.image.description="Cat or dog? Photo classifier API (ONNX Runtime, Flask, waitress)" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.version="${MODEL_VERSION}" \
+      org.catdog.model.version="${MODEL_VERSION}"
+
+# A fixed numeric uid so Kubernetes can check runAsNonRoot; the feedback DB is the only
+# thing the service writes, into a volume (the root file system stays read-only).
+RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin catdog \
+ && install -d -o catdog -g catdog -m 0750 /var/lib/catdog
+
+COPY --from=builder /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PORT=8000 \
+    MODEL_PATH=/app/models/model.onnx \
+    DB_PATH=/var/lib/catdog/catdog.db
+
+WORKDIR /app
+# Owned by root and read-only to the service: code and model cannot change at run time.
+COPY catdog.py serve.py ./
+COPY static/ static/
+COPY models/model.onnx models/model.json models/reference_profile.json models/
+# Byte-code compiled now, since nothing can be written at run time.
+RUN python3 -m compileall -q /app
+
+USER 10001:10001
+VOLUME ["/var/lib/catdog"]
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
+  CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8000'), timeout=2)"]
+# python is PID 1: serve.py drains in-flight requests on SIGTERM.
+CMD ["python3", "serve.py"]

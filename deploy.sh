@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Deploy an image tag with Compose, gated by smoke.sh, rolling back when it fails.
+#   ./deploy.sh TAG          pull IMAGE:TAG, `compose up`, wait for /health, run smoke.sh;
+#                            on failure redeploy the last good tag, re-check it, exit 1
+#   ./deploy.sh --rollback   redeploy the good tag before the current one
+# Settings come from the environment (`make deploy` passes them): IMAGE, DOCKER, COMPOSE,
+# URL, SMOKE_ARGS, HEALTH_TIMEOUT. .deploy/good lists the tags that passed smoke on this
+# host, newest last: it is this host's state, not the project's, so it stays out of git.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+DOCKER="${DOCKER:-docker}"
+read -ra compose <<<"${COMPOSE:-$DOCKER compose}"
+read -ra smoke_args <<<"${SMOKE_ARGS:-}"
+export IMAGE="${IMAGE:?set IMAGE, e.g. ghcr.io/owner/catdog}"
+URL="${URL:-http://127.0.0.1:8000}"
+HEALTH_TIMEOUT="${HEALTH_TIMEOUT:-60}"
+GOOD=.deploy/good
+
+log() { echo "deploy: $*" >&2; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+last_good_except() { { grep -vxF "$1" "$GOOD" 2>/dev/null || true; } | tail -n 1; }
+
+# Start TAG (Compose recreates the container when the image changed), wait until /health
+# answers 200, then smoke-test it. Fails when either never happens.
+start() {
+  local tag="$1" t0
+  t0="$(now)"
+  TAG="$tag" "${compose[@]}" up -d api
+  until curl -fs -o /dev/null --max-time 2 "$URL/health"; do
+    if awk -v s="$(since "$t0")" -v limit="$HEALTH_TIMEOUT" 'BEGIN { exit !(s > limit) }'; then
+      log "$IMAGE:$tag not healthy after ${HEALTH_TIMEOUT} s"
+      TAG="$tag" "${compose[@]}" logs --tail 30 api || true
+      return 1
+    fi
+    sleep 0.2
+  done
+  log "$IMAGE:$tag healthy $(since "$t0") s after compose up"
+  ./smoke.sh "$URL" "${smoke_args[@]}"
+}
+
+remember() {
+  mkdir -p "$(dirname "$GOOD")"
+  [ "$(tail -n 1 "$GOOD" 2>/dev/null)" = "$1" ] || echo "$1" >>"$GOOD"
+}
+
+# The failed tag is down or serving wrong answers: put the last good tag back, and prove it.
+roll_back_from() {
+  local failed="$1" previous t0
+  previous="$(last_good_except "$failed")"
+  if [ -z "$previous" ]; then
+    log "no earlier good tag to roll back to: stopping $IMAGE:$failed"
+    TAG="$failed" "${compose[@]}" stop api || true
+    return 1
+  fi
+  log "rolling back to $IMAGE:$previous"
+  t0="$(now)"
+  if start "$previous"; then
+    log "rolled back to $IMAGE:$previous in $(since "$t0") s"
+  else
+    log "ROLLBACK FAILED: $IMAGE:$previous does not pass smoke either"
+    return 1
+  fi
+}
+
+if [ "${1:-}" = --rollback ]; then
+  current="$(tail -n 1 "$GOOD" 2>/dev/null || true)"
+  previous="$(last_good_except "$current")"
+  [ -n "$previous" ] || { log "nothing to roll back to (history: $GOOD)"; exit 1; }
+  start "$previous" || { log "ROLLBACK FAILED: $IMAGE:$previous does not pass smoke"; exit 1; }
+  grep -vxF "$current" "$GOOD" >"$GOOD.new" || true  # a later rollback steps further back
+  mv "$GOOD.new" "$GOOD"
+  log "rolled back from $IMAGE:$current to $IMAGE:$previous"
+  exit 0
+fi
+
+tag="${1:?usage: $0 TAG | --rollback}"
+log "deploying $IMAGE:$tag"
+"$DOCKER" pull "$IMAGE:$tag" || { log "cannot pull $IMAGE:$tag: nothing changed"; exit 1; }
+if start "$tag"; then
+  remember "$tag"
+  log "$IMAGE:$tag is live"
+else
+  log "$IMAGE:$tag FAILED its checks"
+  roll_back_from "$tag" || true
+  exit 1
+fi
