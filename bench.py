@@ -9,7 +9,7 @@ driven over loopback with real photos by 1, 8 and 32 concurrent clients, each a 
 connection posting multipart uploads back to back, a bounded number of requests per
 level. Prints requests/s and p50/p95/p99 per service, the speed-up and start -> ready.
 serve.py also runs with BATCH_MAX=1 to show what the batcher buys. Settings of serve.py
-come from the environment as usual (e.g. BATCH_WAIT_MS=0 python bench.py).
+come from the environment as usual (e.g. BATCH_WAIT_MS=5 python bench.py).
 This prints figures; it is not a test.
 """
 import argparse
@@ -198,7 +198,7 @@ def main():
 
     print(f"bench: {where}; model {meta['arch']} {meta.get('version')}; {available_cpus()} CPUs available; "
           f"loopback; batching BATCH_MAX={os.environ.get('BATCH_MAX', '16')} "
-          f"BATCH_WAIT_MS={os.environ.get('BATCH_WAIT_MS', '2')}", flush=True)
+          f"BATCH_WAIT_MS={os.environ.get('BATCH_WAIT_MS', '0')}", flush=True)
     python = [sys.executable]
     ready_s, ours = measure("serve.py (ONNX Runtime)", python + ["serve.py"], serve_env, bodies, levels)
     print(f"  serve.py start -> ready: {ready_s:.2f} s", flush=True)

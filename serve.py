@@ -45,7 +45,7 @@ DB_PATH = env("DB_PATH", os.path.join("var", "catdog.db"))
 MAX_UPLOAD_MB = float(env("MAX_UPLOAD_MB", "10"))
 MAX_PIXELS = int(env("MAX_PIXELS", str(catdog.MAX_PIXELS)))
 BATCH_MAX = int(env("BATCH_MAX", "16"))  # 1 turns the batcher off: each request runs alone
-BATCH_WAIT_MS = float(env("BATCH_WAIT_MS", "2"))
+BATCH_WAIT_MS = float(env("BATCH_WAIT_MS", "0"))  # 0: batch what queued during the last run
 THREADS = int(env("THREADS", "8"))  # waitress worker threads (decode + preprocess)
 ORT_THREADS = int(env("ORT_THREADS", "0"))  # 0: the CPUs this process may use
 LIVE_WINDOW = int(env("LIVE_WINDOW", "500"))  # live accuracy over the last N predictions with feedback
@@ -115,7 +115,7 @@ def load_model(path=MODEL_PATH):
         session.run(["logits"], {"image": np.zeros((batch, 3, crop, crop), np.float32)})
     profile = catdog.read_json(PROFILE_PATH) if os.path.exists(PROFILE_PATH) else None
     return {"session": session, "meta": meta, "version": str(meta.get("version", "unknown")),
-            "profile": profile, "loaded_at": time.time(), "threads": options.intra_op_num_threads}
+            "profile": profile, "threads": options.intra_op_num_threads}
 
 
 def reload_model(reason):
@@ -143,9 +143,10 @@ def run_model(current, batch):
 
 
 # ---------------------------------------------------------------- the batcher
-# One inference thread takes whatever requests are waiting (up to BATCH_MAX, waiting at
-# most BATCH_WAIT_MS for more) and runs them as one batch: one ORT run of 8 images costs
-# far less than 8 runs of one, and the waitress threads keep decoding meanwhile.
+# Waitress threads decode in parallel; one inference thread takes whatever requests are
+# waiting (up to BATCH_MAX, waiting at most BATCH_WAIT_MS for more) and runs them as one
+# batch. Under load that amortises each ORT run over many images, and it keeps a single
+# ORT run in flight at a time, so 8 request threads never fight over 2 cores for inference.
 jobs = queue.Queue()
 
 
