@@ -1,0 +1,214 @@
+"""train.py end to end on tiny synthetic images: both architectures, MLflow read back, the
+gate (a weak model is refused, a good one promoted), save/load, ONNX parity, identical
+train/serve preprocessing, and torchrun with 2 CPU processes. Plus a quality check of the
+real champion when `make data` and `make train` have run."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import catdog  # noqa: E402
+
+torch = pytest.importorskip("torch")
+mlflow = pytest.importorskip("mlflow")
+import train  # noqa: E402
+
+COUNTS = {"train": 16, "val": 8, "test": 8}  # per class
+
+
+def make_dataset(root, seed=0):
+    """Cats are reddish with horizontal stripes, dogs bluish with vertical ones: easy to learn
+    in seconds, so 'a good model' is reachable in a test, and varied sizes like real uploads."""
+    rng = np.random.default_rng(seed)
+    for split, count in COUNTS.items():
+        for label, name in enumerate(catdog.CLASSES):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                height, width = rng.integers(40, 64, size=2)
+                base = np.array([170, 70, 60] if label == 0 else [60, 90, 180], dtype=np.float64)
+                stripes = (np.arange(height)[:, None] // 4 % 2) if label == 0 else (np.arange(width)[None, :] // 4 % 2)
+                pixels = base + 40 * np.broadcast_to(stripes, (height, width))[..., None] + rng.normal(0, 20, (height, width, 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(os.path.join(folder, f"{name}.{i}.jpg"))
+    return root
+
+
+def run_train(tmp, *args):
+    return train.main(["--data", str(tmp / "processed"), "--out", str(tmp / "models"),
+                       "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--pretrained", "false",
+                       "--extract-batch-size", "32", *args])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Three runs against one registry: a weak baseline (0 epochs), a trained baseline, and
+    a transfer model. Runs in a temp dir so MLflow's ./mlruns lands there."""
+    tmp = tmp_path_factory.mktemp("train")
+    make_dataset(tmp / "processed")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        weak = run_train(tmp, "--arch", "baseline", "--epochs", "0")["baseline"]
+        models_after_weak = sorted(os.listdir(tmp / "models")) if (tmp / "models").exists() else []
+        good = run_train(tmp, "--arch", "baseline", "--epochs", "6", "--lr", "0.01", "--batch-size", "8")["baseline"]
+        transfer = run_train(tmp, "--arch", "transfer", "--head-epochs", "5")["transfer"]
+    return {"tmp": tmp, "weak": weak, "good": good, "transfer": transfer, "models_after_weak": models_after_weak}
+
+
+def test_weak_model_is_refused_and_good_one_promoted(trained):
+    client = mlflow.MlflowClient(f"sqlite:///{trained['tmp']}/mlflow.db")
+    weak, good = trained["weak"], trained["good"]
+    assert weak["accuracy"] < catdog.GATE["min_accuracy"] and not weak["promoted"]
+    assert trained["models_after_weak"] == []  # nothing reached models/
+    assert "refused" in client.get_model_version("catdog", weak["version"]).tags["gate"]
+    assert good["accuracy"] >= catdog.GATE["min_accuracy"] and good["promoted"]
+    assert client.get_model_version("catdog", good["version"]).tags["gate"] == "promoted"
+    champion = client.get_model_version_by_alias("catdog", "champion").version
+    meta = catdog.read_json(trained["tmp"] / "models" / "model.json")
+    assert meta["registry_version"] == champion
+    expected_arch = "transfer" if trained["transfer"]["promoted"] else "baseline"
+    assert meta["arch"] == expected_arch and meta["metrics"]["accuracy"] >= catdog.GATE["min_accuracy"]
+
+
+def test_mlflow_runs_hold_params_metrics_artifacts_and_lineage(trained):
+    client = mlflow.MlflowClient(f"sqlite:///{trained['tmp']}/mlflow.db")
+    experiment = client.get_experiment_by_name("catdog")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    assert [r.info.run_name for r in runs] == ["baseline", "baseline", "transfer"]
+    good, transfer = runs[1], runs[2]
+    assert good.data.params["epochs"] == "6" and good.data.params["lr"] == "0.01"
+    assert good.data.params["preprocess_crop"] == "128" and transfer.data.params["preprocess_crop"] == "224"
+    for run in (good, transfer):
+        for key in ("test_accuracy", "test_precision", "test_recall", "test_f1", "test_roc_auc", "test_log_loss",
+                    "test_ece", "onnx_max_abs_prob_diff"):
+            assert key in run.data.metrics, key
+        for key in ("git_commit", "test_split_sha256", "dvc_md5", "manifest_sha256", "gate"):
+            assert key in run.data.tags, key
+        artifacts = {a.path for folder in ("model", "reports") for a in client.list_artifacts(run.info.run_id, folder)}
+        for name in ("model/model.pt", "model/model.onnx", "model/model.json", "model/reference_profile.json",
+                     "reports/confusion_matrix.png", "reports/curves.png", "reports/roc_curve.png",
+                     "reports/reliability_diagram.png", "reports/worst_mistakes.png",
+                     "reports/classification_report.txt", "reports/model_card.md"):
+            assert name in artifacts, name
+    history = client.get_metric_history(good.info.run_id, "val_loss")
+    assert [m.step for m in history] == list(range(6))
+    assert len(client.get_metric_history(transfer.info.run_id, "train_accuracy")) == 5
+
+
+def test_saved_champion_loads_with_catdog_and_onnx_agrees(trained):
+    import onnxruntime
+
+    models = trained["tmp"] / "models"
+    model, meta = catdog.load_model(str(models / "model.pt"))
+    assert meta["classes"] == list(catdog.CLASSES) and meta["preprocess"] == catdog.PREPROCESS[meta["arch"]]
+    items = train.list_split(str(trained["tmp"] / "processed"), "test")
+    batch = np.stack([catdog.preprocess(catdog.open_image(path), meta["preprocess"]) for path, _ in items])
+    with torch.no_grad():
+        torch_probs = catdog.softmax(model(torch.from_numpy(batch)).numpy())
+    session = onnxruntime.InferenceSession(str(models / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_probs = catdog.softmax(session.run(["logits"], {"image": batch})[0])
+    assert np.abs(onnx_probs - torch_probs).max() <= 1e-4
+    labels = np.array([label for _, label in items])
+    assert np.isclose((torch_probs.argmax(1) == labels).mean(), meta["metrics"]["accuracy"])
+    profile = catdog.read_json(models / "reference_profile.json")
+    assert profile["count"] == 2 * COUNTS["train"] and "confidence" in profile
+
+
+@pytest.mark.parametrize("arch", ["baseline", "transfer"])
+def test_train_eval_transform_equals_serving_transform(tmp_path, arch):
+    make_dataset(tmp_path)
+    items = train.list_split(str(tmp_path), "val")
+    meta = catdog.model_meta(arch)
+    for index in (0, len(items) - 1):
+        train_view, label = train.Images(items, catdog.PREPROCESS[arch])[index]
+        with open(items[index][0], "rb") as f:
+            served = catdog.preprocess(catdog.open_image(f.read()), meta["preprocess"])  # what serve.py calls
+        assert train_view.dtype == torch.float32 and np.array_equal(train_view.numpy(), served)
+
+
+def test_augmentation_is_seeded_and_ends_in_the_shared_preprocessing(tmp_path):
+    make_dataset(tmp_path)
+    items = train.list_split(str(tmp_path), "train")
+    augmented = train.Images(items, catdog.PREPROCESS["baseline"], augment=True, seed=1)
+    first, again = augmented[3][0], augmented[3][0]
+    augmented.epoch = 1
+    other_epoch = augmented[3][0]
+    plain = train.Images(items, catdog.PREPROCESS["baseline"])[3][0]
+    assert torch.equal(first, again) and not torch.equal(first, other_epoch)
+    assert first.shape == plain.shape == (3, 128, 128) and not torch.equal(first, plain)
+
+
+def test_gate_rules():
+    good = {"accuracy": 0.99, "log_loss": 0.03, "ece": 0.01}
+    assert train.gate(good) == (True, [])
+    assert train.gate(good, champion_accuracy=0.99)[0]  # equal is not worse
+    promote, reasons = train.gate(good, champion_accuracy=0.995)
+    assert not promote and "champion" in reasons[0]
+    for key, value in (("accuracy", 0.5), ("log_loss", 0.7), ("ece", 0.2)):
+        promote, reasons = train.gate({**good, key: value})
+        assert not promote and len(reasons) == 1
+    assert not train.gate({**good, "log_loss": float("nan")})[0]
+
+
+def test_metrics_match_definitions():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    scores = np.round(np.clip(labels * 0.3 + rng.uniform(0, 0.7, 200), 0, 1), 1)  # many ties
+    pairs = [(p, n) for p in scores[labels == 1] for n in scores[labels == 0]]
+    brute = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs])
+    assert np.isclose(train.roc_auc(scores, labels), brute)
+    probs = np.stack([1 - scores, scores], 1)
+    metrics = train.evaluate(probs, labels)
+    predicted = probs.argmax(1)
+    assert np.isclose(metrics["accuracy"], np.mean(predicted == labels))
+    assert np.isclose(metrics["recall"], np.sum((predicted == 1) & (labels == 1)) / np.sum(labels == 1))
+    # Perfectly calibrated in every bin: confidence 0.8 and 80 % right.
+    calibrated = np.tile([[0.2, 0.8]], (10, 1))
+    assert train.expected_calibration_error(calibrated, np.array([1] * 8 + [0] * 2)) < 1e-9
+    assert np.isclose(train.evaluate(calibrated, np.array([1] * 8 + [0] * 2))["log_loss"],
+                      -(0.8 * np.log(0.8) + 0.2 * np.log(0.2)))
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun is not installed beside this Python")
+    make_dataset(tmp_path / "processed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "train.py"),
+                             "--data", str(tmp_path / "processed"), "--out", str(tmp_path / "models"),
+                             "--epochs", "2", "--head-epochs", "3", "--pretrained", "false",
+                             "--extract-batch-size", "32"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and result.stdout.count("== baseline") == 1  # rank 0 prints
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("catdog").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["baseline", "transfer"]  # only rank 0 logs
+    assert all(r.data.params["processes"] == "2" for r in runs)
+
+
+def test_champion_quality_on_the_shared_sample():
+    """The real champion (make data && make train) on the processed test split: >= 99 %."""
+    import onnxruntime
+
+    models, test_dir = os.path.join(ROOT, "models"), os.path.join(ROOT, "data", "processed", "test")
+    if not os.path.exists(os.path.join(models, "model.onnx")) or not os.path.isdir(test_dir):
+        pytest.skip("needs models/model.onnx and data/processed/test (run `make data train`)")
+    if not os.path.isdir(os.path.join(ROOT, "..", "shared", "datasets", "dogs-vs-cats-3k")):
+        pytest.skip("the shared sample ../shared/datasets/dogs-vs-cats-3k is absent")
+    meta = catdog.read_json(os.path.join(models, "model.json"))
+    session = onnxruntime.InferenceSession(os.path.join(models, "model.onnx"), providers=["CPUExecutionProvider"])
+    items = train.list_split(os.path.join(ROOT, "data", "processed"), "test")
+    correct = 0
+    for start in range(0, len(items), 50):
+        chunk = items[start:start + 50]
+        batch = np.stack([catdog.preprocess(catdog.open_image(path), meta["preprocess"]) for path, _ in chunk])
+        predicted = session.run(["logits"], {"image": batch})[0].argmax(1)
+        correct += int(np.sum(predicted == np.array([label for _, label in chunk])))
+    assert len(items) >= 100 and correct / len(items) >= 0.99, f"{correct}/{len(items)}"

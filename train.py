@@ -1,0 +1,695 @@
+"""Train the cat/dog models, track them in MLflow, and promote a measured champion.
+
+    python train.py                                  # both models on data/processed
+    python train.py --arch transfer --head-epochs 40
+    torchrun --nproc_per_node 4 train.py --arch baseline   # the same script, DDP
+
+baseline  a small CNN trained from scratch: the reference the transfer model must beat.
+transfer  EfficientNet-Lite0 with ImageNet weights, frozen. Its pooled 1280-d features are
+          extracted once, then only the linear head is trained on them.
+Both are calibrated with temperature scaling on val (folded into the head), measured on
+test, logged to MLflow, registered as `catdog`, and put through the gate (catdog.GATE and
+"not worse than the current champion on the same test split"). Only a promoted model is
+written to models/ (model.pt, model.json, model.onnx, reference_profile.json).
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageEnhance, ImageOps
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+import catdog
+
+# ---------------------------------------------------------------- config (--name value overrides)
+arch = "both"                  # baseline | transfer | both
+data = catdog.PROCESSED_DIR    # {train,val,test}/{cat,dog}/*.jpg
+out = catdog.MODELS_DIR        # where the champion is written
+seed = catdog.SEED
+threads = 0                    # torch threads per process; 0 = cores / processes
+workers = 0                    # DataLoader worker processes (0 = decode in the training process)
+# baseline: a CNN from scratch
+epochs = 10
+batch_size = 32                # small batches run faster per image on a 2-core CPU (cache)
+lr = 3e-3
+weight_decay = 5e-4
+# transfer: frozen features + a linear head
+pretrained = True              # False gives random weights (tests only)
+extract_batch_size = 16
+aug_views = 0                  # extra augmented train views to extract features from
+head_epochs = 30
+head_batch_size = 128
+head_lr = 3e-3
+head_weight_decay = 1e-3
+# tracking and the registry
+tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+experiment = "catdog"
+registered_name = "catdog"
+
+CONFIG_KEYS = [k for k, v in dict(globals()).items()
+               if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, bool))]
+
+
+def parse_config(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for key in CONFIG_KEYS:
+        default = globals()[key]
+        kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)
+        parser.add_argument("--" + key.replace("_", "-"), type=kind, default=default)
+    cfg = parser.parse_args(argv)
+    if cfg.arch not in ("baseline", "transfer", "both"):
+        parser.error("--arch must be baseline, transfer or both")
+    return cfg
+
+
+# ---------------------------------------------------------------- distributed (torchrun) set-up
+# Without torchrun this is one process: RANK 0, WORLD 1, and no process group.
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+DEVICE = torch.device("cpu")
+
+
+def setup_processes(cfg):
+    global DEVICE
+    if WORLD > 1:
+        if torch.cuda.is_available():
+            DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(DEVICE)
+        dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
+    elif torch.cuda.is_available():
+        DEVICE = torch.device("cuda")
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // WORLD))
+
+
+def log(*args):
+    if RANK == 0:
+        print(*args, flush=True)
+
+
+# ---------------------------------------------------------------- data
+def list_split(root, split):
+    """[(path, class index)] of root/split/{cat,dog}/*, sorted so every run sees the same order."""
+    items = []
+    for index, name in enumerate(catdog.CLASSES):
+        folder = os.path.join(root, split, name)
+        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        items += [(os.path.join(folder, n), index) for n in names if n.lower().endswith((".jpg", ".jpeg", ".png"))]
+    return items
+
+
+class Images(Dataset):
+    """Images of one split as (normalised tensor, label). With `augment`, a random view
+    whose randomness depends only on (seed, epoch, index), so runs and process counts agree."""
+
+    def __init__(self, items, settings, augment=False, seed=0):
+        self.items, self.settings, self.augment, self.seed, self.epoch = items, settings, augment, seed, 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        path, label = self.items[index]
+        img = catdog.open_image(path)
+        if self.augment:
+            img = augment(img, self.settings["resize"], np.random.default_rng([self.seed, self.epoch, index]))
+        return torch.from_numpy(catdog.preprocess(img, self.settings)), label
+
+
+def augment(img, size, rng):
+    """Random resized crop (60-100 % of the area, aspect 3:4-4:3) to size x size, horizontal
+    flip, rotation up to 10 degrees and colour jitter of +-20 %. The caller then applies
+    catdog.preprocess, the same function evaluation and serving use."""
+    width, height = img.size
+    area = width * height * rng.uniform(0.6, 1.0)
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    crop_w = min(width, round(np.sqrt(area * aspect)))
+    crop_h = min(height, round(np.sqrt(area / aspect)))
+    left, top = rng.integers(0, width - crop_w + 1), rng.integers(0, height - crop_h + 1)
+    img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
+    if rng.random() < 0.5:
+        img = ImageOps.mirror(img)
+    # Grey corners: (127 - mean) / std is ~0 after normalisation, the least surprising fill.
+    img = img.rotate(rng.uniform(-10, 10), Image.BILINEAR, fillcolor=(127, 127, 127))
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        img = enhance(img).enhance(rng.uniform(0.8, 1.2))
+    return img
+
+
+def labels_of(items):
+    return np.array([label for _, label in items], dtype=np.int64)
+
+
+# ---------------------------------------------------------------- training
+def to_device(x):
+    x = x.to(DEVICE)
+    # channels_last runs these convolutions 1.5-2.5x faster on CPU (measured here).
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def predict(model, dataset, batch_size):
+    """Outputs of `model` for every item of `dataset`, in order. Under torchrun each process
+    computes every WORLD-th item and all of them receive the whole result."""
+    share = Subset(dataset, range(RANK, len(dataset), WORLD))
+    model.eval()
+    outputs = []
+    with torch.inference_mode():
+        for x, _ in DataLoader(share, batch_size=batch_size):
+            outputs.append(model(to_device(x)).float().cpu())
+    result = torch.cat(outputs) if outputs else torch.zeros(0)
+    if WORLD == 1:
+        return result
+    parts = [None] * WORLD
+    dist.all_gather_object(parts, result)
+    full = torch.zeros(len(dataset), *parts[0].shape[1:])
+    for rank, part in enumerate(parts):
+        full[rank::WORLD] = part
+    return full
+
+
+def fit(model, train_set, val_set, val_labels, cfg, epochs, batch_size, lr, weight_decay, mlflow_log):
+    """AdamW with a one-cycle schedule; per-epoch train/val loss and accuracy. Under torchrun
+    the model is wrapped in DistributedDataParallel and each process sees its share of batches."""
+    net = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
+    sampler = (torch.utils.data.DistributedSampler(train_set, WORLD, RANK, shuffle=True, seed=cfg.seed)
+               if WORLD > 1 else None)
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                        generator=torch.Generator().manual_seed(cfg.seed), num_workers=cfg.workers,
+                        drop_last=len(train_set) >= 2 * batch_size * WORLD)  # no 1-image BatchNorm batches
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=max(1, epochs * len(loader)))
+    history = []
+    for epoch in range(epochs):
+        started = time.time()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        train_set.epoch = epoch  # new augmentations each epoch (read by Images)
+        net.train()
+        totals = torch.zeros(3, dtype=torch.float64, device=DEVICE)  # loss sum, correct, count
+        for x, y in loader:
+            x, y = to_device(x), y.to(DEVICE)
+            logits = net(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            totals += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                                   torch.tensor(len(y), dtype=torch.float64, device=DEVICE)])
+        if WORLD > 1:
+            dist.all_reduce(totals)
+        val_logits = predict(model, val_set, 128)
+        row = {"train_loss": float(totals[0] / totals[2]), "train_accuracy": float(totals[1] / totals[2]),
+               "val_loss": float(F.cross_entropy(val_logits, torch.from_numpy(val_labels))),
+               "val_accuracy": float((val_logits.argmax(1).numpy() == val_labels).mean())}
+        history.append(row)
+        mlflow_log(row, epoch)
+        log(f"  epoch {epoch + 1:3d}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
+            f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  {time.time() - started:.1f}s")
+    return history
+
+
+def fit_temperature(logits, labels):
+    """Temperature scaling: the T > 0 minimising val NLL of logits / T (LBFGS on log T)."""
+    logits, labels = logits.detach().double(), torch.as_tensor(labels)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp())
+
+
+def train_baseline(cfg, splits, mlflow_log):
+    settings = catdog.PREPROCESS["baseline"]
+    torch.manual_seed(cfg.seed)
+    model = catdog.build_model("baseline").to(DEVICE).to(memory_format=torch.channels_last)
+    train_set = Images(splits["train"], settings, augment=True, seed=cfg.seed)
+    val_set = Images(splits["val"], settings)
+    history = fit(model, train_set, val_set, labels_of(splits["val"]), cfg, cfg.epochs, cfg.batch_size,
+                  cfg.lr, cfg.weight_decay, mlflow_log)
+    return model.cpu().eval(), history
+
+
+def train_transfer(cfg, splits, mlflow_log):
+    """Extract frozen Lite0 features once, then train only the linear head on them."""
+    settings = catdog.PREPROCESS["transfer"]
+    torch.manual_seed(cfg.seed)
+    model = catdog.build_model("transfer", pretrained=cfg.pretrained).eval()
+    backbone = model.features.to(DEVICE).to(memory_format=torch.channels_last)
+    started = time.time()
+    views = [Images(splits["train"], settings)]
+    for view in range(cfg.aug_views):
+        views.append(Images(splits["train"], settings, augment=True, seed=cfg.seed))
+        views[-1].epoch = view
+    train_x = torch.cat([predict(backbone, v, cfg.extract_batch_size) for v in views])
+    train_y = torch.from_numpy(np.tile(labels_of(splits["train"]), len(views)))
+    val_x = predict(backbone, Images(splits["val"], settings), cfg.extract_batch_size)
+    count = len(train_x) + len(val_x)
+    log(f"  features of {count} images in {time.time() - started:.1f}s"
+        f" ({(time.time() - started) / max(1, count) * 1000:.1f} ms/image)")
+    head = model.head.to(DEVICE)
+    val_labels = labels_of(splits["val"])
+    history = fit(head, TensorDataset(train_x, train_y), TensorDataset(val_x, torch.from_numpy(val_labels)),
+                  val_labels, cfg, cfg.head_epochs, cfg.head_batch_size, cfg.head_lr, cfg.head_weight_decay,
+                  mlflow_log)
+    return model.cpu().eval(), history
+
+
+# ---------------------------------------------------------------- metrics (numpy)
+def evaluate(probs, labels, bins=15):
+    """Accuracy, precision/recall/F1 (dog = positive), ROC-AUC, log-loss and ECE."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    predicted = probs.argmax(1)
+    tp = int(np.sum((predicted == 1) & (labels == 1)))
+    fp = int(np.sum((predicted == 1) & (labels == 0)))
+    fn = int(np.sum((predicted == 0) & (labels == 1)))
+    precision, recall = tp / max(1, tp + fp), tp / max(1, tp + fn)
+    return {"accuracy": float(np.mean(predicted == labels)), "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / max(1e-12, precision + recall),
+            "roc_auc": roc_auc(probs[:, 1], labels),
+            "log_loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-15, 1)))),
+            "ece": expected_calibration_error(probs, labels, bins)}
+
+
+def roc_auc(scores, labels):
+    """Probability that a random dog scores above a random cat (Mann-Whitney U, ties count half)."""
+    positives, negatives = scores[labels == 1], scores[labels == 0]
+    if len(positives) == 0 or len(negatives) == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(scores))
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)  # tied scores share their mean rank
+    return float((ranks[labels == 1].sum() - len(positives) * (len(positives) + 1) / 2)
+                 / (len(positives) * len(negatives)))
+
+
+def roc_points(scores, labels):
+    order = np.argsort(-scores, kind="mergesort")
+    hits = labels[order] == 1
+    tpr = np.r_[0, np.cumsum(hits) / max(1, hits.sum())]
+    fpr = np.r_[0, np.cumsum(~hits) / max(1, (~hits).sum())]
+    return fpr, tpr
+
+
+def expected_calibration_error(probs, labels, bins=15):
+    """Weighted mean |accuracy - confidence| over equal-width confidence bins."""
+    confidence, correct = probs.max(1), probs.argmax(1) == labels
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    return float(sum(np.sum(which == b) / len(labels) * abs(correct[which == b].mean() - confidence[which == b].mean())
+                     for b in range(bins) if np.any(which == b)))
+
+
+def classification_report(probs, labels):
+    predicted = probs.argmax(1)
+    lines = [f"{'':>10} {'precision':>10} {'recall':>10} {'f1':>10} {'support':>10}"]
+    for index, name in enumerate(catdog.CLASSES):
+        tp = np.sum((predicted == index) & (labels == index))
+        precision = tp / max(1, np.sum(predicted == index))
+        recall = tp / max(1, np.sum(labels == index))
+        f1 = 2 * precision * recall / max(1e-12, precision + recall)
+        lines.append(f"{name:>10} {precision:10.4f} {recall:10.4f} {f1:10.4f} {np.sum(labels == index):10d}")
+    lines.append(f"{'accuracy':>10} {'':>10} {'':>10} {np.mean(predicted == labels):10.4f} {len(labels):10d}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- plots (matplotlib, Agg)
+def plots(folder, history, probs, labels, items, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    predicted = probs.argmax(1)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    matrix = np.array([[np.sum((labels == t) & (predicted == p)) for p in range(2)] for t in range(2)])
+    ax.imshow(matrix, cmap="Blues")
+    for t in range(2):
+        for p in range(2):
+            ax.text(p, t, matrix[t, p], ha="center", va="center", color="red")
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=catdog.CLASSES, yticklabels=catdog.CLASSES,
+           xlabel="predicted", ylabel="true", title=f"{title}: confusion matrix")
+    save(fig, folder, "confusion_matrix.png")
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    steps = np.arange(1, len(history) + 1)
+    for key, ax in (("loss", left), ("accuracy", right)):
+        for split in ("train", "val"):
+            ax.plot(steps, [row[f"{split}_{key}"] for row in history], marker=".", label=split)
+        ax.set(xlabel="epoch", ylabel=key, title=f"{title}: {key}")
+        ax.legend()
+    save(fig, folder, "curves.png")
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    fpr, tpr = roc_points(probs[:, 1], labels)
+    ax.plot(fpr, tpr, label=f"AUC {roc_auc(probs[:, 1], labels):.4f}")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{title}: ROC (dog positive)")
+    ax.legend(loc="lower right")
+    save(fig, folder, "roc_curve.png")
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    confidence, correct = probs.max(1), predicted == labels
+    edges = np.linspace(0.5, 1, 11)
+    which = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, 9)
+    for b in range(10):
+        if np.any(which == b):
+            ax.bar(edges[b], correct[which == b].mean(), width=0.05, align="edge", edgecolor="k", alpha=0.7)
+    ax.plot([0.5, 1], [0.5, 1], "k:", lw=0.8)
+    ax.set(xlabel="confidence", ylabel="accuracy", title=f"{title}: reliability (ECE "
+           f"{expected_calibration_error(probs, labels):.4f})", xlim=(0.5, 1), ylim=(0, 1.02))
+    save(fig, folder, "reliability_diagram.png")
+
+    # The most confident mistakes first: where the model is most wrong.
+    wrong = np.flatnonzero(~correct)
+    wrong = wrong[np.argsort(-confidence[wrong])][:16]
+    columns = 4
+    fig, axes = plt.subplots(max(1, -(-len(wrong) // columns)), columns, figsize=(10, 2.6 * max(1, -(-len(wrong) // columns))),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, index in zip(axes.flat, wrong):
+        ax.imshow(catdog.open_image(items[index][0]))
+        ax.set_title(f"true {catdog.CLASSES[labels[index]]}, said {catdog.CLASSES[predicted[index]]} "
+                     f"{confidence[index]:.2f}", fontsize=8)
+    fig.suptitle(f"{title}: worst test mistakes ({len(np.flatnonzero(~correct))} in all)")
+    save(fig, folder, "worst_mistakes.png")
+
+
+def save(fig, folder, name):
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, name), dpi=90)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- lineage
+def git_commit():
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def dvc_hash(data_dir):
+    """The md5 DVC recorded for the processed data (its .dvc file or data.dvc), if any."""
+    import yaml
+
+    for pointer in (data_dir.rstrip("/") + ".dvc", "data.dvc"):
+        if os.path.isfile(pointer):
+            with open(pointer) as f:
+                outs = (yaml.safe_load(f) or {}).get("outs") or []
+            for entry in outs:
+                if entry.get("md5"):
+                    return entry["md5"]
+    return None
+
+
+def manifest_path(data_dir):
+    """The manifest preprocess.py writes beside (or inside) the processed data, if any."""
+    parent = os.path.dirname(data_dir.rstrip("/")) or "."
+    for path in (os.path.join(parent, "manifest.csv"), os.path.join(data_dir, "manifest.csv")):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def manifest_sha256(data_dir):
+    path = manifest_path(data_dir)
+    return catdog.sha256_file(path) if path else None
+
+
+def split_hash(items, root):
+    """Identity of a split: sha256 over (relative path, file sha256). Two runs compare test
+    accuracy directly only when this matches."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path, label in items:
+        digest.update(f"{os.path.relpath(path, root)}\t{label}\t{catdog.sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- gate
+def gate(metrics, champion_accuracy=None, thresholds=catdog.GATE):
+    """(promote?, reasons it may not). Absolute thresholds first, then 'not worse than the
+    champion' on the same test split."""
+    reasons = []
+    if not metrics["accuracy"] >= thresholds["min_accuracy"]:
+        reasons.append(f"accuracy {metrics['accuracy']:.4f} < {thresholds['min_accuracy']}")
+    if not metrics["log_loss"] <= thresholds["max_log_loss"]:
+        reasons.append(f"log-loss {metrics['log_loss']:.4f} > {thresholds['max_log_loss']}")
+    if not metrics["ece"] <= thresholds["max_ece"]:
+        reasons.append(f"ECE {metrics['ece']:.4f} > {thresholds['max_ece']}")
+    if champion_accuracy is not None and metrics["accuracy"] < champion_accuracy:
+        reasons.append(f"accuracy {metrics['accuracy']:.4f} < champion's {champion_accuracy:.4f} on this test split")
+    return not reasons, reasons
+
+
+def champion_accuracy(client, cfg, test_set, test_labels, test_hash):
+    """The current champion's test accuracy on THIS test split, or None when there is none.
+    If it was measured on another split, it is re-evaluated here rather than compared blindly."""
+    import mlflow
+
+    try:
+        version = client.get_model_version_by_alias(cfg.registered_name, "champion")
+    except mlflow.exceptions.MlflowException:
+        return None, "no champion yet"
+    run = client.get_run(version.run_id)
+    label = f"champion v{version.version} ({run.data.tags.get('arch')})"
+    if run.data.tags.get("test_split_sha256") == test_hash and "test_accuracy" in run.data.metrics:
+        return run.data.metrics["test_accuracy"], f"{label}, measured on the same test split"
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="model/model.pt",
+                                                   dst_path=tempfile.mkdtemp())
+        model, meta = catdog.load_model(path)
+    except Exception as e:  # an unreadable champion cannot block a measured candidate
+        log(f"  the test split changed and {label} cannot be loaded ({e}); gating on thresholds only")
+        return None, f"{label} unreadable"
+    dataset = Images(test_set.items, meta["preprocess"])
+    accuracy = float((predict(model, dataset, 64).argmax(1).numpy() == test_labels).mean())
+    log(f"  the test split changed since {label} was measured; re-evaluated it here: accuracy {accuracy:.4f}")
+    return accuracy, f"{label}, re-evaluated on this test split"
+
+
+# ---------------------------------------------------------------- export
+def onnx_parity(onnx_path, torch_probs, dataset, batch_size=64):
+    """Max |p_onnx - p_torch| over the dataset; the service runs the ONNX file, so they must agree."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    logits = [session.run(["logits"], {"image": x.numpy()})[0] for x, _ in DataLoader(dataset, batch_size=batch_size)]
+    return float(np.abs(catdog.softmax(np.concatenate(logits)) - torch_probs).max())
+
+
+def write_champion(folder, out):
+    """Copy a promoted model's files into `out`, each replaced atomically."""
+    os.makedirs(out, exist_ok=True)
+    for name in ("model.pt", "model.onnx", "model.json", "reference_profile.json"):
+        shutil.copyfile(os.path.join(folder, name), os.path.join(out, name + ".tmp"))
+        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+
+
+def training_image_stats(items, data_dir, limit=3000):
+    """catdog.image_stats of the training photos (up to `limit`, evenly spaced) for the drift
+    profile. The service sees original uploads of any size, so use the originals the manifest
+    names when they are all here, else the processed copies (whose size is always 224x224)."""
+    import csv
+
+    paths = [path for path, _ in items]
+    manifest = manifest_path(data_dir)
+    if manifest:
+        with open(manifest, newline="") as f:
+            sources = [row.get("source") for row in csv.DictReader(f)
+                       if row.get("split") == "train" and not row.get("drop_reason")]
+        if sources and all(source and os.path.isfile(source) for source in sources):
+            paths = sources
+    step = max(1, len(paths) // limit)
+    return [catdog.image_stats(catdog.open_image(path)) for path in paths[::step]]
+
+
+# ---------------------------------------------------------------- one model, end to end
+def run_one(which, cfg, splits, lineage, train_stats, client):
+    import mlflow
+
+    log(f"\n== {which}")
+    run = mlflow.start_run(run_name=which) if RANK == 0 else None
+
+    def mlflow_log(row, step):
+        if RANK == 0:
+            mlflow.log_metrics(row, step=step)
+
+    started = time.time()
+    train = train_baseline if which == "baseline" else train_transfer
+    model, history = train(cfg, splits, mlflow_log)
+    train_seconds = time.time() - started
+
+    settings = catdog.PREPROCESS[which]
+    val_set, test_set = Images(splits["val"], settings), Images(splits["test"], settings)
+    val_labels, test_labels = labels_of(splits["val"]), labels_of(splits["test"])
+    temperature = fit_temperature(predict(model, val_set, 64), val_labels)
+    catdog.fold_temperature(model, temperature)
+    val_probs = catdog.softmax(predict(model, val_set, 64).numpy())
+    test_probs = catdog.softmax(predict(model, test_set, 64).numpy())
+    if RANK != 0:
+        return None
+    metrics = evaluate(test_probs, test_labels)
+    parameters = sum(p.numel() for p in model.parameters())
+    summary = {**metrics, "train_seconds": train_seconds, "parameters": parameters, "temperature": temperature}
+    log(f"  temperature {temperature:.3f}; test " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    mlflow.log_params({**{k: getattr(cfg, k) for k in CONFIG_KEYS}, "model": which, "processes": WORLD,
+                       "parameters": parameters, "temperature": round(temperature, 6),
+                       **{f"preprocess_{k}": v for k, v in settings.items()},
+                       **{f"{split}_images": len(items) for split, items in splits.items()},
+                       **{f"gate_{k}": v for k, v in catdog.GATE.items()}})
+    mlflow.log_metrics({**{f"test_{k}": v for k, v in metrics.items()}, "train_seconds": train_seconds,
+                        **{f"val_{k}_calibrated": v for k, v in evaluate(val_probs, val_labels).items()
+                           if k in ("accuracy", "log_loss", "ece")}})
+    mlflow.set_tags({**lineage, "arch": which})
+
+    folder = tempfile.mkdtemp(prefix=f"catdog-{which}-")
+    meta = catdog.model_meta(which, metrics=summary, temperature=temperature, run_id=run.info.run_id,
+                             data={k: lineage[k] for k in ("test_split_sha256", "dvc_md5", "manifest_sha256")},
+                             git_commit=lineage["git_commit"])
+    catdog.save_model(model, meta, os.path.join(folder, "model.pt"))
+    catdog.export_onnx(model, meta, os.path.join(folder, "model.onnx"))
+    difference = onnx_parity(os.path.join(folder, "model.onnx"), test_probs, test_set)
+    mlflow.log_metric("onnx_max_abs_prob_diff", difference)
+    log(f"  ONNX parity over {len(test_labels)} test images: max |p_onnx - p_torch| = {difference:.2e}")
+    if not difference <= 1e-4:
+        mlflow.end_run("FAILED")
+        raise SystemExit(f"ONNX export of {which} disagrees with PyTorch by {difference:.2e} (> 1e-4)")
+    catdog.write_json(os.path.join(folder, "reference_profile.json"),
+                      catdog.reference_profile(train_stats, val_probs.max(1)))
+    mlflow.log_artifacts(folder, "model")
+
+    reports = os.path.join(folder, "reports")
+    os.makedirs(reports)
+    plots(reports, history, test_probs, test_labels, splits["test"], which)
+    with open(os.path.join(reports, "classification_report.txt"), "w") as f:
+        f.write(classification_report(test_probs, test_labels))
+    with open(os.path.join(reports, "model_card.md"), "w") as f:
+        f.write(model_card(which, summary, splits, lineage, cfg))
+    mlflow.log_artifacts(reports, "reports")
+
+    # Registry and gate.
+    version = client.create_model_version(cfg.registered_name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
+                                          tags={"arch": which})
+    best, against = champion_accuracy(client, cfg, test_set, test_labels, lineage["test_split_sha256"])
+    promote, reasons = gate(metrics, best)
+    if promote:
+        client.set_registered_model_alias(cfg.registered_name, "champion", version.version)
+        client.set_model_version_tag(cfg.registered_name, version.version, "gate", "promoted")
+        meta.update(registered_model=cfg.registered_name, registry_version=version.version)
+        catdog.save_model(model, meta, os.path.join(folder, "model.pt"))
+        catdog.write_json(os.path.join(folder, "model.json"), meta)
+        write_champion(folder, cfg.out)
+        log(f"  PROMOTED: {cfg.registered_name} v{version.version} is the champion ({against}); "
+            f"written to {cfg.out}/")
+    else:
+        client.set_registered_model_alias(cfg.registered_name, "challenger", version.version)
+        client.set_model_version_tag(cfg.registered_name, version.version, "gate", "refused: " + "; ".join(reasons))
+        log(f"  NOT PROMOTED: {cfg.registered_name} v{version.version} stays challenger ({against}): "
+            + "; ".join(reasons))
+    mlflow.set_tag("gate", "promoted" if promote else "refused: " + "; ".join(reasons))
+    mlflow.end_run()
+    shutil.rmtree(folder, ignore_errors=True)
+    return {**summary, "promoted": promote, "version": version.version}
+
+
+def model_card(which, summary, splits, lineage, cfg):
+    description = {"baseline": "a small CNN trained from scratch (reference model)",
+                   "transfer": "EfficientNet-Lite0 (ImageNet weights, frozen) with a linear head"}[which]
+    return f"""# catdog model card: {which}
+
+**Model**: {description}; {summary['parameters']:,} parameters; temperature {summary['temperature']:.3f}
+folded into the head. Input: RGB photo, preprocessing {catdog.PREPROCESS[which]} (catdog.preprocess).
+
+**Data**: {cfg.data}: {', '.join(f'{len(v)} {k}' for k, v in splits.items())} images (cats and dogs,
+balanced). Test split sha256 {lineage['test_split_sha256']}; DVC md5 {lineage['dvc_md5']};
+manifest sha256 {lineage['manifest_sha256']}; code {lineage['git_commit']}.
+
+**Test metrics**: accuracy {summary['accuracy']:.4f}, precision {summary['precision']:.4f},
+recall {summary['recall']:.4f}, F1 {summary['f1']:.4f}, ROC-AUC {summary['roc_auc']:.4f},
+log-loss {summary['log_loss']:.4f}, ECE {summary['ece']:.4f}. Training took {summary['train_seconds']:.0f} s.
+
+**Intended use**: telling whether a photo shows a cat or a dog, for a pet-adoption workflow
+with a human in the loop.
+
+**Limits**: trained on two classes only; any other image (people, other animals, drawings,
+a photo with both a cat and a dog) still gets "cat" or "dog". Test photos come from the same
+Kaggle source as training; expect lower accuracy on photos from other cameras and sources,
+which the service's drift monitor watches for.
+"""
+
+
+# ---------------------------------------------------------------- main
+def main(argv=None):
+    cfg = parse_config(argv)
+    setup_processes(cfg)
+    splits = {split: list_split(cfg.data, split) for split, _ in catdog.SPLITS}
+    for split, items in splits.items():
+        if not items:
+            raise SystemExit(f"no images in {cfg.data}/{split}/{{cat,dog}}/ (run `make data` first)")
+    log(f"data {cfg.data}: " + ", ".join(f"{len(v)} {k}" for k, v in splits.items())
+        + f"; {WORLD} process(es), {torch.get_num_threads()} threads each, device {DEVICE}")
+
+    client, lineage, train_stats = None, {}, []
+    if RANK == 0:
+        import mlflow
+
+        mlflow.set_tracking_uri(cfg.tracking_uri)
+        mlflow.set_experiment(cfg.experiment)
+        client = mlflow.MlflowClient()
+        try:
+            client.get_registered_model(cfg.registered_name)
+        except mlflow.exceptions.MlflowException:
+            client.create_registered_model(cfg.registered_name)
+        lineage = {"git_commit": git_commit(), "dvc_md5": dvc_hash(cfg.data),
+                   "manifest_sha256": manifest_sha256(cfg.data),
+                   "test_split_sha256": split_hash(splits["test"], cfg.data)}
+        lineage = {k: str(v) for k, v in lineage.items()}
+        train_stats = training_image_stats(splits["train"], cfg.data)
+
+    results = {}
+    for which in (["baseline", "transfer"] if cfg.arch == "both" else [cfg.arch]):
+        results[which] = run_one(which, cfg, splits, lineage, train_stats, client)
+    if WORLD > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if RANK == 0:
+        print_table(results)
+    return results
+
+
+def print_table(results):
+    rows = [("test accuracy", "accuracy", "{:.4f}"), ("log-loss", "log_loss", "{:.4f}"), ("ECE", "ece", "{:.4f}"),
+            ("F1", "f1", "{:.4f}"), ("ROC-AUC", "roc_auc", "{:.4f}"), ("train time (s)", "train_seconds", "{:.0f}"),
+            ("parameters", "parameters", "{:,}"), ("registry version", "version", "{}"),
+            ("promoted", "promoted", "{}")]
+    names = list(results)
+    print("\n" + f"{'':18}" + "".join(f"{n:>14}" for n in names))
+    for label, key, fmt in rows:
+        print(f"{label:18}" + "".join(f"{fmt.format(results[n][key]):>14}" for n in names))
+    print(f"\nGate thresholds: {catdog.GATE}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
