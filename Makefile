@@ -73,8 +73,11 @@ data: setup
 	$(PY) preprocess.py --source "$(DATA_SOURCE)" --out data/processed
 	$(VENV)/bin/dvc add --quiet data
 
+# Both models -> MLflow (sqlite:///mlflow.db, artifacts in mlruns/) -> gate -> champion in models/.
+#   make train TRAIN_ARGS="--arch transfer --head-epochs 40"; scale out: torchrun --nproc_per_node N train.py
+TRAIN_ARGS ?=
 train: setup
-	$(PY) train.py
+	$(PY) train.py $(TRAIN_ARGS)
 
 # The service on 0.0.0.0:8000 (settings from env vars: PORT, MODEL_PATH, DB_PATH, ... see README).
 serve: setup
@@ -130,8 +133,9 @@ rollback:
 smoke:
 	./smoke.sh $(URL) $(SMOKE_ARGS)
 
+MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 mlflow-ui: setup
-	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5001 --backend-store-uri sqlite:///mlflow.db
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5001 --backend-store-uri "$(MLFLOW_TRACKING_URI)"
 
 clean:
 	rm -rf .pytest_cache __pycache__ tests/__pycache__

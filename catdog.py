@@ -176,13 +176,15 @@ def build_model(arch, pretrained=True):
     return nn.Sequential(OrderedDict(features=features, head=nn.Linear(width, len(CLASSES))))
 
 
-def simple_cnn_features(nn, widths=(32, 64, 128, 256)):
-    """Four conv-BN-ReLU-pool blocks and global average pooling: the from-scratch baseline."""
-    layers, channels = [], 3
+def simple_cnn_features(nn, stem=24, widths=(48, 96, 192, 256)):
+    """A stride-2 stem, four conv-BN-ReLU-pool blocks and global average pooling: the
+    from-scratch baseline. The stem and one conv per block keep an epoch on the 3k sample
+    near 15 s on 2 CPU cores (two convs per block at full resolution took 180 s)."""
+    layers = [nn.Conv2d(3, stem, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True)]
+    channels = stem
     for width in widths:
         layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                   nn.ReLU(inplace=True), nn.Conv2d(width, width, 3, padding=1, bias=False),
-                   nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+                   nn.ReLU(inplace=True), nn.MaxPool2d(2)]
         channels = width
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3)]
     return nn.Sequential(*layers), channels
