@@ -153,10 +153,10 @@ def drive(port, bodies, clients, total):
 
 
 def measure(name, command, env, bodies, levels):
+    """Start `command(port)`, time start -> ready, then drive it at each level."""
     port = free_port()
     started = time.perf_counter()
-    proc = subprocess.Popen(command + ([] if "PORT" in env else ["--baseline-server", str(port)]),
-                            env={**env, "PORT": str(port)}, cwd=HERE,
+    proc = subprocess.Popen(command(port), env={**env, "PORT": str(port)}, cwd=HERE,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(port, proc)
@@ -199,15 +199,14 @@ def main():
     print(f"bench: {where}; model {meta['arch']} {meta.get('version')}; {available_cpus()} CPUs available; "
           f"loopback; batching BATCH_MAX={os.environ.get('BATCH_MAX', '16')} "
           f"BATCH_WAIT_MS={os.environ.get('BATCH_WAIT_MS', '0')}", flush=True)
-    python = [sys.executable]
-    ready_s, ours = measure("serve.py (ONNX Runtime)", python + ["serve.py"], serve_env, bodies, levels)
+    serve = lambda port: [sys.executable, "serve.py"]  # noqa: E731 (port comes from the PORT env var)
+    ready_s, ours = measure("serve.py (ONNX Runtime)", serve, serve_env, bodies, levels)
     print(f"  serve.py start -> ready: {ready_s:.2f} s", flush=True)
-    _, unbatched = measure("serve.py, BATCH_MAX=1", python + ["serve.py"], {**serve_env, "BATCH_MAX": "1"},
-                           bodies, levels)
+    _, unbatched = measure("serve.py, BATCH_MAX=1", serve, {**serve_env, "BATCH_MAX": "1"}, bodies, levels)
     baseline = None
     if not args.skip_baseline:
-        _, baseline = measure("baseline (Flask + eager)", python + [os.path.join(HERE, "bench.py"), "--models",
-                              args.models], dict(os.environ), bodies, levels)
+        peer = lambda port: [sys.executable, "bench.py", "--models", args.models, "--baseline-server", str(port)]  # noqa: E731
+        _, baseline = measure("baseline (Flask + eager)", peer, dict(os.environ), bodies, levels)
 
     print("\nclients | serve.py req/s p50/p95/p99 ms | no batching req/s p99 | baseline req/s p50/p95/p99 ms | speed-up")
     for c in levels:

@@ -50,3 +50,21 @@ def test_champion_predicts_shared_photos(tmp_path):
         s.stop()
     # the gate asks >= 97 % on the whole test split; 20 photos allow one miss
     assert len(wrong) <= 1, wrong
+
+
+def test_champion_sees_no_drift_on_held_out_photos(tmp_path):
+    """The reference profile saved beside the champion must describe photos like the ones
+    it will serve: held-out originals stay under the drift threshold on every feature."""
+    if not os.path.exists(os.path.join(os.path.dirname(MODEL), "reference_profile.json")):
+        pytest.skip("the champion has no reference_profile.json")
+    photos = held_out_photos(per_class=60)
+    s = Server(MODEL, str(tmp_path / "catdog.db"), DRIFT_WINDOW=len(photos), DRIFT_MIN_SAMPLES=len(photos))
+    try:
+        for name in photos:
+            with open(os.path.join(SHARED, name), "rb") as f:
+                assert s.predict(f.read()).status_code == 200
+        drift = s.get("/stats").json()["drift"]
+    finally:
+        s.stop()
+    assert drift["samples"] == len(photos) and drift["psi"], drift
+    assert drift["drifted"] == [], drift
