@@ -8,7 +8,7 @@ import pytest
 import catdog
 from service_helpers import ROOT, SHARED, Server
 
-MODEL = os.path.join(ROOT, catdog.MODELS_DIR, "model.onnx")
+MODEL = os.environ.get("MODEL_PATH", os.path.join(ROOT, catdog.MODELS_DIR, "model.onnx"))  # or a candidate
 MANIFEST = os.path.join(ROOT, catdog.DATA_DIR, "manifest.csv")
 
 pytestmark = [
