@@ -4,8 +4,9 @@
 #                            on failure redeploy the last good tag, re-check it, exit 1
 #   ./deploy.sh --rollback   redeploy the good tag before the current one
 # Settings come from the environment (`make deploy` passes them): IMAGE, DOCKER, COMPOSE,
-# URL, SMOKE_ARGS, HEALTH_TIMEOUT. .deploy/good lists the tags that passed smoke on this
-# host, newest last: it is this host's state, not the project's, so it stays out of git.
+# URL, SMOKE_ARGS, HEALTH_TIMEOUT, DEPLOY_STATE. DEPLOY_STATE (default .deploy/good) lists
+# the tags that passed smoke on this host, newest last: the host's state, not the project's,
+# so it stays out of git (a CI runner keeps it outside the checkout, which gets cleaned).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -15,7 +16,7 @@ read -ra smoke_args <<<"${SMOKE_ARGS:-}"
 export IMAGE="${IMAGE:?set IMAGE, e.g. ghcr.io/owner/catdog}"
 URL="${URL:-http://127.0.0.1:8000}"
 HEALTH_TIMEOUT="${HEALTH_TIMEOUT:-60}"
-GOOD=.deploy/good
+GOOD="${DEPLOY_STATE:-.deploy/good}"
 
 log() { echo "deploy: $*" >&2; }
 now() { date +%s.%N; }
@@ -27,7 +28,7 @@ last_good_except() { { grep -vxF "$1" "$GOOD" 2>/dev/null || true; } | tail -n 1
 start() {
   local tag="$1" t0
   t0="$(now)"
-  TAG="$tag" "${compose[@]}" up -d api
+  TAG="$tag" "${compose[@]}" up -d api >/dev/null  # errors still show on stderr
   until curl -fs -o /dev/null --max-time 2 "$URL/health"; do
     if awk -v s="$(since "$t0")" -v limit="$HEALTH_TIMEOUT" 'BEGIN { exit !(s > limit) }'; then
       log "$IMAGE:$tag not healthy after ${HEALTH_TIMEOUT} s"
@@ -77,7 +78,7 @@ fi
 
 tag="${1:?usage: $0 TAG | --rollback}"
 log "deploying $IMAGE:$tag"
-"$DOCKER" pull "$IMAGE:$tag" || { log "cannot pull $IMAGE:$tag: nothing changed"; exit 1; }
+"$DOCKER" pull --quiet "$IMAGE:$tag" >/dev/null || { log "cannot pull $IMAGE:$tag: nothing changed"; exit 1; }
 if start "$tag"; then
   remember "$tag"
   log "$IMAGE:$tag is live"
