@@ -168,7 +168,8 @@ def measure(name, command, env, bodies, levels):
             results[clients] = drive(port, bodies, clients, total)
             r = results[clients]
             print(f"  {name:<26} {clients:>3} clients  {r['rps']:7.1f} req/s  p50 {r['p50']:6.1f}  "
-                  f"p95 {r['p95']:6.1f}  p99 {r['p99']:6.1f} ms  ({r['n']} ok, {r['errors']} errors)", flush=True)
+                  f"p95 {r['p95']:6.1f}  p99 {r['p99']:6.1f} ms  ({r['n']} ok, {r['errors']} errors, "
+                  f"load avg {os.getloadavg()[0]:.1f})", flush=True)  # the CPUs may be shared: say how busy
             if r["errors"]:
                 print(f"    first error: {r['error_sample'][0]!r}")
     finally:
