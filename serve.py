@@ -51,7 +51,7 @@ ORT_THREADS = int(env("ORT_THREADS", "0"))  # 0: the CPUs this process may use
 LIVE_WINDOW = int(env("LIVE_WINDOW", "500"))  # live accuracy over the last N predictions with feedback
 DRIFT_WINDOW = int(env("DRIFT_WINDOW", "500"))  # drift over the last N inputs
 DRIFT_MIN_SAMPLES = int(env("DRIFT_MIN_SAMPLES", "100"))  # PSI of a handful of images is noise
-SHUTDOWN_TIMEOUT = float(env("SHUTDOWN_TIMEOUT", "8"))  # seconds to let in-flight requests finish
+SHUTDOWN_TIMEOUT = float(env("SHUTDOWN_TIMEOUT", "20"))  # seconds to let in-flight requests finish
 MAX_UPLOAD_BYTES = int(MAX_UPLOAD_MB * 1024 * 1024)
 BODY_HARD_LIMIT = max(4 * MAX_UPLOAD_BYTES, 64 << 20)
 
