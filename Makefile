@@ -51,7 +51,7 @@ $(VENV)/.installed: requirements.txt
 
 # Debian packages the tests and the container chain use (browser test, promtool, load
 # generator). Installed only when missing and only where apt-get can run as root.
-APT_PACKAGES ?= chromium prometheus wrk
+APT_PACKAGES ?= chromium prometheus wrk shellcheck
 system-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
