@@ -50,7 +50,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 # Debian packages the tests and the container chain use (browser test, promtool, load
-# generator). Installed only when missing and only where apt-get can run as root.
+# generator, shell lint). Installed only when missing and only where apt-get can run as root.
 APT_PACKAGES ?= chromium prometheus wrk shellcheck
 system-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
