@@ -117,7 +117,14 @@ def wait_ready(port, proc, timeout=120):
         timeout -= 0.01
 
 
-def drive(port, bodies, clients, total):
+def cpu_seconds(pid):
+    """User + system CPU time of a process (all its threads) so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def drive(port, bodies, clients, total, pid=None):
     """`clients` threads post photos back to back until `total` requests are done."""
     latencies, errors, lock = [], [], threading.Lock()
     counter = iter(range(total))
@@ -140,15 +147,17 @@ def drive(port, bodies, clients, total):
         conn.close()
 
     threads = [threading.Thread(target=client, args=(k * 7,)) for k in range(clients)]
+    cpu_before = cpu_seconds(pid) if pid else 0.0
     started = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - started
+    cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / max(1, len(latencies)) if pid else float("nan")
     ms = np.array(latencies) * 1000
     return {"rps": len(latencies) / elapsed, "p50": np.percentile(ms, 50), "p95": np.percentile(ms, 95),
-            "p99": np.percentile(ms, 99), "n": len(latencies), "errors": len(errors),
+            "p99": np.percentile(ms, 99), "n": len(latencies), "errors": len(errors), "cpu_ms": cpu_ms,
             "error_sample": errors[:1]}
 
 
@@ -165,10 +174,11 @@ def measure(name, command, env, bodies, levels):
         results = {}
         for clients in levels:
             total = min(args.max_requests, max(args.min_requests, args.requests * clients))
-            results[clients] = drive(port, bodies, clients, total)
+            results[clients] = drive(port, bodies, clients, total, proc.pid)
             r = results[clients]
             print(f"  {name:<26} {clients:>3} clients  {r['rps']:7.1f} req/s  p50 {r['p50']:6.1f}  "
-                  f"p95 {r['p95']:6.1f}  p99 {r['p99']:6.1f} ms  ({r['n']} ok, {r['errors']} errors, "
+                  f"p95 {r['p95']:6.1f}  p99 {r['p99']:6.1f} ms  server CPU {r['cpu_ms']:5.1f} ms/req  "
+                  f"({r['n']} ok, {r['errors']} errors, "
                   f"load avg {os.getloadavg()[0]:.1f})", flush=True)  # the CPUs may be shared: say how busy
             if r["errors"]:
                 print(f"    first error: {r['error_sample'][0]!r}")
@@ -217,6 +227,11 @@ def main():
             b = baseline[c]
             line += f" | {b['rps']:6.1f} {b['p50']:6.1f}/{b['p95']:6.1f}/{b['p99']:6.1f} | {o['rps'] / b['rps']:5.1f}x"
         print(line)
+    if baseline and 8 in ours:
+        # CPU time per request barely depends on how busy the machine is, unlike req/s.
+        ours_cpu, base_cpu = ours[8]["cpu_ms"], baseline[8]["cpu_ms"]
+        print(f"\nserver CPU per request at 8 clients: serve.py {ours_cpu:.1f} ms, baseline {base_cpu:.1f} ms "
+              f"({base_cpu / ours_cpu:.1f}x less work per request)")
     print("\ntargets:")
     if baseline and 8 in ours:
         ratio = ours[8]["rps"] / baseline[8]["rps"]
