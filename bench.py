@@ -16,7 +16,6 @@ import argparse
 import csv
 import glob
 import http.client
-import json
 import os
 import signal
 import socket

@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import requests
 
 import catdog
 from service_helpers import ROOT, Server, export_tiny_model, synthetic_photo, tiny_model
