@@ -119,6 +119,21 @@ def test_saved_champion_loads_with_catdog_and_onnx_agrees(trained):
     assert profile["count"] == 2 * COUNTS["train"] and "confidence" in profile
 
 
+def test_changed_test_split_reevaluates_the_champion(trained, tmp_path, capsys, monkeypatch):
+    """Accuracies measured on different test splits are not comparable: the gate says so and
+    measures the champion again on the candidate's split."""
+    import shutil
+
+    shutil.copytree(trained["tmp"] / "processed", tmp_path / "processed")
+    os.remove(train.list_split(str(tmp_path / "processed"), "test")[0][0])
+    shutil.copyfile(trained["tmp"] / "mlflow.db", tmp_path / "mlflow.db")  # same registry, same champion
+    monkeypatch.chdir(tmp_path)
+    result = run_train(tmp_path, "--arch", "baseline", "--epochs", "0")["baseline"]
+    printed = capsys.readouterr().out
+    assert "the test split changed" in printed and "re-evaluated it here" in printed
+    assert not result["promoted"] and not (tmp_path / "models").exists()
+
+
 @pytest.mark.parametrize("arch", ["baseline", "transfer"])
 def test_train_eval_transform_equals_serving_transform(tmp_path, arch):
     make_dataset(tmp_path)
