@@ -27,6 +27,17 @@ def photo_bytes(seed, size=(96, 80), mode="RGB", fmt="JPEG", **save_args):
     return buffer.getvalue()
 
 
+def read_tree(folder):
+    """{relative path: bytes} of every file under folder."""
+    found = {}
+    for here, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(here, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = f.read()
+    return found
+
+
 @pytest.fixture
 def write_photo():
     """write_photo(path, seed, size=(96, 80), mode="RGB", fmt="JPEG", **save_args) -> path"""

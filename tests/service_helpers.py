@@ -150,3 +150,10 @@ class Server:
                 self.proc.wait()
         self.log_file.close()
         return self.proc.returncode
+
+
+def served(tmp_path_factory, model_path=None, **settings):
+    """Body of a module-scoped fixture: a Server with its own DB, stopped afterwards."""
+    s = Server(model_path or tiny_model(), str(tmp_path_factory.mktemp("db") / "catdog.db"), **settings)
+    yield s
+    s.stop()

@@ -6,7 +6,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from service_helpers import Server, synthetic_photo, tiny_model
+from service_helpers import served, synthetic_photo
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -18,9 +18,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tiny_model(), str(tmp_path_factory.mktemp("db") / "catdog.db"))
-    yield s
-    s.stop()
+    yield from served(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, read_tree as tree
 
 DVC = os.path.join(os.path.dirname(sys.executable), "dvc")
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
@@ -18,17 +18,6 @@ pytestmark = pytest.mark.skipif(not os.path.exists(DVC), reason="dvc is not inst
 
 def sh(*command, cwd):
     return subprocess.run(command, cwd=cwd, env=ENV, check=True, capture_output=True, text=True).stdout
-
-
-def tree(folder):
-    """{relative path: bytes} of every file under folder."""
-    found = {}
-    for here, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(here, name)
-            with open(path, "rb") as f:
-                found[os.path.relpath(path, folder)] = f.read()
-    return found
 
 
 def test_project_config_has_analytics_off_and_a_default_local_remote():

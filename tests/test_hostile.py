@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service_helpers import Server, png_chunks, synthetic_photo, tiny_model
+from service_helpers import png_chunks, served, synthetic_photo
 
 RED, BLUE = (200, 60, 40), (40, 60, 200)  # the tiny model: reddish is a cat, bluish a dog
 
@@ -82,9 +82,7 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tiny_model(), str(tmp_path_factory.mktemp("db") / "catdog.db"))
-    yield s
-    s.stop()
+    yield from served(tmp_path_factory)
 
 
 NAMES = ("zero_bytes", "no_body", "wrong_field_name", "truncated_jpeg", "text_named_jpg", "pdf_as_raw_image",

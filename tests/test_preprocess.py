@@ -19,7 +19,7 @@ from PIL import Image
 
 import catdog
 import preprocess
-from conftest import ROOT, SHARED_SAMPLE, photo_bytes, synthetic_photo
+from conftest import ROOT, SHARED_SAMPLE, photo_bytes, read_tree, synthetic_photo
 
 GOOD_PER_CLASS = 20  # 80/10/10 -> 16/2/2 per class
 DROPPED = {"empty": 1, "corrupt": 1, "not_an_image": 1, "thumbs_db": 1, "too_small": 1,
@@ -88,17 +88,6 @@ def read_manifest(out):
         return list(csv.DictReader(f))
 
 
-def processed_files(out):
-    """{relative path: bytes} of every image written under out."""
-    found = {}
-    for folder, _, names in os.walk(out):
-        for name in names:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                found[os.path.relpath(path, out)] = f.read()
-    return found
-
-
 def split_of_each_photo(out):
     """{output file name: split} from the manifest."""
     return {os.path.basename(r["path"]): r["split"] for r in read_manifest(out) if r["path"]}
@@ -130,7 +119,7 @@ def test_stratified_80_10_10_split(kaggle_run):
 
 def test_outputs_are_224_rgb_jpegs(kaggle_run):
     _, out, _ = kaggle_run
-    files = processed_files(out)
+    files = read_tree(out)
     assert len(files) == 2 * GOOD_PER_CLASS
     for path, data in files.items():
         img = Image.open(io.BytesIO(data))
@@ -196,15 +185,15 @@ def test_quality_report_json_and_markdown(kaggle_run):
 
 def test_rerun_is_deterministic_and_replaces_old_output(kaggle_run, tmp_path):
     source, out, _ = kaggle_run
-    before = processed_files(out)
+    before = read_tree(out)
     stale = os.path.join(out, "train", "cat", "cat.999.jpg")
     with open(stale, "wb") as f:
         f.write(b"left over from an older run")
     run(source, out, 2)  # the parallel path must give the same bytes
-    assert processed_files(out) == before
+    assert read_tree(out) == before
     other = str(tmp_path / "again" / "processed")
     run(source, other)
-    assert processed_files(other) == before
+    assert read_tree(other) == before
 
 
 def test_petimages_folder_and_zip_give_the_same_dataset(kaggle_run, tmp_path):
@@ -218,7 +207,7 @@ def test_petimages_folder_and_zip_give_the_same_dataset(kaggle_run, tmp_path):
         assert (report["dropped"], report["splits"]) == (kaggle_report["dropped"], kaggle_report["splits"])
         # Same photos, same names (PetImages/Cat/7.jpg -> cat.7.jpg), same splits.
         assert split_of_each_photo(out) == split_of_each_photo(kaggle_out)
-        assert processed_files(out) == processed_files(kaggle_out)
+        assert read_tree(out) == read_tree(kaggle_out)
     sources = {r["source"] for r in read_manifest(str(tmp_path / "from_zip" / "processed"))}
     assert f"{archive}!PetImages/Cat/7.jpg" in sources
 

@@ -16,14 +16,12 @@ import numpy as np
 import pytest
 
 import catdog
-from service_helpers import ROOT, Server, export_tiny_model, synthetic_photo, tiny_model
+from service_helpers import ROOT, Server, export_tiny_model, served, synthetic_photo, tiny_model
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tiny_model(), str(tmp_path_factory.mktemp("db") / "catdog.db"))
-    yield s
-    s.stop()
+    yield from served(tmp_path_factory)
 
 
 def test_serving_never_imports_torch():

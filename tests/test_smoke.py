@@ -11,7 +11,7 @@ import sys
 import pytest
 from PIL import Image
 
-from service_helpers import ROOT, Server, export_tiny_model, free_port, tiny_model
+from service_helpers import ROOT, export_tiny_model, free_port, served, tiny_model
 
 SMOKE = os.path.join(ROOT, "smoke.sh")
 
@@ -36,17 +36,13 @@ def smoke(url, *photos):
 
 @pytest.fixture(scope="module")
 def right_server(tmp_path_factory):
-    s = Server(tiny_model(), str(tmp_path_factory.mktemp("db") / "catdog.db"))
-    yield s
-    s.stop()
+    yield from served(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def wrong_server(tmp_path_factory):
     # the same service, but the model has its classes the wrong way round
-    s = Server(tiny_model("tiny-swapped", dog_if_blue=False), str(tmp_path_factory.mktemp("db") / "catdog.db"))
-    yield s
-    s.stop()
+    yield from served(tmp_path_factory, tiny_model("tiny-swapped", dog_if_blue=False))
 
 
 def test_smoke_passes_a_working_service(right_server, photos):
