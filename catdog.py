@@ -142,6 +142,20 @@ def softmax(logits):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def class_scores(truth, predicted):
+    """Per class: precision, recall, F1 and support, from arrays of class indices."""
+    truth, predicted = np.asarray(truth), np.asarray(predicted)
+    scores = {}
+    for index, name in enumerate(CLASSES):
+        hits = np.sum((predicted == index) & (truth == index))
+        precision = hits / max(1, np.sum(predicted == index))
+        recall = hits / max(1, np.sum(truth == index))
+        scores[name] = {"precision": float(precision), "recall": float(recall),
+                        "f1": float(2 * precision * recall / max(1e-12, precision + recall)),
+                        "support": int(np.sum(truth == index))}
+    return scores
+
+
 def label_from_name(path):
     """'cat.12.jpg' or '.../cat/12.jpg' or '.../Cat/12.jpg' -> 'cat'; None when unknown."""
     parts = os.path.normpath(path).split(os.sep)

@@ -146,12 +146,10 @@ def classification_metrics(results):
         matrix[index[r["label"]], index[r["predicted"]]] += 1
     metrics = {"images": len(results), "answered": len(answered), "errors": len(results) - len(answered),
                "accuracy": float(np.trace(matrix) / max(1, len(results)))}
-    for i, name in enumerate(catdog.CLASSES):
-        precision = matrix[i, i] / max(1, matrix[:, i].sum())
-        recall = matrix[i, i] / max(1, matrix[i, :].sum())
-        metrics[f"precision_{name}"] = float(precision)
-        metrics[f"recall_{name}"] = float(recall)
-        metrics[f"f1_{name}"] = float(2 * precision * recall / max(1e-12, precision + recall))
+    scores = catdog.class_scores([index[r["label"]] for r in answered], [index[r["predicted"]] for r in answered])
+    for name, score in scores.items():
+        for key in ("precision", "recall", "f1"):
+            metrics[f"{key}_{name}"] = score[key]
     metrics["f1_macro"] = float(np.mean([metrics[f"f1_{c}"] for c in catdog.CLASSES]))
     return metrics, matrix
 

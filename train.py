@@ -299,12 +299,9 @@ def evaluate(probs, labels, bins=15):
     """Accuracy, precision/recall/F1 (dog = positive), ROC-AUC, log-loss and ECE."""
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
     predicted = probs.argmax(1)
-    tp = int(np.sum((predicted == 1) & (labels == 1)))
-    fp = int(np.sum((predicted == 1) & (labels == 0)))
-    fn = int(np.sum((predicted == 0) & (labels == 1)))
-    precision, recall = tp / max(1, tp + fp), tp / max(1, tp + fn)
-    return {"accuracy": float(np.mean(predicted == labels)), "precision": precision, "recall": recall,
-            "f1": 2 * precision * recall / max(1e-12, precision + recall),
+    dog = catdog.class_scores(labels, predicted)["dog"]
+    return {"accuracy": float(np.mean(predicted == labels)), "precision": dog["precision"],
+            "recall": dog["recall"], "f1": dog["f1"],
             "roc_auc": roc_auc(probs[:, 1], labels),
             "log_loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-15, 1)))),
             "ece": expected_calibration_error(probs, labels, bins)}
@@ -342,12 +339,9 @@ def expected_calibration_error(probs, labels, bins=15):
 def classification_report(probs, labels):
     predicted = probs.argmax(1)
     lines = [f"{'':>10} {'precision':>10} {'recall':>10} {'f1':>10} {'support':>10}"]
-    for index, name in enumerate(catdog.CLASSES):
-        tp = np.sum((predicted == index) & (labels == index))
-        precision = tp / max(1, np.sum(predicted == index))
-        recall = tp / max(1, np.sum(labels == index))
-        f1 = 2 * precision * recall / max(1e-12, precision + recall)
-        lines.append(f"{name:>10} {precision:10.4f} {recall:10.4f} {f1:10.4f} {np.sum(labels == index):10d}")
+    for name, score in catdog.class_scores(labels, predicted).items():
+        lines.append(f"{name:>10} {score['precision']:10.4f} {score['recall']:10.4f} {score['f1']:10.4f} "
+                     f"{score['support']:10d}")
     lines.append(f"{'accuracy':>10} {'':>10} {'':>10} {np.mean(predicted == labels):10.4f} {len(labels):10d}")
     return "\n".join(lines) + "\n"
 
