@@ -29,6 +29,8 @@ TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 URL ?= http://127.0.0.1:8000
 
 export MLFLOW_DISABLE_TELEMETRY := true
+# One progress bar per artifact download floods the training log.
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export DVC_NO_ANALYTICS := 1
 export PYTHONDONTWRITEBYTECODE := 1
 # Large-batch feature extraction spends half its time in page faults without these.

@@ -8,8 +8,9 @@ The baseline is what peers ship: Flask's own server, the same network in PyTorch
 driven over loopback with real photos by 1, 8 and 32 concurrent clients, each a keep-alive
 connection posting multipart uploads back to back, a bounded number of requests per
 level. Prints requests/s and p50/p95/p99 per service, the speed-up and start -> ready.
-serve.py also runs with BATCH_MAX=1 to show what the batcher buys. Settings of serve.py
-come from the environment as usual (e.g. BATCH_WAIT_MS=5 python bench.py).
+serve.py runs twice: as configured (the batcher off by default) and with the batcher
+flipped (BATCH_MAX=16, or 1 when it is on), to show what batching buys on this machine.
+Settings of serve.py come from the environment as usual (e.g. BATCH_MAX=8 BATCH_WAIT_MS=5).
 This prints figures; it is not a test.
 """
 import argparse
@@ -36,9 +37,9 @@ parser.add_argument("--models", default=catdog.MODELS_DIR, help="folder with mod
 parser.add_argument("--photos", default=os.path.join("..", "shared", "datasets", "dogs-vs-cats-3k"))
 parser.add_argument("--n-photos", type=int, default=64)
 parser.add_argument("--clients", default="1,8,32")
-parser.add_argument("--requests", type=int, default=30, help="requests per client, per level (at least --min-requests)")
+parser.add_argument("--requests", type=int, default=60, help="requests per client, per level (at least --min-requests)")
 parser.add_argument("--min-requests", type=int, default=60)
-parser.add_argument("--max-requests", type=int, default=480)
+parser.add_argument("--max-requests", type=int, default=960)
 parser.add_argument("--skip-baseline", action="store_true")
 parser.add_argument("--baseline-server", type=int, help=argparse.SUPPRESS)  # internal: run the baseline on this port
 args = parser.parse_args()
@@ -206,21 +207,24 @@ def main():
                  "DB_PATH": os.path.join(db_dir, "bench.db")}
     from serve import available_cpus  # for the printout only
 
-    print(f"bench: {where}; model {meta['arch']} {meta.get('version')}; {available_cpus()} CPUs available; "
-          f"loopback; batching BATCH_MAX={os.environ.get('BATCH_MAX', '16')} "
+    batch_max = os.environ.get("BATCH_MAX", "1")
+    flipped = "16" if int(batch_max) <= 1 else "1"
+    print(f"bench: {where}; model {meta['arch']} {meta.get('served_as', '')} {meta.get('version')}; "
+          f"{available_cpus()} CPUs available; loopback; BATCH_MAX={batch_max} "
           f"BATCH_WAIT_MS={os.environ.get('BATCH_WAIT_MS', '0')}", flush=True)
     serve = lambda port: [sys.executable, "serve.py"]  # noqa: E731 (port comes from the PORT env var)
     ready_s, ours = measure("serve.py (ONNX Runtime)", serve, serve_env, bodies, levels)
     print(f"  serve.py start -> ready: {ready_s:.2f} s", flush=True)
-    _, unbatched = measure("serve.py, BATCH_MAX=1", serve, {**serve_env, "BATCH_MAX": "1"}, bodies, levels)
+    _, other = measure(f"serve.py, BATCH_MAX={flipped}", serve, {**serve_env, "BATCH_MAX": flipped}, bodies, levels)
     baseline = None
     if not args.skip_baseline:
         peer = lambda port: [sys.executable, "bench.py", "--models", args.models, "--baseline-server", str(port)]  # noqa: E731
         _, baseline = measure("baseline (Flask + eager)", peer, dict(os.environ), bodies, levels)
 
-    print("\nclients | serve.py req/s p50/p95/p99 ms | no batching req/s p99 | baseline req/s p50/p95/p99 ms | speed-up")
+    print(f"\nclients | serve.py req/s p50/p95/p99 ms | BATCH_MAX={flipped} req/s p99 | "
+          "baseline req/s p50/p95/p99 ms | speed-up")
     for c in levels:
-        o, u = ours[c], unbatched[c]
+        o, u = ours[c], other[c]
         line = f"{c:>7} | {o['rps']:6.1f} {o['p50']:5.1f}/{o['p95']:5.1f}/{o['p99']:5.1f} | {u['rps']:6.1f} {u['p99']:6.1f}"
         if baseline:
             b = baseline[c]

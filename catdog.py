@@ -7,6 +7,7 @@ or export models, so `import catdog` never pulls torch in.
 import hashlib
 import io
 import json
+import math
 import os
 import time
 import warnings
@@ -56,11 +57,15 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-def open_image(source, max_pixels=MAX_PIXELS):
+def open_image(source, max_pixels=MAX_PIXELS, min_side=None):
     """Decode a path or bytes fully into an upright RGB PIL image, or raise ImageError.
 
     The whole image is decoded here (not lazily), so truncated files fail now and
-    not later in the middle of a batch.
+    not later in the middle of a batch. With `min_side`, a JPEG at least twice that size
+    on both sides is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), both sides
+    staying >= min_side: a 12 MP phone photo then costs about 3x less CPU, for a picture
+    that is resized to a few hundred pixels anyway. img.info["original_size"] keeps the
+    upright size of the file, which is what the drift statistics compare.
     """
     data = source if isinstance(source, (bytes, bytearray)) else open(source, "rb").read()
     if not data:
@@ -76,6 +81,9 @@ def open_image(source, max_pixels=MAX_PIXELS):
     width, height = img.size
     if width * height > max_pixels:
         raise ImageError("too_many_pixels", f"{width}x{height} exceeds the {max_pixels} pixel limit")
+    if min_side and img.format == "JPEG":
+        img.draft(None, (min_side, min_side))
+    decoded_size = img.size
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -84,7 +92,10 @@ def open_image(source, max_pixels=MAX_PIXELS):
         raise ImageError("corrupt", f"the image could not be decoded ({type(e).__name__})") from None
     if min(width, height) < MIN_SIDE:
         raise ImageError("too_small", f"{width}x{height} is smaller than {MIN_SIDE} px on a side")
-    return to_rgb(ImageOps.exif_transpose(img))
+    ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to turn
+    img = to_rgb(img)
+    img.info["original_size"] = (width, height) if img.size == decoded_size else (height, width)
+    return img
 
 
 def to_rgb(img):
@@ -108,9 +119,12 @@ def resize_shorter_center_crop(img, resize, crop):
     width, height = img.size
     scale = resize / min(width, height)
     new_w, new_h = max(crop, round(width * scale)), max(crop, round(height * scale))
-    img = img.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
     left, top = (new_w - crop) // 2, (new_h - crop) // 2
-    return img.crop((left, top, left + crop, top + crop))
+    # Resample only the source region that lands in the crop: the same pixels as resizing
+    # the whole image then cropping (within 1 grey level), for less than half the work.
+    sx, sy = width / new_w, height / new_h
+    box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+    return img.resize((crop, crop), Image.BILINEAR, box=box, reducing_gap=None)
 
 
 def fit_for_storage(img, size=STORE_SIZE, mode=STORE_RESIZE):
@@ -130,9 +144,10 @@ def preprocess(img, settings):
     serving all call it, with the settings saved beside the model.
     """
     img = resize_shorter_center_crop(img, settings["resize"], settings["crop"])
-    arr = np.asarray(img, dtype=np.float32)
-    arr = (arr - settings["mean"]) / settings["std"]
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    arr = np.asarray(img).transpose(2, 0, 1).astype(np.float32)  # HWC -> CHW in the one copy
+    arr -= settings["mean"]
+    arr /= settings["std"]
+    return arr
 
 
 def softmax(logits):
@@ -324,6 +339,35 @@ def export_onnx(model, meta, path=os.path.join(MODELS_DIR, "model.onnx")):
     write_json(os.path.splitext(path)[0] + ".json", meta)
 
 
+def quantize_onnx(path, calibration):
+    """Replace the fp32 ONNX model at `path` with a static int8 one: int8 weights per output
+    channel, uint8 activations whose ranges come from running `calibration` (float32
+    batches, preprocessed like everything else) through the model. Measured here with
+    EfficientNet-Lite0: about 2x less CPU per image on CPUs with int8 dot products (VNNI),
+    same test accuracy. Per-tensor weights lost 2 points, hence per channel. train.py
+    measures the int8 file itself, so the gate judges exactly what the service runs."""
+    import types
+
+    import onnxruntime
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    onnxruntime.set_default_logger_severity(3)  # the exporter's unused constants are not news
+    feeds = ({"image": batch} for batch in calibration)
+    prepared, quantized = path + ".prepared.tmp", path + ".int8.tmp"
+    try:
+        # Fusing before quantizing matters: without it the int8 model ran slower than fp32.
+        quant_pre_process(path, prepared)
+        quantize_static(prepared, quantized, types.SimpleNamespace(get_next=lambda: next(feeds, None)),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        os.replace(quantized, path)
+    finally:
+        for leftover in (prepared, quantized):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+
 def write_json(path, obj):
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -349,14 +393,15 @@ CONFIDENCE_EDGES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 def image_stats(img):
     """Per-image statistics used for drift: size, brightness, contrast, saturation, colour means."""
-    small = img.copy()
-    small.thumbnail((64, 64))
-    arr = np.asarray(small, dtype=np.float32)
-    gray = arr @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    red, green, blue = arr.reshape(-1, 3).mean(axis=0)
-    return {"width": img.width, "height": img.height, "brightness": float(gray.mean()),
-            "contrast": float(gray.std()), "saturation": float((arr.max(axis=2) - arr.min(axis=2)).mean()),
-            "red": float(red), "green": float(green), "blue": float(blue)}
+    small = img.reduce(max(1, math.ceil(max(img.size) / 64)))  # box average to <= 64 px: cheap, no copy
+    # One row per channel: numpy is slow along a 3-long axis and fast along a long one.
+    red, green, blue = np.asarray(small, dtype=np.float32).reshape(-1, 3).T
+    gray = 0.299 * red + 0.587 * green + 0.114 * blue
+    saturation = np.maximum(np.maximum(red, green), blue) - np.minimum(np.minimum(red, green), blue)
+    width, height = img.info.get("original_size", img.size)  # a JPEG may have been decoded smaller
+    return {"width": width, "height": height, "brightness": float(gray.mean()),
+            "contrast": float(gray.std()), "saturation": float(saturation.mean()),
+            "red": float(red.mean()), "green": float(green.mean()), "blue": float(blue.mean())}
 
 
 def reference_profile(stats, confidences=()):

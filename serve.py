@@ -8,8 +8,8 @@ GET /live, GET /metrics (Prometheus text), GET /stats (JSON).
 
 Serving imports numpy, Pillow, onnxruntime and Flask only, never torch: decoding and
 preprocessing are catdog.open_image + catdog.preprocess, the functions training uses.
-Waitress threads decode uploads in parallel; one inference thread per usable CPU groups
-concurrent requests into ONNX Runtime batches. Every prediction and every piece of staff
+Waitress threads decode uploads in parallel and run the model, at most one ONNX Runtime
+run per usable CPU at a time; an optional batcher groups concurrent requests instead. Every prediction and every piece of staff
 feedback goes to a small SQLite file (DB_PATH), the only thing the service writes.
 Signals: SIGTERM/SIGINT drain in-flight requests then exit; SIGHUP reloads the model.
 """
@@ -44,11 +44,11 @@ PROFILE_PATH = env("PROFILE_PATH", os.path.join(os.path.dirname(MODEL_PATH), "re
 DB_PATH = env("DB_PATH", os.path.join("var", "catdog.db"))
 MAX_UPLOAD_MB = float(env("MAX_UPLOAD_MB", "10"))
 MAX_PIXELS = int(env("MAX_PIXELS", str(catdog.MAX_PIXELS)))
-BATCH_MAX = int(env("BATCH_MAX", "16"))  # 1 turns the batcher off: each request runs alone
+BATCH_MAX = int(env("BATCH_MAX", "1"))  # >1 turns the batcher on (see "the batcher" below)
 BATCH_WAIT_MS = float(env("BATCH_WAIT_MS", "0"))  # 0: batch what queued during the last run
 THREADS = int(env("THREADS", "8"))  # waitress worker threads (decode + preprocess)
 ORT_THREADS = int(env("ORT_THREADS", "1"))  # intra-op threads per ORT run
-INFER_THREADS = int(env("INFER_THREADS", "0"))  # ORT runs in parallel; 0: the CPUs this process may use
+INFER_THREADS = int(env("INFER_THREADS", "0"))  # ORT runs at once; 0: the CPUs this process may use
 LIVE_WINDOW = int(env("LIVE_WINDOW", "500"))  # live accuracy over the last N predictions with feedback
 DRIFT_WINDOW = int(env("DRIFT_WINDOW", "500"))  # drift over the last N inputs
 DRIFT_MIN_SAMPLES = int(env("DRIFT_MIN_SAMPLES", "100"))  # PSI of a handful of images is noise
@@ -143,20 +143,29 @@ def run_model(current, batch):
     return current["session"].run(["logits"], {"image": batch})[0]
 
 
-# ---------------------------------------------------------------- the batcher
-# Waitress threads decode in parallel; INFER_THREADS inference threads (one per usable
-# CPU) each take whatever requests are waiting (up to BATCH_MAX, waiting at most
-# BATCH_WAIT_MS for more) and run them as one batch. Measured on 2 cores with
-# EfficientNet-Lite0: ORT's intra-op threads do not speed up a run, but runs in parallel
-# do, and capping parallel runs at the CPU count keeps 8 request threads from fighting
-# over 2 cores for inference.
+# ---------------------------------------------------------------- inference, and the batcher
+# Waitress threads decode in parallel, then run the model themselves, at most
+# INFER_THREADS runs at once (one per usable CPU): 8 request threads fighting over 2 cores
+# for inference ran 5-15 % slower. Measured on 2 cores with int8 EfficientNet-Lite0, ORT's
+# intra-op threads do not speed up a run and a batch of 8 costs 8 single runs, so batching
+# saves no CPU and makes each request wait for its batch: `make bench` measured it slower,
+# hence off by default. With BATCH_MAX > 1, INFER_THREADS inference threads each take what
+# is waiting (up to BATCH_MAX, waiting at most BATCH_WAIT_MS for more) and run it as one
+# batch: for hardware where a batch is cheaper per image (a GPU, many cores); `make bench`
+# shows both so the choice is measured.
 jobs = queue.Queue()
+
+
+inference_slots = threading.BoundedSemaphore(INFER_THREADS or available_cpus())
 
 
 def infer(current, x):
     """Logits for one preprocessed image (3, crop, crop) with the given model."""
     if BATCH_MAX <= 1:
-        return run_model(current, x[None])[0]
+        with inference_slots:
+            logits = run_model(current, x[None])[0]
+        observe("batch_size", (), 1)
+        return logits
     job = {"model": current, "x": x, "done": threading.Event()}
     jobs.put(job)
     if not job["done"].wait(60):
@@ -413,10 +422,11 @@ def read_upload():
                             "send multipart/form-data or an image/* body")
 
 
-def decode(data):
-    """RGB image from untrusted bytes; the format is sniffed from the bytes, never the name."""
+def decode(data, min_side):
+    """RGB image from untrusted bytes; the format is sniffed from the bytes, never the name.
+    Big JPEGs decode at a reduced scale that still covers min_side (catdog.open_image)."""
     try:
-        return catdog.open_image(data, MAX_PIXELS)
+        return catdog.open_image(data, MAX_PIXELS, min_side)
     except catdog.ImageError:
         raise
     except Exception as e:  # any other failure inside a decoder is still a bad file, not a server fault
@@ -429,7 +439,7 @@ def predict():
     if current is None:
         return error(503, "not_ready", "the model is not loaded yet")
     try:
-        img = decode(read_upload())
+        img = decode(read_upload(), current["meta"]["preprocess"]["resize"])
     except catdog.ImageError as e:
         return error(ERROR_STATUS.get(e.reason, 422), e.reason, str(e))
     x = catdog.preprocess(img, current["meta"]["preprocess"])

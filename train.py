@@ -7,10 +7,11 @@
 baseline  a small CNN trained from scratch: the reference the transfer model must beat.
 transfer  EfficientNet-Lite0 with ImageNet weights, frozen. Its pooled 1280-d features are
           extracted once, then only the linear head is trained on them.
-Both are calibrated with temperature scaling on val (folded into the head), measured on
-test, logged to MLflow, registered as `catdog`, and put through the gate (catdog.GATE and
-"not worse than the current champion on the same test split"). Only a promoted model is
-written to models/ (model.pt, model.json, model.onnx, reference_profile.json).
+Both are calibrated with temperature scaling on val (folded into the head), exported to
+ONNX (checked against PyTorch) and quantized to int8, the file the service runs. That file is
+measured on test, logged to MLflow, registered as `catdog`, and put through the gate
+(catdog.GATE and "not worse than the current champion on the same test split"). Only a
+promoted model is written to models/ (model.pt, model.json, model.onnx, reference_profile.json).
 """
 import argparse
 import os
@@ -47,6 +48,9 @@ extract_batch_size = 16
 aug_views = 0                  # extra augmented train views to extract features from
 head_epochs = 20               # full-batch L-BFGS steps (25 iterations each) on the features
 head_l2 = 1e-3                 # L2 penalty of the logistic head
+# the served file
+quantize = True                # int8 ONNX (catdog.quantize_onnx), about 2x less serving CPU; False: fp32
+calibration_images = 128       # training images that set the int8 activation ranges
 # tracking and the registry
 tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
 experiment = "catdog"
@@ -496,27 +500,52 @@ def champion_accuracy(client, cfg, test_set, test_labels, test_hash):
     label = f"champion v{version.version} ({run.data.tags.get('arch')})"
     if run.data.tags.get("test_split_sha256") == test_hash and "test_accuracy" in run.data.metrics:
         return run.data.metrics["test_accuracy"], f"{label}, measured on the same test split"
-    try:
-        path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="model/model.pt",
-                                                   dst_path=tempfile.mkdtemp())
-        model, meta = catdog.load_model(path)
+    try:  # the file the champion's service runs, as for the candidate
+        folder = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="model",
+                                                     dst_path=tempfile.mkdtemp())
+        meta = catdog.read_json(os.path.join(folder, "model.json"))
+        probs = onnx_probs(os.path.join(folder, "model.onnx"), Images(test_set.items, meta["preprocess"]))
     except Exception as e:  # an unreadable champion cannot block a measured candidate
         log(f"  the test split changed and {label} cannot be loaded ({e}); gating on thresholds only")
         return None, f"{label} unreadable"
-    dataset = Images(test_set.items, meta["preprocess"])
-    accuracy = float((predict(model, dataset, 64, shared=False).argmax(1).numpy() == test_labels).mean())
+    accuracy = float((probs.argmax(1) == test_labels).mean())
     log(f"  the test split changed since {label} was measured; re-evaluated it here: accuracy {accuracy:.4f}")
     return accuracy, f"{label}, re-evaluated on this test split"
 
 
 # ---------------------------------------------------------------- export
-def onnx_parity(onnx_path, torch_probs, dataset, batch_size=64):
-    """Max |p_onnx - p_torch| over the dataset; the service runs the ONNX file, so they must agree."""
+def onnx_probs(onnx_path, dataset, batch_size=64):
+    """Class probabilities of every item from an ONNX file in ONNX Runtime, as the service computes them."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     logits = [session.run(["logits"], {"image": x.numpy()})[0] for x, _ in DataLoader(dataset, batch_size=batch_size)]
-    return float(np.abs(catdog.softmax(np.concatenate(logits)) - torch_probs).max())
+    return catdog.softmax(np.concatenate(logits))
+
+
+def calibration_batches(items, settings, count, batch_size=16):
+    """Up to `count` training images, evenly spaced (so both classes), preprocessed as for
+    evaluation: the inputs whose activation ranges int8 quantization must cover."""
+    subset = Images(items[::max(1, len(items) // count)][:count], settings)
+    return (x.numpy() for x, _ in DataLoader(subset, batch_size=batch_size))
+
+
+def export_served_model(model, meta, path, test_set, torch_test_probs, train_items, cfg):
+    """Write the ONNX file the service will run: fp32 export checked against PyTorch, then
+    (cfg.quantize) int8. Returns the fp32 parity, max |p_onnx - p_torch| on test."""
+    catdog.export_onnx(model, meta, path)
+    parity = float(np.abs(onnx_probs(path, test_set) - torch_test_probs).max())
+    log(f"  ONNX fp32 parity over {len(test_set)} test images: max |p_onnx - p_torch| = {parity:.2e}")
+    if not parity <= 1e-4:
+        import mlflow
+
+        mlflow.end_run("FAILED")
+        raise SystemExit(f"ONNX export of {meta['arch']} disagrees with PyTorch by {parity:.2e} (> 1e-4)")
+    if cfg.quantize:
+        started = time.time()
+        catdog.quantize_onnx(path, calibration_batches(train_items, meta["preprocess"], cfg.calibration_images))
+        log(f"  quantized to int8 in {time.time() - started:.1f}s ({cfg.calibration_images} calibration images)")
+    return parity
 
 
 def write_champion(folder, out):
@@ -566,14 +595,29 @@ def run_one(which, cfg, splits, lineage, train_stats, client):
     val_labels, test_labels = labels_of(splits["val"]), labels_of(splits["test"])
     temperature = fit_temperature(predict(model, val_set, 64), val_labels)
     catdog.fold_temperature(model, temperature)
-    val_probs = catdog.softmax(predict(model, val_set, 64).numpy())
-    test_probs = catdog.softmax(predict(model, test_set, 64).numpy())
+    torch_test_probs = catdog.softmax(predict(model, test_set, 64).numpy())
     if RANK != 0:
         return None
+    torch_metrics = evaluate(torch_test_probs, test_labels)
+    log(f"  temperature {temperature:.3f}; PyTorch test " + "  ".join(f"{k} {v:.4f}" for k, v in torch_metrics.items()))
+
+    # The service runs the ONNX file, so that file is what is measured, reported and gated.
+    folder = tempfile.mkdtemp(prefix=f"catdog-{which}-")
+    served_as = "int8 ONNX" if cfg.quantize else "fp32 ONNX"
+    meta = catdog.model_meta(which, temperature=temperature, run_id=run.info.run_id, served_as=served_as,
+                             data={k: lineage[k] for k in ("test_split_sha256", "dvc_md5", "manifest_sha256")},
+                             git_commit=lineage["git_commit"])
+    onnx_path = os.path.join(folder, "model.onnx")
+    parity = export_served_model(model, meta, onnx_path, test_set, torch_test_probs, splits["train"], cfg)
+    val_probs, test_probs = onnx_probs(onnx_path, val_set), onnx_probs(onnx_path, test_set)
     metrics = evaluate(test_probs, test_labels)
+    agreement = float(np.mean(test_probs.argmax(1) == torch_test_probs.argmax(1)))
+    log(f"  served model ({served_as}) test " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        + f"; same label as PyTorch on {agreement:.2%} of test")
     parameters = sum(p.numel() for p in model.parameters())
-    summary = {**metrics, "train_seconds": train_seconds, "parameters": parameters, "temperature": temperature}
-    log(f"  temperature {temperature:.3f}; test " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    summary = {**metrics, "train_seconds": train_seconds, "parameters": parameters, "temperature": temperature,
+               "served_as": served_as}
+    meta["metrics"] = summary
 
     mlflow.log_params({**{k: getattr(cfg, k) for k in CONFIG_KEYS}, "model": which, "processes": WORLD,
                        "parameters": parameters, "temperature": round(temperature, 6),
@@ -581,22 +625,13 @@ def run_one(which, cfg, splits, lineage, train_stats, client):
                        **{f"{split}_images": len(items) for split, items in splits.items()},
                        **{f"gate_{k}": v for k, v in catdog.GATE.items()}})
     mlflow.log_metrics({**{f"test_{k}": v for k, v in metrics.items()}, "train_seconds": train_seconds,
+                        **{f"torch_test_{k}": v for k, v in torch_metrics.items()},
+                        "onnx_max_abs_prob_diff": parity, "served_torch_label_agreement": agreement,
+                        "served_torch_max_abs_prob_diff": float(np.abs(test_probs - torch_test_probs).max()),
                         **{f"val_{k}_calibrated": v for k, v in evaluate(val_probs, val_labels).items()
                            if k in ("accuracy", "log_loss", "ece")}})
-    mlflow.set_tags({**lineage, "arch": which})
-
-    folder = tempfile.mkdtemp(prefix=f"catdog-{which}-")
-    meta = catdog.model_meta(which, metrics=summary, temperature=temperature, run_id=run.info.run_id,
-                             data={k: lineage[k] for k in ("test_split_sha256", "dvc_md5", "manifest_sha256")},
-                             git_commit=lineage["git_commit"])
-    catdog.save_model(model, meta, os.path.join(folder, "model.pt"))
-    catdog.export_onnx(model, meta, os.path.join(folder, "model.onnx"))
-    difference = onnx_parity(os.path.join(folder, "model.onnx"), test_probs, test_set)
-    mlflow.log_metric("onnx_max_abs_prob_diff", difference)
-    log(f"  ONNX parity over {len(test_labels)} test images: max |p_onnx - p_torch| = {difference:.2e}")
-    if not difference <= 1e-4:
-        mlflow.end_run("FAILED")
-        raise SystemExit(f"ONNX export of {which} disagrees with PyTorch by {difference:.2e} (> 1e-4)")
+    mlflow.set_tags({**lineage, "arch": which, "served_as": served_as})
+    catdog.save_model(model, meta, os.path.join(folder, "model.pt"))  # also rewrites model.json with the metrics
     catdog.write_json(os.path.join(folder, "reference_profile.json"),
                       catdog.reference_profile(train_stats, val_probs.max(1)))
     mlflow.log_artifacts(folder, "model")
@@ -641,7 +676,7 @@ def model_card(which, summary, splits, lineage, cfg):
     return f"""# catdog model card: {which}
 
 **Model**: {description}; {summary['parameters']:,} parameters; temperature {summary['temperature']:.3f}
-folded into the head. Input: RGB photo, preprocessing {catdog.PREPROCESS[which]} (catdog.preprocess).
+folded into the head. Served as an {summary['served_as']} model; every metric below is of that file. Input: RGB photo, preprocessing {catdog.PREPROCESS[which]} (catdog.preprocess).
 
 **Data**: {cfg.data}: {', '.join(f'{len(v)} {k}' for k, v in splits.items())} images (cats and dogs,
 balanced). Test split sha256 {lineage['test_split_sha256']}; DVC md5 {lineage['dvc_md5']};
@@ -703,7 +738,8 @@ def main(argv=None):
 def print_table(results):
     rows = [("test accuracy", "accuracy", "{:.4f}"), ("log-loss", "log_loss", "{:.4f}"), ("ECE", "ece", "{:.4f}"),
             ("F1", "f1", "{:.4f}"), ("ROC-AUC", "roc_auc", "{:.4f}"), ("train time (s)", "train_seconds", "{:.0f}"),
-            ("parameters", "parameters", "{:,}"), ("registry version", "version", "{}"),
+            ("parameters", "parameters", "{:,}"), ("served as", "served_as", "{}"),
+            ("registry version", "version", "{}"),
             ("promoted", "promoted", "{}")]
     names = list(results)
     print("\n" + f"{'':18}" + "".join(f"{n:>14}" for n in names))

@@ -40,8 +40,8 @@ def animated_gif(color):
     return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
 
 
-def exif_rotated_jpeg(color):
-    img = Image.new("RGB", (80, 48), color)
+def exif_rotated_jpeg(color, size=(80, 48)):
+    img = Image.new("RGB", size, color)
     exif = img.getexif()
     exif[0x0112] = 6  # orientation: rotate 90 on display
     return encode(img, "JPEG", exif=exif)
@@ -74,6 +74,7 @@ def corpus():
         "rgba_png_transparent": (dict(files={"file": ("a.png", encode(Image.new("RGBA", (64, 64), RED + (255,)), "PNG"))}),
                                  200, "cat"),
         "exif_rotated_jpeg": (dict(files={"file": ("a.jpg", exif_rotated_jpeg(BLUE))}), 200, "dog"),
+        "phone_size_rotated_jpeg": (dict(files={"file": ("a.jpg", exif_rotated_jpeg(RED, (4032, 3024)))}), 200, "cat"),
         "webp_named_png": (dict(files={"file": ("a.png", encode(Image.new("RGB", (64, 64), RED), "WEBP"))}), 200, "cat"),
         "grayscale_jpeg_raw_body": (dict(data=encode(Image.new("L", (64, 64), 128), "JPEG"),
                                          headers={"Content-Type": "image/jpeg"}), 200, None),
@@ -88,7 +89,7 @@ def server(tmp_path_factory):
 NAMES = ("zero_bytes", "no_body", "wrong_field_name", "truncated_jpeg", "text_named_jpg", "pdf_as_raw_image",
          "png_bomb_over_pillow_guard", "png_bomb_over_pixel_limit", "upload_50_mb", "json_body", "icon_format",
          "tiny_image", "animated_gif", "png_16bit_rgb", "png_16bit_gray", "cmyk_jpeg", "rgba_png_transparent",
-         "exif_rotated_jpeg", "webp_named_png", "grayscale_jpeg_raw_body")
+         "exif_rotated_jpeg", "phone_size_rotated_jpeg", "webp_named_png", "grayscale_jpeg_raw_body")
 
 
 @pytest.mark.parametrize("name", NAMES)

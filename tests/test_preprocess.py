@@ -285,3 +285,21 @@ def test_shared_3k_sample(tmp_path):
         assert len(names) == n
         img = Image.open(out / split / label / names[0])
         assert (img.mode, img.size) == ("RGB", (224, 224))
+
+
+def test_big_jpeg_decodes_at_reduced_scale_to_nearly_the_same_input():
+    """The service decodes big JPEGs with DCT scaling (open_image's min_side): the model input
+    barely moves, and the drift statistics still see the file's real, upright size."""
+    img = synthetic_photo(7, size=(2016, 1512))
+    exif = img.getexif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees
+    buffer = io.BytesIO()
+    img.save(buffer, "JPEG", quality=90, exif=exif)
+    settings = catdog.PREPROCESS["transfer"]
+    full = catdog.open_image(buffer.getvalue())
+    reduced = catdog.open_image(buffer.getvalue(), min_side=settings["resize"])
+    assert full.size == (1512, 2016) and reduced.size == (378, 504)  # 1/4 scale: 1/8 would go below 256
+    assert full.info["original_size"] == reduced.info["original_size"] == (1512, 2016)
+    assert catdog.image_stats(reduced)["width"] == 1512 and catdog.image_stats(reduced)["height"] == 2016
+    grey_levels = np.abs(catdog.preprocess(full, settings) - catdog.preprocess(reduced, settings)) * settings["std"]
+    assert grey_levels.mean() < 2, grey_levels.mean()

@@ -180,13 +180,13 @@ def test_logs_are_json_lines_without_images_names_or_addresses(server):
 
 
 def direct_probabilities(model_path, photos):
-    """Unbatched reference: one ORT run per photo, with the catdog pre/post-processing."""
+    """Unbatched reference: one ORT run per photo, decoded and preprocessed as the service does."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
     settings = catdog.read_json(model_path.replace(".onnx", ".json"))["preprocess"]
-    return [catdog.softmax(session.run(["logits"], {"image": catdog.preprocess(catdog.open_image(p), settings)[None]})[0][0])
-            for p in photos]
+    inputs = [catdog.preprocess(catdog.open_image(p, min_side=settings["resize"]), settings) for p in photos]
+    return [catdog.softmax(session.run(["logits"], {"image": x[None]})[0][0]) for x in inputs]
 
 
 def test_batcher_groups_concurrent_requests_and_matches_unbatched(tmp_path):
