@@ -1,12 +1,14 @@
 """make bench: serve.py against a naive peer-style service, same network, same photos.
 
     python bench.py                       # models/ and the shared photo sample
-    python bench.py --clients 1,8 --scale 0.5
+    python bench.py --clients 1,8 --seconds 4
 
-The baseline is what peers ship: Flask's own server, the same network in PyTorch eager
-(catdog.load_model of models/model.pt), one image per forward, no batching. Both are
-driven over loopback with real photos by 1, 8 and 32 concurrent clients, each a keep-alive
-connection posting multipart uploads back to back, a bounded number of requests per
+First it prints the CPU cost of each step of a prediction (decode, preprocess, drift
+statistics, the model, and a 12 MP phone JPEG decoded both ways), without HTTP.
+Then the HTTP benchmark. The baseline is what peers ship: Flask's own server, the same
+network in PyTorch eager (catdog.load_model of models/model.pt), one image per forward, no
+batching. Both are driven over loopback with real photos by 1, 8 and 32 concurrent clients,
+each a keep-alive connection posting multipart uploads back to back for --seconds per
 level. Prints requests/s and p50/p95/p99 per service, the speed-up and start -> ready.
 serve.py runs twice: as configured (the batcher off by default) and with the batcher
 flipped (BATCH_MAX=16, or 1 when it is on), to show what batching buys on this machine.
@@ -17,6 +19,7 @@ import argparse
 import csv
 import glob
 import http.client
+import io
 import os
 import signal
 import socket
@@ -37,9 +40,7 @@ parser.add_argument("--models", default=catdog.MODELS_DIR, help="folder with mod
 parser.add_argument("--photos", default=os.path.join("..", "shared", "datasets", "dogs-vs-cats-3k"))
 parser.add_argument("--n-photos", type=int, default=64)
 parser.add_argument("--clients", default="1,8,32")
-parser.add_argument("--requests", type=int, default=60, help="requests per client, per level (at least --min-requests)")
-parser.add_argument("--min-requests", type=int, default=60)
-parser.add_argument("--max-requests", type=int, default=960)
+parser.add_argument("--seconds", type=float, default=8.0, help="how long each service is driven at each level")
 parser.add_argument("--skip-baseline", action="store_true")
 parser.add_argument("--baseline-server", type=int, help=argparse.SUPPRESS)  # internal: run the baseline on this port
 args = parser.parse_args()
@@ -82,16 +83,65 @@ def pick_photos():
     chosen = [n for n in names if n in test_names] or names
     source = "test split" if test_names and chosen is not names else "sample"
     step = max(1, len(chosen) // args.n_photos)
-    chosen = chosen[::step][: args.n_photos]
-    bodies = []
-    for name in chosen:
+    photos = []
+    for name in chosen[::step][: args.n_photos]:
         with open(os.path.join(args.photos, name), "rb") as f:
-            data = f.read()
-        boundary = uuid.uuid4().hex
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"photo.jpg\"\r\n"
-                f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-        bodies.append((body, f"multipart/form-data; boundary={boundary}"))
-    return bodies, f"{len(bodies)} photos from the {source} of {args.photos}"
+            photos.append(f.read())
+    return photos, f"{len(photos)} photos from the {source} of {args.photos}"
+
+
+def multipart(data):
+    """(body, content type) of an upload in field `file`, as a browser or curl -F sends it."""
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"photo.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def phone_photo(data, size=(4032, 3024)):
+    """A 12 MP JPEG like a phone's: a real photo enlarged, with sensor-like noise so that it
+    compresses (and decodes) like a real one (~2.7 MB at quality 90)."""
+    from PIL import Image
+
+    img = catdog.open_image(data).resize(size, Image.BICUBIC)
+    noise = np.random.default_rng(0).normal(0, 6, (size[1], size[0], 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def stage_costs(photos, model_path):
+    """CPU ms per photo of each step of /predict, on one thread in this process, without HTTP:
+    where the service's time goes. Best of 3 passes."""
+    from serve import load_model
+
+    current = load_model(model_path)  # the service's own ONNX Runtime settings
+    settings, session = current["meta"]["preprocess"], current["session"]
+
+    def cpu_ms(step, items):
+        best = float("inf")
+        for _ in range(3):
+            started = time.thread_time()
+            for item in items:
+                step(item)
+            best = min(best, time.thread_time() - started)
+        return best * 1000 / len(items)
+
+    def decode(data):
+        return catdog.open_image(data, min_side=settings["resize"])  # as the service decodes
+
+    images = [decode(p) for p in photos]
+    inputs = [catdog.preprocess(img, settings) for img in images]
+    phone = [phone_photo(photos[0])]
+    print(f"CPU per photo by step ({len(photos)} photos, one thread, {current['meta'].get('served_as', 'ONNX')}):")
+    for name, ms in (("decode (catdog.open_image)", cpu_ms(decode, photos)),
+                     ("preprocess (catdog.preprocess)", cpu_ms(lambda img: catdog.preprocess(img, settings), images)),
+                     ("drift statistics (catdog.image_stats)", cpu_ms(catdog.image_stats, images)),
+                     ("model (ONNX Runtime, batch of 1)",
+                      cpu_ms(lambda x: session.run(["logits"], {"image": x[None]}), inputs)),
+                     ("12 MP phone JPEG: decode at full size", cpu_ms(catdog.open_image, phone)),
+                     ("12 MP phone JPEG: decode as served (DCT scaling)", cpu_ms(decode, phone))):
+        print(f"  {name:<50} {ms:6.2f} ms", flush=True)
 
 
 def free_port():
@@ -124,15 +174,19 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def drive(port, bodies, clients, total, pid=None):
-    """`clients` threads post photos back to back until `total` requests are done."""
+def drive(port, bodies, clients, seconds, pid=None):
+    """`clients` threads post photos back to back for `seconds`. The same time window for
+    every service: a fast one yields more samples, and a short burst of noise on a shared
+    machine weighs less than it would in a fixed count of requests."""
     latencies, errors, lock = [], [], threading.Lock()
-    counter = iter(range(total))
+    deadline = time.perf_counter() + seconds
 
     def client(offset):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        for i in counter:
-            body, content_type = bodies[(i + offset) % len(bodies)]
+        i = offset
+        while time.perf_counter() < deadline:
+            body, content_type = bodies[i % len(bodies)]
+            i += 1
             started = time.perf_counter()
             try:
                 conn.request("POST", "/predict", body, {"Content-Type": content_type})
@@ -161,34 +215,32 @@ def drive(port, bodies, clients, total, pid=None):
             "error_sample": errors[:1]}
 
 
-def measure(name, command, env, bodies, levels):
-    """Start `command(port)`, time start -> ready, then drive it at each level."""
+def start(command, env, bodies):
+    """Start `command(port)` on a free port and warm it up; (process, port, start -> ready s)."""
     port = free_port()
     started = time.perf_counter()
     proc = subprocess.Popen(command(port), env={**env, "PORT": str(port)}, cwd=HERE,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(port, proc)
-        ready_s = time.perf_counter() - started
-        drive(port, bodies, 4, 24)  # warm-up: first requests allocate, fill caches
-        results = {}
-        for clients in levels:
-            total = min(args.max_requests, max(args.min_requests, args.requests * clients))
-            results[clients] = drive(port, bodies, clients, total, proc.pid)
-            r = results[clients]
+    wait_ready(port, proc)
+    ready_s = time.perf_counter() - started
+    drive(port, bodies, 4, 1.0)  # warm-up: first requests allocate, fill caches
+    return proc, port, ready_s
+
+
+def measure(services, bodies, levels):
+    """Drive each service at each level, level by level: the services compared at one level
+    are measured seconds apart, so a slow spell on a shared machine hits them alike."""
+    results = {name: {} for name in services}
+    for clients in levels:
+        for name, (proc, port) in services.items():
+            r = results[name][clients] = drive(port, bodies, clients, args.seconds, proc.pid)
             print(f"  {name:<26} {clients:>3} clients  {r['rps']:7.1f} req/s  p50 {r['p50']:6.1f}  "
                   f"p95 {r['p95']:6.1f}  p99 {r['p99']:6.1f} ms  server CPU {r['cpu_ms']:5.1f} ms/req  "
                   f"({r['n']} ok, {r['errors']} errors, "
                   f"load avg {os.getloadavg()[0]:.1f})", flush=True)  # the CPUs may be shared: say how busy
             if r["errors"]:
                 print(f"    first error: {r['error_sample'][0]!r}")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return ready_s, results
+    return results
 
 
 def main():
@@ -199,7 +251,9 @@ def main():
             sys.exit(f"{args.models}/{needed} is missing: run `make train` first")
     if not os.path.isdir(args.photos):
         sys.exit(f"no photos at {args.photos}")
-    bodies, where = pick_photos()
+    photos, where = pick_photos()
+    stage_costs(photos, os.path.join(args.models, "model.onnx"))
+    bodies = [multipart(p) for p in photos]
     levels = [int(c) for c in args.clients.split(",")]
     meta = catdog.read_json(os.path.join(args.models, "model.json"))
     db_dir = tempfile.mkdtemp(prefix="catdog-bench-")
@@ -213,13 +267,31 @@ def main():
           f"{available_cpus()} CPUs available; loopback; BATCH_MAX={batch_max} "
           f"BATCH_WAIT_MS={os.environ.get('BATCH_WAIT_MS', '0')}", flush=True)
     serve = lambda port: [sys.executable, "serve.py"]  # noqa: E731 (port comes from the PORT env var)
-    ready_s, ours = measure("serve.py (ONNX Runtime)", serve, serve_env, bodies, levels)
-    print(f"  serve.py start -> ready: {ready_s:.2f} s", flush=True)
-    _, other = measure(f"serve.py, BATCH_MAX={flipped}", serve, {**serve_env, "BATCH_MAX": flipped}, bodies, levels)
-    baseline = None
-    if not args.skip_baseline:
-        peer = lambda port: [sys.executable, "bench.py", "--models", args.models, "--baseline-server", str(port)]  # noqa: E731
-        _, baseline = measure("baseline (Flask + eager)", peer, dict(os.environ), bodies, levels)
+    peer = lambda port: [sys.executable, "bench.py", "--models", args.models, "--baseline-server", str(port)]  # noqa: E731
+    names = ("serve.py (ONNX Runtime)", f"serve.py, BATCH_MAX={flipped}", "baseline (Flask + eager)")
+    procs = []
+    try:
+        ours_proc, ours_port, ready_s = start(serve, serve_env, bodies)  # alone: start -> ready undisturbed
+        procs.append(ours_proc)
+        print(f"  serve.py start -> ready: {ready_s:.2f} s", flush=True)
+        services = {names[0]: (ours_proc, ours_port)}
+        commands = [(names[1], serve, {**serve_env, "BATCH_MAX": flipped})]
+        if not args.skip_baseline:
+            commands.append((names[2], peer, dict(os.environ)))
+        for name, command, env in commands:
+            proc, port, _ = start(command, env, bodies)
+            procs.append(proc)
+            services[name] = (proc, port)
+        results = measure(services, bodies, levels)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    ours, other, baseline = results[names[0]], results[names[1]], results.get(names[2])
 
     print(f"\nclients | serve.py req/s p50/p95/p99 ms | BATCH_MAX={flipped} req/s p99 | "
           "baseline req/s p50/p95/p99 ms | speed-up")
