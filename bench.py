@@ -8,8 +8,9 @@ statistics, the model, and a 12 MP phone JPEG decoded both ways), without HTTP.
 Then the HTTP benchmark. The baseline is what peers ship: Flask's own server, the same
 network in PyTorch eager (catdog.load_model of models/model.pt), one image per forward, no
 batching. Both are driven over loopback with real photos by 1, 8 and 32 concurrent clients,
-each a keep-alive connection posting multipart uploads back to back for --seconds per
-level. Prints requests/s and p50/p95/p99 per service, the speed-up and start -> ready.
+each a keep-alive connection posting multipart uploads back to back: --rounds rounds of
+--seconds per level, services taking turns, the median round reported. Prints requests/s,
+p50/p95/p99 and server CPU per request for each service, the speed-up and start -> ready.
 serve.py runs twice: as configured (the batcher off by default) and with the batcher
 flipped (BATCH_MAX=16, or 1 when it is on), to show what batching buys on this machine.
 Settings of serve.py come from the environment as usual (e.g. BATCH_MAX=8 BATCH_WAIT_MS=5).
@@ -40,7 +41,8 @@ parser.add_argument("--models", default=catdog.MODELS_DIR, help="folder with mod
 parser.add_argument("--photos", default=os.path.join("..", "shared", "datasets", "dogs-vs-cats-3k"))
 parser.add_argument("--n-photos", type=int, default=64)
 parser.add_argument("--clients", default="1,8,32")
-parser.add_argument("--seconds", type=float, default=8.0, help="how long each service is driven at each level")
+parser.add_argument("--seconds", type=float, default=4.0, help="how long each service is driven per level and round")
+parser.add_argument("--rounds", type=int, default=3, help="rounds per level; the median round is reported")
 parser.add_argument("--skip-baseline", action="store_true")
 parser.add_argument("--baseline-server", type=int, help=argparse.SUPPRESS)  # internal: run the baseline on this port
 args = parser.parse_args()
@@ -228,18 +230,27 @@ def start(command, env, bodies):
 
 
 def measure(services, bodies, levels):
-    """Drive each service at each level, level by level: the services compared at one level
-    are measured seconds apart, so a slow spell on a shared machine hits them alike."""
+    """Drive each service at each level for --rounds rounds, the services taking turns within
+    a round, and report the median round: the machine may be shared, and a slow spell then
+    hits one short window of one service, which the median discards."""
     results = {name: {} for name in services}
     for clients in levels:
-        for name, (proc, port) in services.items():
-            r = results[name][clients] = drive(port, bodies, clients, args.seconds, proc.pid)
+        rounds = {name: [] for name in services}
+        for _ in range(args.rounds):
+            for name, (proc, port) in services.items():
+                rounds[name].append(drive(port, bodies, clients, args.seconds, proc.pid))
+        for name, runs in rounds.items():
+            r = results[name][clients] = {key: float(np.median([run[key] for run in runs]))
+                                          for key in ("rps", "p50", "p95", "p99", "cpu_ms")}
+            r.update(n=sum(run["n"] for run in runs), errors=sum(run["errors"] for run in runs))
+            spread = "/".join(f"{run['rps']:.0f}" for run in runs)
             print(f"  {name:<26} {clients:>3} clients  {r['rps']:7.1f} req/s  p50 {r['p50']:6.1f}  "
                   f"p95 {r['p95']:6.1f}  p99 {r['p99']:6.1f} ms  server CPU {r['cpu_ms']:5.1f} ms/req  "
-                  f"({r['n']} ok, {r['errors']} errors, "
+                  f"(rounds {spread} req/s; {r['n']} ok, {r['errors']} errors, "
                   f"load avg {os.getloadavg()[0]:.1f})", flush=True)  # the CPUs may be shared: say how busy
-            if r["errors"]:
-                print(f"    first error: {r['error_sample'][0]!r}")
+            errors = [e for run in runs for e in run["error_sample"]]
+            if errors:
+                print(f"    first error: {errors[0]!r}")
     return results
 
 
