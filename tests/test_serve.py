@@ -225,6 +225,9 @@ def test_sighup_reloads_the_model_without_dropping_requests(tmp_path):
         clients = [threading.Thread(target=hammer) for _ in range(3)]
         for c in clients:
             c.start()
+        deadline = time.monotonic() + 20
+        while not versions and time.monotonic() < deadline:  # the old model is answering
+            time.sleep(0.01)
         staged = export_tiny_model(str(tmp_path / "v2"), version="tiny-2", dog_if_blue=False, profile=False)
         for name in ("model.json", "model.onnx"):
             os.replace(os.path.join(os.path.dirname(staged), name), model_dir / name)
