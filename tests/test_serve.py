@@ -248,8 +248,9 @@ def test_sighup_reloads_the_model_without_dropping_requests(tmp_path):
 
 
 def test_sigterm_lets_in_flight_requests_finish(tmp_path):
-    # A long batching wait keeps requests in flight while the signal arrives.
-    s = Server(tiny_model(), str(tmp_path / "catdog.db"), BATCH_MAX=64, BATCH_WAIT_MS=600)
+    # A long batching wait keeps requests in flight while the signal arrives; with 2 request
+    # threads, 4 of the 6 are still queued for a thread then.
+    s = Server(tiny_model(), str(tmp_path / "catdog.db"), BATCH_MAX=64, BATCH_WAIT_MS=600, THREADS=2)
     rng = np.random.default_rng(9)
     photos = [synthetic_photo(rng, "dog") for _ in range(6)]
     with ThreadPoolExecutor(6) as pool:
