@@ -9,8 +9,9 @@ GET /live, GET /metrics (Prometheus text), GET /stats (JSON).
 Serving imports numpy, Pillow, onnxruntime and Flask only, never torch: decoding and
 preprocessing are catdog.open_image + catdog.preprocess, the functions training uses.
 Waitress threads decode uploads in parallel and run the model, at most one ONNX Runtime
-run per usable CPU at a time; an optional batcher groups concurrent requests instead. Every prediction and every piece of staff
-feedback goes to a small SQLite file (DB_PATH), the only thing the service writes.
+run per usable CPU at a time; an optional batcher groups concurrent requests instead.
+Every prediction and every piece of staff feedback goes to a small SQLite file (DB_PATH),
+the only thing the service writes.
 Signals: SIGTERM/SIGINT drain in-flight requests then exit; SIGHUP reloads the model.
 """
 import io
@@ -145,18 +146,17 @@ def run_model(current, batch):
 
 # ---------------------------------------------------------------- inference, and the batcher
 # Waitress threads decode in parallel, then run the model themselves, at most
-# INFER_THREADS runs at once (one per usable CPU): 8 request threads fighting over 2 cores
-# for inference ran 5-15 % slower. Measured on 2 cores with int8 EfficientNet-Lite0, ORT's
-# intra-op threads do not speed up a run and a batch of 8 costs 8 single runs, so batching
-# saves no CPU and makes each request wait for its batch: `make bench` measured it slower,
-# hence off by default. With BATCH_MAX > 1, INFER_THREADS inference threads each take what
-# is waiting (up to BATCH_MAX, waiting at most BATCH_WAIT_MS for more) and run it as one
-# batch: for hardware where a batch is cheaper per image (a GPU, many cores); `make bench`
-# shows both so the choice is measured.
-jobs = queue.Queue()
-
-
+# INFER_THREADS runs at once (one per usable CPU): with 8 request threads free to fight
+# over 2 cores for inference, `make bench` gave 144-167 instead of 163-172 req/s.
+# Measured on 2 cores with int8 EfficientNet-Lite0, ORT's intra-op threads do not speed
+# up a run and a batch of 8 costs 8 single runs, so batching saves no CPU and makes each
+# request wait for its batch: `make bench` measured it equal or slower, hence off by
+# default. With BATCH_MAX > 1, INFER_THREADS inference threads each take what is waiting
+# (up to BATCH_MAX, waiting at most BATCH_WAIT_MS for more) and run it as one batch: for
+# hardware where a batch is cheaper per image (a GPU, many cores); `make bench` shows
+# both so the choice is measured.
 inference_slots = threading.BoundedSemaphore(INFER_THREADS or available_cpus())
+jobs = queue.Queue()  # the batcher's
 
 
 def infer(current, x):
