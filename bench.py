@@ -29,11 +29,11 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 
 import numpy as np
 
 import catdog
+import post_eval
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -90,14 +90,6 @@ def pick_photos():
         with open(os.path.join(args.photos, name), "rb") as f:
             photos.append(f.read())
     return photos, f"{len(photos)} photos from the {source} of {args.photos}"
-
-
-def multipart(data):
-    """(body, content type) of an upload in field `file`, as a browser or curl -F sends it."""
-    boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"photo.jpg\"\r\n"
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
 
 
 def phone_photo(data, size=(4032, 3024)):
@@ -264,7 +256,9 @@ def main():
         sys.exit(f"no photos at {args.photos}")
     photos, where = pick_photos()
     stage_costs(photos, os.path.join(args.models, "model.onnx"))
-    bodies = [multipart(p) for p in photos]
+    # (body, content type) of each upload in field `file`, as a browser or curl -F sends it
+    bodies = [(body, headers["Content-Type"]) for body, headers in
+              (post_eval.multipart("file", "photo.jpg", p, "image/jpeg") for p in photos)]
     levels = [int(c) for c in args.clients.split(",")]
     meta = catdog.read_json(os.path.join(args.models, "model.json"))
     db_dir = tempfile.mkdtemp(prefix="catdog-bench-")

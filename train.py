@@ -155,19 +155,17 @@ def to_device(x):
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
-def predict(model, dataset, batch_size, shared=True):
-    """Outputs of `model` for every item of `dataset`, in order. Under torchrun (and `shared`)
-    each process computes every WORLD-th item and all of them receive the whole result;
-    shared=False is for work only rank 0 does."""
-    world, rank = (WORLD, RANK) if shared else (1, 0)
-    share = Subset(dataset, range(rank, len(dataset), world))
+def predict(model, dataset, batch_size):
+    """Outputs of `model` for every item of `dataset`, in order. Under torchrun each process
+    computes every WORLD-th item and all of them receive the whole result."""
+    share = Subset(dataset, range(RANK, len(dataset), WORLD))
     model.eval()
     outputs = []
     with torch.inference_mode():
         for x, _ in DataLoader(share, batch_size=batch_size):
             outputs.append(model(to_device(x)).float().cpu())
     result = torch.cat(outputs) if outputs else torch.zeros(0)
-    if world == 1:
+    if WORLD == 1:
         return result
     parts = [None] * WORLD
     dist.all_gather_object(parts, result)
@@ -537,9 +535,6 @@ def export_served_model(model, meta, path, test_set, torch_test_probs, train_ite
     parity = float(np.abs(onnx_probs(path, test_set) - torch_test_probs).max())
     log(f"  ONNX fp32 parity over {len(test_set)} test images: max |p_onnx - p_torch| = {parity:.2e}")
     if not parity <= 1e-4:
-        import mlflow
-
-        mlflow.end_run("FAILED")
         raise SystemExit(f"ONNX export of {meta['arch']} disagrees with PyTorch by {parity:.2e} (> 1e-4)")
     if cfg.quantize:
         started = time.time()
@@ -608,7 +603,11 @@ def run_one(which, cfg, splits, lineage, train_stats, client):
                              data={k: lineage[k] for k in ("test_split_sha256", "dvc_md5", "manifest_sha256")},
                              git_commit=lineage["git_commit"])
     onnx_path = os.path.join(folder, "model.onnx")
-    parity = export_served_model(model, meta, onnx_path, test_set, torch_test_probs, splits["train"], cfg)
+    try:
+        parity = export_served_model(model, meta, onnx_path, test_set, torch_test_probs, splits["train"], cfg)
+    except SystemExit:
+        mlflow.end_run("FAILED")
+        raise
     val_probs, test_probs = onnx_probs(onnx_path, val_set), onnx_probs(onnx_path, test_set)
     metrics = evaluate(test_probs, test_labels)
     agreement = float(np.mean(test_probs.argmax(1) == torch_test_probs.argmax(1)))
@@ -676,7 +675,8 @@ def model_card(which, summary, splits, lineage, cfg):
     return f"""# catdog model card: {which}
 
 **Model**: {description}; {summary['parameters']:,} parameters; temperature {summary['temperature']:.3f}
-folded into the head. Served as an {summary['served_as']} model; every metric below is of that file. Input: RGB photo, preprocessing {catdog.PREPROCESS[which]} (catdog.preprocess).
+folded into the head. Served as an {summary['served_as']} model; every metric below is of that
+file. Input: RGB photo, preprocessing {catdog.PREPROCESS[which]} (catdog.preprocess).
 
 **Data**: {cfg.data}: {', '.join(f'{len(v)} {k}' for k, v in splits.items())} images (cats and dogs,
 balanced). Test split sha256 {lineage['test_split_sha256']}; DVC md5 {lineage['dvc_md5']};
