@@ -4,12 +4,18 @@ Training, evaluation and serving all import this file. The serving path uses onl
 numpy and Pillow from it; torch is imported inside the functions that build, save
 or export models, so `import catdog` never pulls torch in.
 """
+import argparse
+import ast
+import csv
 import hashlib
 import io
 import json
 import math
 import os
+import socket
 import time
+import tokenize
+import urllib.request
 import warnings
 
 import numpy as np
@@ -19,9 +25,13 @@ from PIL import Image, ImageOps
 CLASSES = ("cat", "dog")
 SEED = 42
 
-DATA_DIR = "data"
+# Paths are anchored at the project root, so scripts and tests work from any folder.
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.path.join(ROOT, "data")
 PROCESSED_DIR = os.path.join(DATA_DIR, "processed")
-MODELS_DIR = "models"
+MANIFEST = os.path.join(DATA_DIR, "manifest.csv")
+MODELS_DIR = os.path.join(ROOT, "models")
+SHARED_SAMPLE = os.path.join(ROOT, "..", "shared", "datasets", "dogs-vs-cats-3k")
 SPLITS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
 
 # How preprocess.py stores images: STORE_SIZE x STORE_SIZE RGB JPEGs.
@@ -42,10 +52,63 @@ PREPROCESS = {
 # Limits for images from the outside world (uploads, raw datasets).
 MAX_PIXELS = 40_000_000  # beyond this Pillow's decompression-bomb guard refuses
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "MPO")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 # Promotion gate: a candidate becomes champion only if it meets all of these on
 # the test split and is not worse than the current champion on the same split.
 GATE = {"min_accuracy": 0.97, "max_log_loss": 0.10, "max_ece": 0.05}
+
+
+# ---------------------------------------------------------------- script configuration
+def config_parser(namespace, choices=None):
+    """argparse for a script's plain config values, nanoGPT style.
+
+    Every module-level line `name = value  # help` of the script whose name is lower case and
+    whose value is a str, int, float or bool becomes `--name` (underscores as dashes), with
+    that default, its type and the comment as help; booleans take --name / --no-name.
+    `choices` maps a name to its allowed values. Returns the parser, so the script can add
+    positional arguments; scripts call parse_args() in main() only."""
+    path = namespace["__file__"]
+    with open(path) as f:
+        comments = {tok.start[0]: tok.string.lstrip("# ").strip()
+                    for tok in tokenize.generate_tokens(f.readline) if tok.type == tokenize.COMMENT}
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    doc = (ast.get_docstring(tree) or "").strip()
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for node in tree.body:
+        targets = getattr(node, "targets", None) or [getattr(node, "target", None)]
+        name = getattr(targets[0], "id", "") if len(targets) == 1 else ""
+        value = namespace.get(name)
+        if not name.islower() or node.end_lineno not in comments or type(value) not in (str, int, float, bool):
+            continue
+        help_text = f"{comments[node.end_lineno]} (default: {value})".replace("%", "%%")
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=help_text)
+        else:
+            parser.add_argument(flag, type=type(value), default=value, help=help_text,
+                                choices=(choices or {}).get(name))
+    return parser
+
+
+# ---------------------------------------------------------------- the manifest
+def read_manifest(path=MANIFEST, split=None):
+    """Kept rows of preprocess.py's manifest (rows with a drop reason are skipped), of one
+    split or all. Each row gets `photo`: the original file a client would send when it is on
+    this machine, else the processed copy, else None. Relative paths in the manifest are
+    relative to its folder."""
+    base = os.path.dirname(os.path.abspath(path))
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("drop_reason") or (split and row.get("split") != split):
+                continue
+            candidates = [os.path.join(base, row[key]) for key in ("source", "path") if row.get(key)]
+            row["photo"] = next((p for p in candidates if os.path.isfile(p)), None)
+            row["label"] = row.get("label") or label_from_name(row["photo"] or row.get("path") or "")
+            rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------- image loading
@@ -186,6 +249,30 @@ def sha256_file(path, chunk=1 << 20):
         for block in iter(lambda: f.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- local servers (tests, bench)
+def free_port():
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url, proc=None, timeout=30):
+    """Poll `url` until it answers 200; seconds waited. Fails early when `proc` exits."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return time.monotonic() - started
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout} s")
 
 
 # ---------------------------------------------------------------- models (torch)

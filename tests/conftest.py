@@ -1,14 +1,12 @@
 """Shared fixtures: synthetic photos written on the fly (tests never use real photos from git)."""
 import io
 import os
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # import catdog, preprocess, ... from the project root
 SHARED_SAMPLE = os.path.join(ROOT, "..", "shared", "datasets", "dogs-vs-cats-3k")
 
 

@@ -6,14 +6,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 from service_helpers import Server, synthetic_photo, tiny_model  # noqa: E402
 
 MONITORING = os.path.join(ROOT, "monitoring")

@@ -18,7 +18,6 @@ import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 import catdog  # noqa: E402
 import post_eval  # noqa: E402
 
