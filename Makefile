@@ -1,7 +1,5 @@
 # catdog: every stage is a target; CI and the self-hosted runner call these same targets.
-#   make all     data -> train (champion in models/, ready to serve)
-#   make test    the whole test suite
-#   make serve | image | push | deploy | rollback | post-eval | monitor-check | bench | mlflow-ui
+# `make help` lists them: each target's `##` comment is its line there.
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -37,13 +35,16 @@ export PYTHONDONTWRITEBYTECODE := 1
 export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 4294967296
 
-.PHONY: all setup system-deps lock data train serve test bench image push deploy rollback \
+.PHONY: all help setup system-deps lock data train serve test lint bench image push deploy rollback \
         smoke post-eval monitor-check mlflow-ui clean
 
-all: data train
+all: data train  ## data -> train: the champion in models/, ready to serve
+
+help:  ## this list
+	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 22
 
 # ------------------------------------------------------------------ set-up
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed  ## .venv with the pinned packages of requirements.txt
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -54,7 +55,7 @@ $(VENV)/.installed: requirements.txt
 # Debian packages the tests and the container chain use (browser test, promtool, load
 # generator, shell lint). Installed only when missing and only where apt-get can run as root.
 APT_PACKAGES ?= chromium prometheus wrk shellcheck
-system-deps:
+system-deps:  ## the Debian packages the tests drive (as root, when missing)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -64,44 +65,50 @@ system-deps:
 	fi
 
 # Re-pin requirements.txt after editing requirements.in.
-lock: setup
+lock: setup  ## re-pin requirements.txt from requirements.in
 	$(VENV)/bin/pip-compile --quiet --strip-extras --no-emit-find-links --no-emit-index-url \
 	  -o requirements.txt requirements.in
 
 # ------------------------------------------------------------------ pipeline
 # preprocess.py writes data/processed/, data/manifest.csv, data/quality_report.*, and
 # data/raw/ when it downloads; `dvc add` records it all in data.dvc (`dvc push` uploads).
-data: setup
+data: setup  ## photos -> validated, deduplicated, split data/ (DVC-tracked)
 	$(PY) preprocess.py --source "$(DATA_SOURCE)" --out data/processed
 	$(VENV)/bin/dvc add --quiet data
 
 # Both models -> MLflow (sqlite:///mlflow.db, artifacts in mlruns/) -> gate -> champion in models/.
 #   make train TRAIN_ARGS="--arch transfer --head-epochs 40"; scale out: torchrun --nproc_per_node N train.py
 TRAIN_ARGS ?=
-train: setup
+train: setup  ## both models -> MLflow -> gate -> champion in models/
 	$(PY) train.py $(TRAIN_ARGS)
 
 # The service on 0.0.0.0:8000 (settings from env vars: PORT, MODEL_PATH, DB_PATH, ... see README).
-serve: setup
+serve: setup  ## the service on :8000
 	$(PY) serve.py
 
 # serve.py vs a naive Flask + PyTorch-eager service at 1/8/32 clients on the shared photos.
-bench: setup
+bench: setup  ## speed figures: serve.py against a naive Flask + PyTorch peer
 	$(PY) bench.py
 
-test: setup system-deps
+test: setup system-deps lint  ## lint, then the whole test suite
 	$(PY) -m pytest
+
+# Pyflakes, pycodestyle errors, import order, bugbear and pyupgrade; zip() without strict= and
+# constant path defaults are fine here.
+LINT_RULES := --select E4,E7,E9,F,I,B,UP --ignore B008,B905 --target-version py311 --config 'src = [".", "tests"]'
+lint: setup  ## ruff over every Python file
+	$(VENV)/bin/ruff check $(LINT_RULES) .
 
 # ------------------------------------------------------------------ monitoring
 # Evaluate the running service at URL over HTTP (feedback posted, MLflow run, report in
 # reports/post_eval/); fails below 99 % accuracy. Default photos: the held-out test split
 # (the original photos when present); or `make post-eval IMAGES="dir-or-files"`.
 IMAGES ?=
-post-eval: setup
+post-eval: setup  ## accuracy of the running service at URL from labelled photos
 	$(PY) post_eval.py $(URL) $(or $(IMAGES),--manifest data/manifest.csv --split test)
 
 # Debian prometheus on 127.0.0.1 scrapes the service at URL and the request counter is queried.
-monitor-check: system-deps
+monitor-check: system-deps  ## a real Prometheus scrapes the service at URL
 	monitoring/scrape_check.sh $(URL)
 
 # ------------------------------------------------------------------ containers
@@ -113,31 +120,31 @@ EXTRA_TAGS ?=
 SMOKE_ARGS ?=
 DEPLOY_ENV = IMAGE="$(IMAGE)" DOCKER="$(DOCKER)" COMPOSE="$(COMPOSE)" URL="$(URL)" SMOKE_ARGS="$(SMOKE_ARGS)"
 
-image:
+image:  ## the serving image (code + champion), tagged IMAGE:TAG
 	@test -f models/model.onnx || { echo "no models/model.onnx: run 'make all' first" >&2; exit 1; }
 	$(DOCKER) build $(BUILD_FLAGS) \
 	  --build-arg REVISION="$$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
 	  --build-arg MODEL_VERSION="$$($(PYTHON) -c 'import json; print(json.load(open("models/model.json"))["version"])')" \
 	  -t $(IMAGE):$(TAG) .
 
-push:
+push:  ## push the image (and EXTRA_TAGS) to the registry
 	$(DOCKER) push $(IMAGE):$(TAG)
 	for tag in $(EXTRA_TAGS); do $(DOCKER) tag $(IMAGE):$(TAG) $(IMAGE):$$tag; $(DOCKER) push $(IMAGE):$$tag; done
 
 # Pull TAG, Compose up, wait for /health, smoke.sh; on failure the last good tag comes back
 # and the target fails. `make rollback` steps back one good tag.
-deploy:
+deploy:  ## pull TAG, Compose up, smoke; roll back on failure
 	$(DEPLOY_ENV) ./deploy.sh $(TAG)
 
-rollback:
+rollback:  ## step back to the previous good tag
 	$(DEPLOY_ENV) ./deploy.sh --rollback
 
-smoke:
+smoke:  ## smoke-test the service at URL
 	./smoke.sh $(URL) $(SMOKE_ARGS)
 
-MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
-mlflow-ui: setup
+MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+mlflow-ui: setup  ## MLflow UI on 127.0.0.1:5001
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5001 --backend-store-uri "$(MLFLOW_TRACKING_URI)"
 
-clean:
+clean:  ## remove caches
 	rm -rf .pytest_cache __pycache__ tests/__pycache__

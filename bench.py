@@ -6,7 +6,7 @@
 First it prints the CPU cost of each step of a prediction (decode, preprocess, drift
 statistics, the model, and a 12 MP phone JPEG decoded both ways), without HTTP.
 Then the HTTP benchmark. The baseline is what peers ship: Flask's own server, the same
-network in PyTorch eager (catdog.load_model of models/model.pt), one image per forward, no
+network in PyTorch eager (nets.load_model of models/model.pt), one image per forward, no
 batching. Both are driven over loopback with real photos by 1, 8 and 32 concurrent clients,
 each a keep-alive connection posting multipart uploads back to back: --rounds rounds of
 --seconds per level, services taking turns, the median round reported. Prints requests/s,
@@ -16,14 +16,10 @@ flipped (BATCH_MAX=16, or 1 when it is on), to show what batching buys on this m
 Settings of serve.py come from the environment as usual (e.g. BATCH_MAX=8 BATCH_WAIT_MS=5).
 This prints figures; it is not a test.
 """
-import argparse
-import csv
-import glob
 import http.client
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,25 +31,29 @@ import numpy as np
 import catdog
 import post_eval
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("--models", default=catdog.MODELS_DIR, help="folder with model.onnx, model.json, model.pt")
-parser.add_argument("--photos", default=os.path.join("..", "shared", "datasets", "dogs-vs-cats-3k"))
-parser.add_argument("--n-photos", type=int, default=64)
-parser.add_argument("--clients", default="1,8,32")
-parser.add_argument("--seconds", type=float, default=4.0, help="how long each service is driven per level and round")
-parser.add_argument("--rounds", type=int, default=3, help="rounds per level; the median round is reported")
-parser.add_argument("--skip-baseline", action="store_true")
-parser.add_argument("--baseline-server", type=int, help=argparse.SUPPRESS)  # internal: run the baseline on this port
-args = parser.parse_args()
+# ---------------------------------------------------------------- config (--name value overrides)
+models = catdog.MODELS_DIR  # folder with model.onnx, model.json and (for the baseline) model.pt
+photos = catdog.SHARED_SAMPLE  # folder of real photos to send
+n_photos = 64  # how many different photos the clients send
+clients = "1,8,32"  # concurrent clients per level, comma-separated
+seconds = 4.0  # how long each service is driven per level and round
+rounds = 3  # rounds per level; the median round is reported
+skip_baseline = False  # skip the naive Flask + PyTorch peer
+baseline_server = 0  # internal: run the naive peer on this port and nothing else
+
+
+def parse_args(argv=None):
+    return catdog.config_parser(globals()).parse_args(argv)
 
 
 # ---------------------------------------------------------------- the peer-style baseline
-def run_baseline(port):
+def run_baseline(port, models):
     import torch
     from flask import Flask, jsonify, request
 
-    model, meta = catdog.load_model(os.path.join(args.models, "model.pt"))
+    import nets
+
+    model, meta = nets.load_model(os.path.join(models, "model.pt"))
     app = Flask("baseline")
 
     @app.post("/predict")
@@ -73,23 +73,19 @@ def run_baseline(port):
 
 
 # ---------------------------------------------------------------- photos and load
-def pick_photos():
-    """Real photos, from the held-out test split when data/ has a manifest saying which they are."""
-    names = sorted(os.listdir(args.photos))
+def pick_photos(folder, count):
+    """Real photos, from the held-out test split when the manifest says which they are."""
+    names = sorted(os.listdir(folder))
     test_names = set()
-    for manifest in glob.glob(os.path.join(catdog.DATA_DIR, "manifest*.csv")):
-        with open(manifest) as f:
-            for row in csv.DictReader(f):
-                if row.get("split") == "test":
-                    test_names |= {os.path.basename(v) for v in row.values() if isinstance(v, str)}
+    if os.path.exists(catdog.MANIFEST):
+        test_names = {os.path.basename(row["source"]) for row in catdog.read_manifest(catdog.MANIFEST, "test")}
     chosen = [n for n in names if n in test_names] or names
     source = "test split" if test_names and chosen is not names else "sample"
-    step = max(1, len(chosen) // args.n_photos)
     photos = []
-    for name in chosen[::step][: args.n_photos]:
-        with open(os.path.join(args.photos, name), "rb") as f:
+    for name in chosen[::max(1, len(chosen) // count)][:count]:
+        with open(os.path.join(folder, name), "rb") as f:
             photos.append(f.read())
-    return photos, f"{len(photos)} photos from the {source} of {args.photos}"
+    return photos, f"{len(photos)} photos from the {source} of {folder}"
 
 
 def phone_photo(data, size=(4032, 3024)):
@@ -107,10 +103,10 @@ def phone_photo(data, size=(4032, 3024)):
 def stage_costs(photos, model_path):
     """CPU ms per photo of each step of /predict, on one thread in this process, without HTTP:
     where the service's time goes. Best of 3 passes."""
-    from serve import load_model
+    from serve import Settings, load_model
 
-    current = load_model(model_path)  # the service's own ONNX Runtime settings
-    settings, session = current["meta"]["preprocess"], current["session"]
+    model = load_model(model_path, Settings.from_env().ort_threads)  # the service's own ONNX Runtime settings
+    settings, session = model.meta["preprocess"], model.session
 
     def cpu_ms(step, items):
         best = float("inf")
@@ -127,7 +123,7 @@ def stage_costs(photos, model_path):
     images = [decode(p) for p in photos]
     inputs = [catdog.preprocess(img, settings) for img in images]
     phone = [phone_photo(photos[0])]
-    print(f"CPU per photo by step ({len(photos)} photos, one thread, {current['meta'].get('served_as', 'ONNX')}):")
+    print(f"CPU per photo by step ({len(photos)} photos, one thread, {model.meta.get('served_as', 'ONNX')}):")
     for name, ms in (("decode (catdog.open_image)", cpu_ms(decode, photos)),
                      ("preprocess (catdog.preprocess)", cpu_ms(lambda img: catdog.preprocess(img, settings), images)),
                      ("drift statistics (catdog.image_stats)", cpu_ms(catdog.image_stats, images)),
@@ -136,29 +132,6 @@ def stage_costs(photos, model_path):
                      ("12 MP phone JPEG: decode at full size", cpu_ms(catdog.open_image, phone)),
                      ("12 MP phone JPEG: decode as served (DCT scaling)", cpu_ms(decode, phone))):
         print(f"  {name:<50} {ms:6.2f} ms", flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(port, proc, timeout=120):
-    while True:
-        if proc.poll() is not None:
-            sys.exit(f"the service on port {port} exited with {proc.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        if timeout < 0:
-            sys.exit(f"the service on port {port} never became ready")
-        time.sleep(0.01)
-        timeout -= 0.01
 
 
 def cpu_seconds(pid):
@@ -211,27 +184,27 @@ def drive(port, bodies, clients, seconds, pid=None):
 
 def start(command, env, bodies):
     """Start `command(port)` on a free port and warm it up; (process, port, start -> ready s)."""
-    port = free_port()
+    port = catdog.free_port()
     started = time.perf_counter()
-    proc = subprocess.Popen(command(port), env={**env, "PORT": str(port)}, cwd=HERE,
+    proc = subprocess.Popen(command(port), env={**env, "PORT": str(port)}, cwd=catdog.ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_ready(port, proc)
+    catdog.wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=120)
     ready_s = time.perf_counter() - started
     drive(port, bodies, 4, 1.0)  # warm-up: first requests allocate, fill caches
     return proc, port, ready_s
 
 
-def measure(services, bodies, levels):
-    """Drive each service at each level for --rounds rounds, the services taking turns within
+def measure(services, bodies, levels, rounds, seconds):
+    """Drive each service at each level for `rounds` rounds, the services taking turns within
     a round, and report the median round: the machine may be shared, and a slow spell then
     hits one short window of one service, which the median discards."""
     results = {name: {} for name in services}
     for clients in levels:
-        rounds = {name: [] for name in services}
-        for _ in range(args.rounds):
+        per_round = {name: [] for name in services}
+        for _ in range(rounds):
             for name, (proc, port) in services.items():
-                rounds[name].append(drive(port, bodies, clients, args.seconds, proc.pid))
-        for name, runs in rounds.items():
+                per_round[name].append(drive(port, bodies, clients, seconds, proc.pid))
+        for name, runs in per_round.items():
             r = results[name][clients] = {key: float(np.median([run[key] for run in runs]))
                                           for key in ("rps", "p50", "p95", "p99", "cpu_ms")}
             r.update(n=sum(run["n"] for run in runs), errors=sum(run["errors"] for run in runs))
@@ -246,48 +219,36 @@ def measure(services, bodies, levels):
     return results
 
 
-def main():
-    if args.baseline_server:
-        return run_baseline(args.baseline_server)
-    for needed in ("model.onnx", "model.json") + (() if args.skip_baseline else ("model.pt",)):
-        if not os.path.exists(os.path.join(args.models, needed)):
-            sys.exit(f"{args.models}/{needed} is missing: run `make train` first")
-    if not os.path.isdir(args.photos):
-        sys.exit(f"no photos at {args.photos}")
-    photos, where = pick_photos()
-    stage_costs(photos, os.path.join(args.models, "model.onnx"))
-    # (body, content type) of each upload in field `file`, as a browser or curl -F sends it
-    bodies = [(body, headers["Content-Type"]) for body, headers in
-              (post_eval.multipart("file", "photo.jpg", p, "image/jpeg") for p in photos)]
-    levels = [int(c) for c in args.clients.split(",")]
-    meta = catdog.read_json(os.path.join(args.models, "model.json"))
-    db_dir = tempfile.mkdtemp(prefix="catdog-bench-")
-    serve_env = {**os.environ, "HOST": "127.0.0.1", "MODEL_PATH": os.path.join(args.models, "model.onnx"),
-                 "DB_PATH": os.path.join(db_dir, "bench.db")}
-    from serve import available_cpus  # for the printout only
+def check_inputs(cfg):
+    for needed in ("model.onnx", "model.json") + (() if cfg.skip_baseline else ("model.pt",)):
+        if not os.path.exists(os.path.join(cfg.models, needed)):
+            sys.exit(f"{cfg.models}/{needed} is missing: run `make train` first")
+    if not os.path.isdir(cfg.photos):
+        sys.exit(f"no photos at {cfg.photos}")
 
-    batch_max = os.environ.get("BATCH_MAX", "1")
-    flipped = "16" if int(batch_max) <= 1 else "1"
-    print(f"bench: {where}; model {meta['arch']} {meta.get('served_as', '')} {meta.get('version')}; "
-          f"{available_cpus()} CPUs available; loopback; BATCH_MAX={batch_max} "
-          f"BATCH_WAIT_MS={os.environ.get('BATCH_WAIT_MS', '0')}", flush=True)
+
+# The services driven; the second is serve.py with the batcher flipped.
+SERVICES = ("serve.py (ONNX Runtime)", "serve.py, BATCH_MAX={}", "baseline (Flask + eager)")
+
+
+def run_services(cfg, bodies, levels, serve_env, flipped):
+    """Start every service, drive them all (measure), stop them; (results, serve.py start -> ready s)."""
     serve = lambda port: [sys.executable, "serve.py"]  # noqa: E731 (port comes from the PORT env var)
-    peer = lambda port: [sys.executable, "bench.py", "--models", args.models, "--baseline-server", str(port)]  # noqa: E731
-    names = ("serve.py (ONNX Runtime)", f"serve.py, BATCH_MAX={flipped}", "baseline (Flask + eager)")
+    peer = lambda port: [sys.executable, "bench.py", "--models", cfg.models, "--baseline-server", str(port)]  # noqa: E731
     procs = []
     try:
         ours_proc, ours_port, ready_s = start(serve, serve_env, bodies)  # alone: start -> ready undisturbed
         procs.append(ours_proc)
         print(f"  serve.py start -> ready: {ready_s:.2f} s", flush=True)
-        services = {names[0]: (ours_proc, ours_port)}
-        commands = [(names[1], serve, {**serve_env, "BATCH_MAX": flipped})]
-        if not args.skip_baseline:
-            commands.append((names[2], peer, dict(os.environ)))
+        services = {SERVICES[0]: (ours_proc, ours_port)}
+        commands = [(SERVICES[1].format(flipped), serve, {**serve_env, "BATCH_MAX": flipped})]
+        if not cfg.skip_baseline:
+            commands.append((SERVICES[2], peer, dict(os.environ)))
         for name, command, env in commands:
             proc, port, _ = start(command, env, bodies)
             procs.append(proc)
             services[name] = (proc, port)
-        results = measure(services, bodies, levels)
+        return measure(services, bodies, levels, cfg.rounds, cfg.seconds), ready_s
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -296,8 +257,11 @@ def main():
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    ours, other, baseline = results[names[0]], results[names[1]], results.get(names[2])
 
+
+def print_summary(results, levels, flipped, ready_s):
+    ours, other = results[SERVICES[0]], results[SERVICES[1].format(flipped)]
+    baseline = results.get(SERVICES[2])
     print(f"\nclients | serve.py req/s p50/p95/p99 ms | BATCH_MAX={flipped} req/s p99 | "
           "baseline req/s p50/p95/p99 ms | speed-up")
     for c in levels:
@@ -319,6 +283,32 @@ def main():
     if 8 in ours:
         print(f"  p99 at 8 clients: {ours[8]['p99']:.1f} ms (target <= 100 ms) {'PASS' if ours[8]['p99'] <= 100 else 'MISS'}")
     print(f"  start -> ready: {ready_s:.2f} s (target <= 3 s) {'PASS' if ready_s <= 3 else 'MISS'}")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    if cfg.baseline_server:
+        return run_baseline(cfg.baseline_server, cfg.models)
+    check_inputs(cfg)
+    photos, where = pick_photos(cfg.photos, cfg.n_photos)
+    stage_costs(photos, os.path.join(cfg.models, "model.onnx"))
+    # (body, content type) of each upload in field `file`, as a browser or curl -F sends it
+    bodies = [(body, headers["Content-Type"]) for body, headers in
+              (post_eval.multipart("file", "photo.jpg", p, "image/jpeg") for p in photos)]
+    levels = [int(c) for c in cfg.clients.split(",")]
+    meta = catdog.read_json(os.path.join(cfg.models, "model.json"))
+    from serve import available_cpus  # for the printout only
+
+    batch_max = os.environ.get("BATCH_MAX", "1")
+    flipped = "16" if int(batch_max) <= 1 else "1"
+    print(f"bench: {where}; model {meta['arch']} {meta.get('served_as', '')} {meta.get('version')}; "
+          f"{available_cpus()} CPUs available; loopback; BATCH_MAX={batch_max} "
+          f"BATCH_WAIT_MS={os.environ.get('BATCH_WAIT_MS', '0')}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="catdog-bench-") as db_dir:
+        serve_env = {**os.environ, "HOST": "127.0.0.1", "MODEL_PATH": os.path.join(cfg.models, "model.onnx"),
+                     "DB_PATH": os.path.join(db_dir, "bench.db")}
+        results, ready_s = run_services(cfg, bodies, levels, serve_env, flipped)
+    print_summary(results, levels, flipped, ready_s)
 
 
 if __name__ == "__main__":

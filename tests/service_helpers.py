@@ -1,7 +1,7 @@
-"""Fixtures for the service tests: a tiny exported model, synthetic photos, a real server.
+"""Fixtures for the service tests: a tiny exported model, synthetic photos, the app in-process, a real server.
 
 The tiny model has the champion's layout (features -> Linear head) and a rule a test can
-check: a reddish photo is a cat, a bluish one a dog. It goes through catdog.export_onnx
+check: a reddish photo is a cat, a bluish one a dog. It goes through nets.export_onnx
 like the real model, so the service cannot tell the difference.
 """
 import atexit
@@ -10,22 +10,22 @@ import io
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
 import tempfile
-import time
 import zlib
 
 import numpy as np
 import requests
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 import catdog
+import serve
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, "..", "shared", "datasets", "dogs-vs-cats-3k")
+ROOT = catdog.ROOT
+SHARED = catdog.SHARED_SAMPLE
 TINY_PREPROCESS = {"resize": 40, "crop": 32, "mean": 127.0, "std": 128.0}
 
 
@@ -33,6 +33,8 @@ def export_tiny_model(folder, version="tiny-1", dog_if_blue=True, profile=True):
     """models/model.onnx + model.json (+ reference_profile.json) of the red/blue rule."""
     import torch
     from torch import nn
+
+    import nets
 
     features = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # the mean of each channel
     model = nn.Sequential()
@@ -45,7 +47,7 @@ def export_tiny_model(folder, version="tiny-1", dog_if_blue=True, profile=True):
     meta = catdog.model_meta("baseline", version=version)
     meta["preprocess"] = dict(TINY_PREPROCESS)
     os.makedirs(folder, exist_ok=True)
-    catdog.export_onnx(model, meta, os.path.join(folder, "model.onnx"))
+    nets.export_onnx(model, meta, os.path.join(folder, "model.onnx"))
     if profile:
         rng = np.random.default_rng(0)
         stats = [catdog.image_stats(catdog.open_image(synthetic_photo(rng))) for _ in range(400)]
@@ -53,7 +55,7 @@ def export_tiny_model(folder, version="tiny-1", dog_if_blue=True, profile=True):
     return os.path.join(folder, "model.onnx")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_model(version="tiny-1", dog_if_blue=True):
     """Exported once per test run (torch export takes a second or two)."""
     folder = tempfile.mkdtemp(prefix="catdog-tiny-")
@@ -89,17 +91,45 @@ def png_chunks(width, height, bit_depth, color_type, raw_rows):
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw_rows) + chunk(b"IEND", b"")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def scrape(text):
+    """{(sample name, ((label, value), ...)): value} of Prometheus text, via prometheus_client's parser."""
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def sample(text, name, **labels):
+    """The value of one series in Prometheus text, None when it is not exported."""
+    return scrape(text).get((name, tuple(sorted(labels.items()))))
+
+
+def in_process(model_path, db_path, load=True, **settings):
+    """The app of serve.create_app with a Flask test client, no HTTP server and no threads:
+    (client, service). With load, the model is loaded before the first request."""
+    service = serve.Service(serve.Settings(model_path=model_path, db_path=db_path, **settings))
+    if load:
+        assert service.load("test"), service.load_error
+    return serve.create_app(service.settings, service).test_client(), service
+
+
+def client_of(tmp_path_factory, model_path=None, **settings):
+    """Body of a module-scoped fixture: an in-process test client with its own DB."""
+    client, service = in_process(model_path or tiny_model(), str(tmp_path_factory.mktemp("db") / "catdog.db"),
+                                 **settings)
+    yield client
+    service.close()
+
+
+def upload(data, name="photo.jpg", field="file"):
+    """Test-client keyword arguments of a multipart upload, as a browser or curl -F sends it."""
+    return {"data": {field: (io.BytesIO(data), name, "application/octet-stream")},
+            "content_type": "multipart/form-data"}
 
 
 class Server:
     """serve.py in a subprocess on 127.0.0.1:<free port>, stdout captured to a file."""
 
     def __init__(self, model_path, db_path, wait_ready=True, **settings):
-        self.port = free_port()
+        self.port = catdog.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db_path = db_path
         self.log_path = tempfile.mkstemp(prefix="catdog-serve-", suffix=".log")[1]
@@ -107,22 +137,16 @@ class Server:
         env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "MODEL_PATH": model_path,
                "DB_PATH": db_path, "PYTHONDONTWRITEBYTECODE": "1",
                **{k: str(v) for k, v in settings.items()}}
-        self.log_file = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py")], cwd=ROOT, env=env,
-                                     stdout=self.log_file, stderr=subprocess.STDOUT)
+        with open(self.log_path, "wb") as log_file:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py")], cwd=ROOT, env=env,
+                                         stdout=log_file, stderr=subprocess.STDOUT)
         self.wait("/health" if wait_ready else "/live")
 
     def wait(self, path, timeout=30):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited:\n{self.logs()}"
-            try:
-                if requests.get(self.url + path, timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"{path} never answered 200:\n{self.logs()}")
+        try:
+            catdog.wait_ready(self.url + path, self.proc, timeout)
+        except (RuntimeError, TimeoutError) as e:
+            raise AssertionError(f"{e}; server log:\n{self.logs()}") from None
 
     def get(self, path, **kw):
         return requests.get(self.url + path, timeout=10, **kw)
@@ -148,7 +172,6 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        self.log_file.close()
         return self.proc.returncode
 
 

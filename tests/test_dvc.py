@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT, read_tree as tree
+from conftest import ROOT
+from conftest import read_tree as tree
 
 DVC = os.path.join(os.path.dirname(sys.executable), "dvc")
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",

@@ -1,8 +1,10 @@
 """Deployment files checked offline: Dockerfile (hadolint), Compose and GitHub workflows
 (their published JSON schemas, actionlint), Kubernetes manifests (kubernetes-validate
---strict, plus the properties a rollout relies on), and the deploy shell scripts (shellcheck)."""
+--strict, plus the properties a rollout relies on), the deploy shell scripts (shellcheck),
+and the Makefile's own list of targets."""
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -90,3 +92,13 @@ def test_deployment_rolls_out_safely_and_runs_locked_down():
 def test_deploy_scripts_pass_shellcheck():
     code, out = run(tool("shellcheck"), "smoke.sh", "deploy.sh", ".ci/run")
     assert code == 0, out
+
+
+def test_make_help_lists_every_target_with_its_comment():
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        phony = re.search(r"^\.PHONY:((?:.*\\\n)*.*)", f.read(), re.M).group(1).replace("\\\n", " ").split()
+    code, out = run("make", "--no-print-directory", "help")
+    listed = dict(re.findall(r"^  make (\S+) +(.+)$", out, re.M))
+    assert code == 0, out
+    assert len(phony) >= 20 and sorted(listed) == sorted(phony)
+    assert listed["test"] == "lint, then the whole test suite"

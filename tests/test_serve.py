@@ -1,5 +1,7 @@
-"""The inference service through its HTTP API: a real (tiny) exported model in a real
-serve.py process on 127.0.0.1, stopped by PID."""
+"""The inference service with a real (tiny) exported model. Its HTTP contract runs
+in-process on Flask's test client (serve.create_app); what needs a real serve.py process
+(signals, kill -9, JSON logs on stdout, the batcher under concurrency) runs one on
+127.0.0.1, stopped by PID."""
 import io
 import json
 import os
@@ -16,18 +18,82 @@ import numpy as np
 import pytest
 
 import catdog
-from service_helpers import ROOT, Server, export_tiny_model, served, synthetic_photo, tiny_model
+import serve
+from service_helpers import (
+    ROOT,
+    Server,
+    export_tiny_model,
+    in_process,
+    sample,
+    scrape,
+    synthetic_photo,
+    tiny_model,
+    upload,
+)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    yield from served(tmp_path_factory)
+@pytest.fixture
+def app(tmp_path):
+    """(test client, service) of a fresh app: every count starts at 0."""
+    client, service = in_process(tiny_model(), str(tmp_path / "catdog.db"))
+    yield client, service
+    service.close()
 
 
+def predict(client, data, **kw):
+    return client.post("/predict", **upload(data), **kw)
+
+
+# ---------------------------------------------------------------- the module and its settings
 def test_serving_never_imports_torch():
     code = "import sys, serve; assert 'torch' not in sys.modules, 'serve imported torch'; print('ok')"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+IMPORT_WATCH = r"""
+import os, sys, threading
+# serve's own imports first: what is left is what importing serve.py itself does
+import dataclasses, io, json, math, queue, re, signal, sqlite3, time, uuid, collections
+import numpy, onnxruntime, waitress, flask, prometheus_client, prometheus_client.core, werkzeug.exceptions, catdog
+def no_cpu_probe(pid):
+    raise AssertionError("import read the CPU affinity")
+os.sched_getaffinity = no_cpu_probe
+events = []
+sys.addaudithook(lambda event, args: events.append((event, str(args[0]) if args else "")))
+import serve
+print(threading.active_count())
+print(json.dumps(events))
+"""
+
+
+def test_importing_serve_starts_no_thread_and_opens_nothing():
+    out = subprocess.run([sys.executable, "-c", IMPORT_WATCH], check=False, cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    threads, events = out.stdout.splitlines()
+    assert threads == "1"
+    events = json.loads(events)
+    opened = [path for event, path in events if event == "open"]
+    assert opened and all(path.endswith((".py", ".pyc")) for path in opened), opened  # module files only
+    assert {event for event, _ in events} <= {"import", "open", "exec", "compile", "marshal.loads", "os.listdir"}, events
+
+
+def test_settings_come_from_the_environment_in_one_place():
+    default = serve.Settings.from_env({})
+    assert default == serve.Settings()
+    assert default.model_path == os.path.join(catdog.MODELS_DIR, "model.onnx")
+    assert default.db_path == os.path.join(catdog.ROOT, "var", "catdog.db")
+    assert (default.port, default.batch_max, default.live_window, default.max_upload_bytes) == (8000, 1, 500, 10 << 20)
+    given = serve.Settings.from_env({"PORT": "9000", "MODEL_PATH": "/m/model.onnx", "MAX_UPLOAD_MB": "2.5",
+                                     "BATCH_WAIT_MS": "5", "SHUTDOWN_TIMEOUT": "3", "UNRELATED": "x"})
+    assert (given.port, given.model_path, given.max_upload_mb, given.batch_wait_ms, given.shutdown_timeout) == (
+        9000, "/m/model.onnx", 2.5, 5.0, 3.0)
+    assert given.reference_profile_path == "/m/reference_profile.json"  # beside the model unless PROFILE_PATH
+    assert given.replace(profile_path="/p.json").reference_profile_path == "/p.json"
+    assert given.body_hard_limit == 64 << 20 and given.replace(max_upload_mb=100).body_hard_limit == 400 << 20
+    with pytest.raises(ValueError):
+        serve.Settings.from_env({"PORT": "eighty"})
 
 
 def test_serving_requirements_are_a_subset_of_the_project_pins():
@@ -35,111 +101,227 @@ def test_serving_requirements_are_a_subset_of_the_project_pins():
         with open(os.path.join(ROOT, name)) as f:
             return {line.split("#")[0].strip() for line in f if "==" in line.split("#")[0]}
     serving, project = pins("requirements-serve.txt"), pins("requirements.txt")
-    assert {"onnxruntime", "numpy", "pillow", "flask", "waitress"} <= {p.split("==")[0] for p in serving}
+    assert {"onnxruntime", "numpy", "pillow", "flask", "waitress", "prometheus-client"} <= {
+        p.split("==")[0] for p in serving}
     assert serving <= project, f"not pinned the same in requirements.txt: {sorted(serving - project)}"
     assert not any(p.startswith("torch") for p in serving)
 
 
 def test_inference_threads_follow_the_cgroup_cpu_quota(monkeypatch):
-    import serve
-
-    real_open = open
+    files = {}
 
     def fake_open(path, *args, **kw):
-        if path == "/sys/fs/cgroup/cpu.max":
-            return io.StringIO("50000 100000\n")  # half a CPU
-        return real_open(path, *args, **kw)
+        if path not in files:
+            raise FileNotFoundError(path)
+        return io.StringIO(files[path])
 
-    assert 1 <= serve.available_cpus() <= len(os.sched_getaffinity(0))
+    monkeypatch.setattr(serve.os, "sched_getaffinity", lambda pid: set(range(8)))
     monkeypatch.setattr(serve, "open", fake_open, raising=False)
-    assert serve.available_cpus() == 1
+    assert serve.available_cpus() == 8  # no cgroup files: the affinity mask
+    files["/sys/fs/cgroup/cpu.max"] = "max 100000\n"
+    assert serve.available_cpus() == 8  # no quota
+    files["/sys/fs/cgroup/cpu.max"] = "250000 100000\n"
+    assert serve.available_cpus() == 3  # 2.5 CPUs: rounded up
+    files["/sys/fs/cgroup/cpu.max"] = "50000 100000\n"
+    assert serve.available_cpus() == 1  # half a CPU
+    files = {"/sys/fs/cgroup/cpu/cpu.cfs_quota_us": "200000\n", "/sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000\n"}
+    assert serve.available_cpus() == 2  # cgroup v1
 
 
-def test_predicts_real_photos_through_the_api(server):
+# ---------------------------------------------------------------- the HTTP contract, in-process
+def test_predicts_real_photos_through_the_api(app):
+    client, _ = app
     rng = np.random.default_rng(1)
     for kind in ("cat", "dog", "cat", "dog"):
-        r = server.predict(synthetic_photo(rng, kind))
+        r = predict(client, synthetic_photo(rng, kind))
         assert r.status_code == 200, r.text
-        body = r.json()
+        body = r.json
+        assert set(body) == {"label", "confidence", "probabilities", "model_version", "request_id", "latency_ms"}
         assert body["label"] == kind
         assert body["probabilities"][kind] == body["confidence"] > 0.5
         assert abs(sum(body["probabilities"].values()) - 1) < 1e-5
         assert body["model_version"] == "tiny-1" and body["latency_ms"] > 0
         assert r.headers["X-Request-ID"] == body["request_id"]
     # the other multipart field name, and a raw image/* body as curl --data-binary sends it
-    assert server.predict(synthetic_photo(rng, "dog", fmt="PNG"), field="image").json()["label"] == "dog"
-    r = server.post("/predict", data=synthetic_photo(rng, "cat"), headers={"Content-Type": "image/jpeg"})
-    assert r.status_code == 200 and r.json()["label"] == "cat"
+    r = client.post("/predict", **upload(synthetic_photo(rng, "dog", fmt="PNG"), field="image"))
+    assert r.json["label"] == "dog"
+    r = client.post("/predict", data=synthetic_photo(rng, "cat"), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 200 and r.json["label"] == "cat"
 
 
-def test_request_id_is_echoed_only_when_safe(server):
+def test_request_id_is_echoed_only_when_safe(app):
+    client, _ = app
     rng = np.random.default_rng(2)
-    r = server.predict(synthetic_photo(rng, "cat"), headers={"X-Request-ID": "shelter-42.a_b"})
-    assert r.headers["X-Request-ID"] == r.json()["request_id"] == "shelter-42.a_b"
-    r = server.predict(synthetic_photo(rng, "cat"), headers={"X-Request-ID": "<script>" + "x" * 100})
-    assert r.status_code == 200 and r.json()["request_id"] == r.headers["X-Request-ID"]
-    assert "<" not in r.json()["request_id"] and len(r.json()["request_id"]) == 32
+    r = predict(client, synthetic_photo(rng, "cat"), headers={"X-Request-ID": "shelter-42.a_b"})
+    assert r.headers["X-Request-ID"] == r.json["request_id"] == "shelter-42.a_b"
+    r = predict(client, synthetic_photo(rng, "cat"), headers={"X-Request-ID": "<script>" + "x" * 100})
+    assert r.status_code == 200 and r.json["request_id"] == r.headers["X-Request-ID"]
+    assert "<" not in r.json["request_id"] and len(r.json["request_id"]) == 32
+    r = client.get("/live", headers={"X-Request-ID": "probe-1"})  # every endpoint echoes it
+    assert r.headers["X-Request-ID"] == "probe-1"
 
 
-def test_health_live_metrics_stats_and_page(server):
-    assert server.get("/live").status_code == 200
-    health = server.get("/health")
-    assert health.status_code == 200 and health.json() == {"status": "ok", "model_version": "tiny-1",
-                                                           "arch": "baseline"}
-    server.predict(synthetic_photo(np.random.default_rng(3), "dog"))
-    text = server.get("/metrics").text
-    for needle in ('catdog_requests_total{endpoint="/predict",status="200"}',
-                   'catdog_request_duration_seconds_bucket{endpoint="/predict",le="+Inf"}',
-                   'catdog_predictions_total{label="dog"}', 'catdog_prediction_confidence_bucket{le="0.9"}',
-                   'catdog_feedback_total{correct="true"}', 'catdog_model_info{version="tiny-1",arch="baseline"} 1',
-                   "catdog_model_ready 1", "catdog_inference_batch_size_count", "catdog_live_accuracy_samples"):
-        assert needle in text, needle
-    for line in text.splitlines():  # every sample line is `name{labels} number`
-        if not line.startswith("#"):
-            float(line.rsplit(" ", 1)[1])
-    stats = server.get("/stats").json()
-    assert stats["predictions_by_label"]["dog"] >= 1 and stats["requests"] >= stats["predictions"] >= 1
-    assert stats["mean_latency_ms"] > 0 and stats["model_version"] == "tiny-1"
-    assert {"live_accuracy", "feedback_count", "drift"} <= set(stats)
-    page = server.get("/")
+def test_health_live_metrics_stats_and_page(app):
+    client, service = app
+    assert client.get("/live").json == {"status": "alive"}
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json == {"status": "ok", "model_version": "tiny-1", "arch": "baseline"}
+    confidence = predict(client, synthetic_photo(np.random.default_rng(3), "dog")).json["confidence"]
+    r = client.get("/metrics")
+    assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    series = scrape(r.text)
+    assert series[("catdog_requests_total", (("endpoint", "/predict"), ("status", "200")))] == 1
+    assert series[("catdog_requests_total", (("endpoint", "/health"), ("status", "200")))] == 1
+    assert series[("catdog_request_duration_seconds_count", (("endpoint", "/predict"),))] == 1
+    assert series[("catdog_request_duration_seconds_bucket", (("endpoint", "/predict"), ("le", "+Inf")))] == 1
+    assert series[("catdog_predictions_total", (("label", "dog"),))] == 1
+    assert series[("catdog_predictions_total", (("label", "cat"),))] == 0  # every class from 0
+    assert series[("catdog_prediction_confidence_count", ())] == 1
+    assert abs(series[("catdog_prediction_confidence_sum", ())] - confidence) < 1e-5
+    assert series[("catdog_prediction_confidence_bucket", (("le", "0.5"),))] == 0
+    assert series[("catdog_prediction_confidence_bucket", (("le", "+Inf"),))] == 1
+    assert series[("catdog_feedback_total", (("correct", "true"),))] == 0
+    assert series[("catdog_feedback_total", (("correct", "false"),))] == 0
+    assert ("catdog_live_accuracy", ()) not in series and series[("catdog_live_accuracy_samples", ())] == 0
+    assert series[("catdog_inference_batch_size_count", ())] == 1 == series[("catdog_inference_batch_size_sum", ())]
+    assert series[("catdog_model_info", (("arch", "baseline"), ("version", "tiny-1")))] == 1
+    assert series[("catdog_model_ready", ())] == 1
+    assert series[("catdog_in_flight_requests", ())] == 1  # this scrape
+    assert series[("catdog_drift_window_samples", ())] == 1
+    assert series[("catdog_start_time_seconds", ())] == service.started_at
+    assert not [name for name, _ in series if name.endswith("_created")]
+    stats = client.get("/stats").json
+    predict_seconds = series[("catdog_request_duration_seconds_sum", (("endpoint", "/predict"),))]
+    assert stats["mean_latency_ms"] == round(predict_seconds * 1000, 2)
+    assert 0 <= stats.pop("uptime_s") < 600 and stats.pop("mean_latency_ms") > 0
+    assert stats == {
+        "model_version": "tiny-1", "requests": 4,
+        "requests_by_endpoint": {"/health 200": 1, "/live 200": 1, "/metrics 200": 1, "/predict 200": 1},
+        "predictions": 1, "predictions_by_label": {"cat": 0, "dog": 1},
+        "live_accuracy": None, "live_accuracy_samples": 0, "live_window": 500, "feedback_count": 0,
+        "drift": {"samples": 1, "psi": {}, "drifted": []}}
+    page = client.get("/")
     assert page.status_code == 200 and "/predict" not in page.text.split("<script>")[0]
     assert 'fetch("predict"' in page.text and 'fetch("feedback"' in page.text
 
 
+def test_errors_are_json_with_a_request_id_and_counted(app, monkeypatch):
+    client, service = app
+    for method, path, status, reason in (("get", "/nowhere", 404, "not_found"),
+                                         ("get", "/predict", 405, "method_not_allowed")):
+        r = getattr(client, method)(path, headers={"X-Request-ID": f"err-{status}"})
+        assert (r.status_code, r.json["error"], r.json["request_id"], r.headers["X-Request-ID"]) == (
+            status, reason, f"err-{status}", f"err-{status}")
+        assert r.json["message"]
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(service, "predict", broken)
+    r = predict(client, synthetic_photo(np.random.default_rng(4), "cat"))
+    assert r.status_code == 500 and r.json["error"] == "internal_error" and "bug" not in r.text
+    text = client.get("/metrics").text
+    # raw paths would explode the label set: what no route matched counts as "unmatched"
+    assert sample(text, "catdog_requests_total", endpoint="unmatched", status="404") == 1
+    assert sample(text, "catdog_requests_total", endpoint="unmatched", status="405") == 1
+    assert sample(text, "catdog_requests_total", endpoint="/predict", status="500") == 1
+    assert sample(text, "catdog_in_flight_requests") == 1  # every failed request left the count
+
+
 def test_no_model_means_not_ready_but_alive(tmp_path):
-    s = Server(str(tmp_path / "missing.onnx"), str(tmp_path / "catdog.db"), wait_ready=False)
+    client, service = in_process(str(tmp_path / "missing.onnx"), str(tmp_path / "catdog.db"), load=False)
     try:
-        assert s.get("/live").status_code == 200
-        assert s.get("/health").status_code == 503 and s.get("/health").json()["status"] == "no_model"
-        r = s.predict(synthetic_photo(np.random.default_rng(4), "cat"))
-        assert r.status_code == 503 and r.json()["error"] == "not_ready"
-        assert "catdog_model_ready 0" in s.get("/metrics").text
+        assert client.get("/live").status_code == 200
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json == {
+            "status": "no_model", "model_path": str(tmp_path / "missing.onnx"), "error": None}
+        r = predict(client, synthetic_photo(np.random.default_rng(4), "cat"))
+        assert r.status_code == 503 and r.json["error"] == "not_ready"
+        text = client.get("/metrics").text
+        assert sample(text, "catdog_model_ready") == 0
+        assert not [name for name, _ in scrape(text) if name == "catdog_model_info"]
+        assert client.get("/stats").json["model_version"] is None
+        assert service.load("test") is False and "missing.json" in service.load_error  # the meta is read first
     finally:
-        s.stop()
+        service.close()
 
 
-def test_feedback_drives_live_accuracy_and_survives_kill_9(tmp_path):
+def test_a_failed_load_reports_and_a_failed_reload_keeps_the_old_model(tmp_path):
+    model_dir = tmp_path / "models"
+    shutil.copytree(os.path.dirname(tiny_model()), model_dir)
+    client, service = in_process(str(model_dir / "model.onnx"), str(tmp_path / "catdog.db"))
+    try:
+        (model_dir / "model.onnx").write_bytes(b"not a model")
+        assert service.load("test") is False
+        assert client.get("/health").json == {"status": "ok", "model_version": "tiny-1", "arch": "baseline"}
+        assert predict(client, synthetic_photo(np.random.default_rng(5), "dog")).json["label"] == "dog"
+        service.model = None  # as before the first successful load
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json["status"] == "load_failed"
+        assert health.json["error"] == service.load_error and service.load_error
+    finally:
+        service.close()
+
+
+def test_feedback_drives_live_accuracy(tmp_path):
+    client, _ = in_process(tiny_model(), str(tmp_path / "catdog.db"), live_window=3)
+    rng = np.random.default_rng(5)
+    ids = [predict(client, synthetic_photo(rng, kind)).json["request_id"] for kind in ("cat", "dog", "cat", "dog")]
+    # the oldest prediction is judged wrong, the three newest right: the window of 3 sees 100 %
+    for request_id, truth, predicted in zip(ids, ("dog", "dog", "CAT", "dog"), ("cat", "dog", "cat", "dog")):
+        r = client.post("/feedback", json={"request_id": request_id, "label": truth})
+        assert r.status_code == 200 and r.json == {"request_id": request_id, "label": truth.lower(),
+                                                   "predicted": predicted, "correct": request_id != ids[0]}
+    for body, status, reason in (({"request_id": "nope", "label": "cat"}, 404, "unknown_request_id"),
+                                 ({"request_id": ids[0], "label": "horse"}, 400, "bad_label"),
+                                 ({"request_id": "<bad id>", "label": "cat"}, 400, "bad_request_id"),
+                                 ([ids[0], "cat"], 400, "bad_json")):
+        r = client.post("/feedback", json=body)
+        assert (r.status_code, r.json["error"]) == (status, reason)
+    assert client.post("/feedback", data="not json").json["error"] == "bad_json"
+    stats = client.get("/stats").json
+    assert (stats["live_accuracy"], stats["live_accuracy_samples"], stats["feedback_count"]) == (1.0, 3, 4)
+    text = client.get("/metrics").text
+    assert sample(text, "catdog_live_accuracy") == 1.0 and sample(text, "catdog_live_accuracy_samples") == 3
+    assert sample(text, "catdog_feedback_total", correct="false") == 1
+    assert sample(text, "catdog_feedback_total", correct="true") == 3
+    # a wrong answer among the newest three: 2/3
+    client.post("/feedback", json={"request_id": ids[3], "label": "cat"})
+    assert abs(client.get("/stats").json["live_accuracy"] - 2 / 3) < 1e-9
+    assert abs(sample(client.get("/metrics").text, "catdog_live_accuracy") - 2 / 3) < 1e-9
+
+
+def test_drift_rises_on_dark_and_grayscale_inputs_and_stays_low_in_distribution(tmp_path):
+    client, _ = in_process(tiny_model(), str(tmp_path / "catdog.db"), drift_window=120, drift_min_samples=100)
+    rng = np.random.default_rng(10)
+
+    def send(photos):
+        assert {predict(client, p).status_code for p in photos} == {200}
+        return client.get("/stats").json["drift"]
+
+    assert send([synthetic_photo(rng) for _ in range(40)]) == {"samples": 40, "psi": {}, "drifted": []}  # too few
+    normal = send([synthetic_photo(rng) for _ in range(80)])
+    dark = send([synthetic_photo(rng, dark=True) for _ in range(120)])
+    gray = send([synthetic_photo(rng, gray=True) for _ in range(120)])
+    text = client.get("/metrics").text
+    assert normal["samples"] == 120 and normal["drifted"] == [], normal
+    assert set(normal["psi"]) == set(catdog.DRIFT_FEATURES), normal  # the tiny profile has no confidences
+    assert max(normal["psi"].values()) < catdog.DRIFT_THRESHOLD, normal
+    assert dark["psi"]["brightness"] > 4 * catdog.DRIFT_THRESHOLD and "brightness" in dark["drifted"], dark
+    assert gray["psi"]["saturation"] > 4 * catdog.DRIFT_THRESHOLD and "saturation" in gray["drifted"], gray
+    assert sample(text, "catdog_drift_psi", feature="saturation") == gray["psi"]["saturation"]
+    assert sample(text, "catdog_drift_window_samples") == 120
+
+
+# ---------------------------------------------------------------- a real serve.py process
+def test_acknowledged_feedback_survives_kill_9(tmp_path):
     db_path = str(tmp_path / "db" / "catdog.db")
     s = Server(tiny_model(), db_path, LIVE_WINDOW=3)
     rng = np.random.default_rng(5)
     ids = [s.predict(synthetic_photo(rng, kind), name="Whiskers-7.jpg").json()["request_id"]
            for kind in ("cat", "dog", "cat", "dog")]
-    # the oldest prediction is judged wrong, the three newest right: the window of 3 sees 100 %
-    truths = ("dog", "dog", "cat", "dog")
-    for request_id, truth in zip(ids, truths):
-        r = s.post("/feedback", json={"request_id": request_id, "label": truth})
-        assert r.status_code == 200 and r.json()["correct"] == (request_id != ids[0])
-    assert s.post("/feedback", json={"request_id": "nope", "label": "cat"}).status_code == 404
-    assert s.post("/feedback", json={"request_id": ids[0], "label": "horse"}).status_code == 400
-    assert s.post("/feedback", data="not json").status_code == 400
-    stats = s.get("/stats").json()
-    assert (stats["live_accuracy"], stats["live_accuracy_samples"], stats["feedback_count"]) == (1.0, 3, 4)
-    metrics = s.get("/metrics").text
-    assert "catdog_live_accuracy 1.0" in metrics
-    assert 'catdog_feedback_total{correct="false"} 1' in metrics and 'catdog_feedback_total{correct="true"} 3' in metrics
-    # a wrong answer among the newest three: 2/3
-    s.post("/feedback", json={"request_id": ids[3], "label": "cat"})
-    assert abs(s.get("/stats").json()["live_accuracy"] - 2 / 3) < 1e-9
+    for request_id, truth in zip(ids, ("dog", "dog", "cat", "cat")):  # 2 of the newest 3 right
+        assert s.post("/feedback", json={"request_id": request_id, "label": truth}).status_code == 200
 
     s.stop(signal.SIGKILL)  # no clean shutdown: what was acknowledged must still be there
     with sqlite3.connect(db_path) as conn:
@@ -148,6 +330,8 @@ def test_feedback_drives_live_accuracy_and_survives_kill_9(tmp_path):
         columns = [row[1] for row in conn.execute("PRAGMA table_info(predictions)")]
         assert columns == ["request_id", "time", "model_version", "label", "confidence", "width", "height",
                            "brightness"]
+        predicted = conn.execute("SELECT model_version, label FROM predictions ORDER BY time").fetchall()
+        assert predicted == [("tiny-1", kind) for kind in ("cat", "dog", "cat", "dog")]
     for name in os.listdir(os.path.dirname(db_path)):  # the database, its WAL and shared memory
         with open(os.path.join(os.path.dirname(db_path), name), "rb") as f:
             content = f.read()
@@ -160,19 +344,27 @@ def test_feedback_drives_live_accuracy_and_survives_kill_9(tmp_path):
         again.stop()
 
 
-def test_logs_are_json_lines_without_images_names_or_addresses(server):
-    rng = np.random.default_rng(6)
-    photo = synthetic_photo(rng, "cat")
-    r = server.predict(photo, name="Whiskers-secret-4711.jpg", headers={"X-Forwarded-For": "10.9.8.7"})
-    assert r.status_code == 200
-    server.predict(b"not an image at all", name="Rex-private.jpg")
-    time.sleep(0.2)
-    logs = server.logs()
+def test_logs_are_json_lines_without_images_names_or_addresses(tmp_path):
+    s = Server(tiny_model(), str(tmp_path / "catdog.db"))
+    try:
+        rng = np.random.default_rng(6)
+        r = s.predict(synthetic_photo(rng, "cat"), name="Whiskers-secret-4711.jpg",
+                      headers={"X-Forwarded-For": "10.9.8.7"})
+        assert r.status_code == 200
+        assert s.predict(b"not an image at all", name="Rex-private.jpg").status_code == 422
+    finally:
+        exit_code = s.stop()
+    assert exit_code == 0
+    logs = s.logs()
     lines = [json.loads(line) for line in logs.splitlines() if line.strip()]  # every line is JSON
+    events = [line["event"] for line in lines if "event" in line]
+    assert {"listening", "model_loaded"} <= set(events) and events[-2:] == ["stopping", "stopped"]
     mine = [line for line in lines if line.get("request_id") == r.json()["request_id"]]
     assert len(mine) == 1
-    assert {"request_id", "endpoint", "status", "latency_ms", "label"} <= set(mine[0])
-    assert (mine[0]["endpoint"], mine[0]["status"], mine[0]["label"]) == ("/predict", 200, "cat")
+    assert set(mine[0]) == {"time", "request_id", "method", "endpoint", "status", "latency_ms", "label", "error"}
+    assert (mine[0]["method"], mine[0]["endpoint"], mine[0]["status"], mine[0]["label"], mine[0]["error"]) == (
+        "POST", "/predict", 200, "cat", None)
+    assert [line["error"] for line in lines if line.get("status") == 422] == ["not_an_image"]
     for secret in ("Whiskers", "Rex-private", "10.9.8.7", "not an image", "JFIF", "\\u00ff\\u00d8"):
         assert secret not in logs, secret
     # the client's address (127.0.0.1 here) is in no request line; only the bind address is logged at start
@@ -201,10 +393,10 @@ def test_batcher_groups_concurrent_requests_and_matches_unbatched(tmp_path):
         s.stop()
     for answer, expected in zip(answers, direct_probabilities(tiny_model(), photos)):
         assert np.allclose([answer["probabilities"]["cat"], answer["probabilities"]["dog"]], expected, atol=1e-5)
-    sizes = {line.split("le=")[1].split('"')[1]: int(line.split()[-1])
-             for line in metrics.splitlines() if line.startswith("catdog_inference_batch_size_bucket")}
-    assert sizes["+Inf"] < len(photos), "no two requests shared a batch"
-    assert sizes["4"] < sizes["+Inf"] and sizes["+Inf"] == sizes["8"], sizes  # some batches of 5-8, none above 8
+    runs = {bound: sample(metrics, "catdog_inference_batch_size_bucket", le=bound) for bound in ("4.0", "8.0", "+Inf")}
+    assert sample(metrics, "catdog_inference_batch_size_sum") == len(photos)  # every image ran exactly once
+    assert runs["+Inf"] < len(photos), "no two requests shared a batch"
+    assert runs["4.0"] < runs["+Inf"] and runs["+Inf"] == runs["8.0"], runs  # some batches of 5-8, none above 8
 
 
 def test_sighup_reloads_the_model_without_dropping_requests(tmp_path):
@@ -239,12 +431,15 @@ def test_sighup_reloads_the_model_without_dropping_requests(tmp_path):
         stop.set()
         for c in clients:
             c.join()
+        metrics = s.get("/metrics").text
     finally:
         stop.set()
         s.stop()
     assert statuses and set(statuses) == {200}
     assert ("tiny-1", "cat") in versions and ("tiny-2", "dog") in versions  # the new model inverts the rule
     assert versions <= {("tiny-1", "cat"), ("tiny-2", "dog")}
+    assert sample(metrics, "catdog_model_info", version="tiny-2", arch="baseline") == 1
+    assert sample(metrics, "catdog_model_info", version="tiny-1", arch="baseline") is None
 
 
 def test_sigterm_lets_in_flight_requests_finish(tmp_path):
@@ -263,27 +458,3 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path):
     assert s.proc.wait(15) == 0
     assert '"event": "stopped"' in s.logs()
     s.stop()
-
-
-def test_drift_rises_on_dark_and_grayscale_inputs_and_stays_low_in_distribution(tmp_path):
-    s = Server(tiny_model(), str(tmp_path / "catdog.db"), DRIFT_WINDOW=120, DRIFT_MIN_SAMPLES=100, THREADS=4)
-    rng = np.random.default_rng(10)
-
-    def send(photos):
-        with ThreadPoolExecutor(4) as pool:
-            assert {r.status_code for r in pool.map(s.predict, photos)} == {200}
-        return s.get("/stats").json()["drift"]
-
-    try:
-        assert send([synthetic_photo(rng) for _ in range(40)])["psi"] == {}  # too few inputs to judge yet
-        normal = send([synthetic_photo(rng) for _ in range(80)])
-        dark = send([synthetic_photo(rng, dark=True) for _ in range(120)])
-        gray = send([synthetic_photo(rng, gray=True) for _ in range(120)])
-        metrics = s.get("/metrics").text
-    finally:
-        s.stop()
-    assert normal["samples"] == 120 and normal["drifted"] == [], normal
-    assert max(normal["psi"].values()) < catdog.DRIFT_THRESHOLD, normal
-    assert dark["psi"]["brightness"] > 4 * catdog.DRIFT_THRESHOLD and "brightness" in dark["drifted"], dark
-    assert gray["psi"]["saturation"] > 4 * catdog.DRIFT_THRESHOLD and "saturation" in gray["drifted"], gray
-    assert 'catdog_drift_psi{feature="saturation"}' in metrics and "catdog_drift_window_samples 120" in metrics

@@ -1,15 +1,15 @@
 """The real champion (models/model.onnx from `make train`) served by serve.py predicts real
 shared photos correctly: held-out test-split photos when data/manifest.csv says which."""
-import csv
 import os
+import re
 
 import pytest
 
 import catdog
-from service_helpers import ROOT, SHARED, Server
+from service_helpers import Server
 
-MODEL = os.environ.get("MODEL_PATH", os.path.join(ROOT, catdog.MODELS_DIR, "model.onnx"))  # or a candidate
-MANIFEST = os.path.join(ROOT, catdog.DATA_DIR, "manifest.csv")
+SHARED = catdog.SHARED_SAMPLE
+MODEL = os.environ.get("MODEL_PATH", os.path.join(catdog.MODELS_DIR, "model.onnx"))  # or a candidate
 
 pytestmark = [
     pytest.mark.integration,
@@ -18,20 +18,34 @@ pytestmark = [
 ]
 
 
+def held_out_names():
+    """File names in the held-out test split (original photos), or None without a manifest."""
+    if not os.path.exists(catdog.MANIFEST):
+        return None
+    return {os.path.basename(row["source"]) for row in catdog.read_manifest(catdog.MANIFEST, "test")}
+
+
 def held_out_photos(per_class=10):
     """Original shared photos, from the test split when the manifest is there (the champion
     never trained on them), else spread over the whole sample."""
     names = sorted(os.listdir(SHARED))
-    if os.path.exists(MANIFEST):
-        with open(MANIFEST) as f:
-            test = {os.path.basename(row["source"]) for row in csv.DictReader(f)
-                    if row.get("split") == "test" and not row.get("drop_reason")}
+    test = held_out_names()
+    if test:
         names = [n for n in names if n in test] or names
     chosen = []
     for label in catdog.CLASSES:
         mine = [n for n in names if catdog.label_from_name(n) == label]
         chosen += mine[:: max(1, len(mine) // per_class)][:per_class]
     return chosen
+
+
+@pytest.mark.skipif(not os.path.exists(catdog.MANIFEST), reason="no data/manifest.csv: `make data` writes it")
+def test_smoke_photos_are_held_out():
+    """smoke.sh's default photos of the shared sample must be in the test split: a photo the
+    model trained on would prove less."""
+    with open(os.path.join(catdog.ROOT, "smoke.sh")) as f:
+        defaults = re.findall(r'SMOKE_(?:CAT|DOG):-([^}]+)}', f.read())
+    assert len(defaults) == 2 and set(defaults) <= held_out_names(), defaults
 
 
 def test_champion_predicts_shared_photos(tmp_path):
