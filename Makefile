@@ -95,7 +95,7 @@ test: setup system-deps lint  ## lint, then the whole test suite
 
 # Pyflakes, pycodestyle errors, import order, bugbear and pyupgrade; zip() without strict= and
 # constant path defaults are fine here.
-LINT_RULES := --select E4,E7,E9,F,I,B,UP --ignore B008,B905 --target-version py311 --config 'src = [".", "tests"]'
+LINT_RULES := --select E4,E7,E9,F,I,B,UP --ignore B008,B905 --target-version py311 --line-length 120 --config 'src = [".", "tests"]'
 lint: setup  ## ruff over every Python file
 	$(VENV)/bin/ruff check $(LINT_RULES) .
 

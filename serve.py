@@ -37,24 +37,8 @@ from collections import deque
 import numpy as np
 import onnxruntime as ort
 import waitress
-from flask import (
-    Blueprint,
-    Flask,
-    Request,
-    current_app,
-    g,
-    jsonify,
-    request,
-    send_from_directory,
-)
-from prometheus_client import (
-    CONTENT_TYPE_PLAIN_0_0_4,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from flask import Blueprint, Flask, Request, current_app, g, jsonify, request, send_from_directory
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from werkzeug.exceptions import HTTPException
 
