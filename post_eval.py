@@ -46,19 +46,6 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- which photos, with which labels
-def labelled_files(paths):
-    """[(path, label)] for image files in the given files/folders; unlabelled files are skipped."""
-    found = []
-    for path in paths:
-        if os.path.isdir(path):
-            for root, _, names in os.walk(path):
-                found += [os.path.join(root, n) for n in names if n.lower().endswith(catdog.IMAGE_SUFFIXES)]
-        else:
-            found.append(path)
-    pairs = [(p, catdog.label_from_name(p)) for p in sorted(found)]
-    return [(p, label) for p, label in pairs if label]
-
-
 def manifest_files(path, split):
     """[(photo, label)] of one split of preprocess.py's manifest: the original photo a client
     would send, or the processed copy when the original is not on this machine."""
@@ -223,7 +210,7 @@ def main(argv=None):
     if cfg.manifest:
         pairs, source = manifest_files(cfg.manifest, cfg.split), f"{cfg.manifest} split={cfg.split}"
     else:
-        pairs, source = labelled_files(cfg.images), " ".join(cfg.images)
+        pairs, source = catdog.labelled_photos(cfg.images), " ".join(cfg.images)
     pairs = balanced_head(pairs, cfg.limit)
     if not pairs:
         sys.exit(f"post_eval: no labelled photos found in {source or '(nothing given)'}")

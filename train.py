@@ -47,6 +47,8 @@ batch_size = 32                # baseline: images per batch (small ones run fast
 lr = 3e-3                      # baseline: peak learning rate of AdamW's one-cycle schedule
 weight_decay = 5e-4            # baseline: AdamW weight decay
 # transfer: frozen features + a linear head
+backbone = catdog.BACKBONE     # transfer: the frozen ImageNet network (efficientnet-lite0, -lite1 or -lite2)
+mirror_view = False            # transfer: the mirror image of every training photo as a second training view
 pretrained = True              # transfer: ImageNet weights (--no-pretrained: random ones, for tests only)
 extract_batch_size = 16        # transfer: images per batch when extracting the frozen features
 aug_views = 0                  # transfer: extra augmented train views to extract features from
@@ -55,6 +57,8 @@ head_l2 = 1e-3                 # transfer: L2 penalty of the logistic head
 # the served file
 quantize = True                # serve int8 ONNX (catdog.quantize_onnx), about 2x less serving CPU; --no-quantize: fp32
 calibration_images = 128       # training images that set the int8 activation ranges
+# evaluation: what every candidate is measured, reported and gated on
+eval_extra = catdog.EXTRA_SAMPLE  # labelled photos measured with the test split, never trained on ("": test only)
 # tracking and the registry
 tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", catdog.TRACKING_URI)  # MLflow tracking URI ($MLFLOW_TRACKING_URI, else mlflow.db in the project root)
 experiment = "catdog"          # MLflow experiment the runs go to
@@ -122,8 +126,9 @@ class Images(Dataset):
     """Images of one split as (normalised tensor, label). With `augment`, a random view
     whose randomness depends only on (seed, epoch, index), so runs and process counts agree."""
 
-    def __init__(self, items, settings, augment=False, seed=0):
+    def __init__(self, items, settings, augment=False, seed=0, mirror=False):
         self.items, self.settings, self.augment, self.seed, self.epoch = items, settings, augment, seed, 0
+        self.mirror = mirror  # every image left-right mirrored
 
     def __len__(self):
         return len(self.items)
@@ -131,6 +136,8 @@ class Images(Dataset):
     def __getitem__(self, index):
         path, label = self.items[index]
         img = catdog.open_image(path)
+        if self.mirror:
+            img = ImageOps.mirror(img)
         if self.augment:
             img = augment(img, self.settings["resize"], np.random.default_rng([self.seed, self.epoch, index]))
         return torch.from_numpy(catdog.preprocess(img, self.settings)), label
@@ -263,13 +270,15 @@ def train_baseline(cfg, splits, mlflow_log):
 
 
 def train_transfer(cfg, splits, mlflow_log):
-    """Extract frozen Lite0 features once, then train only the linear head on them."""
-    settings = catdog.PREPROCESS["transfer"]
+    """Extract frozen backbone features once, then train only the linear head on them."""
+    settings = catdog.preprocess_settings("transfer", cfg.backbone)
     torch.manual_seed(cfg.seed)
-    model = nets.build_model("transfer", pretrained=cfg.pretrained).eval()
+    model = nets.build_model("transfer", pretrained=cfg.pretrained, backbone=cfg.backbone).eval()
     backbone = model.features.to(DEVICE).to(memory_format=torch.channels_last)
     started = time.time()
     views = [Images(splits["train"], settings)]
+    if cfg.mirror_view:
+        views.append(Images(splits["train"], settings, mirror=True))
     for view in range(cfg.aug_views):
         views.append(Images(splits["train"], settings, augment=True, seed=cfg.seed))
         views[-1].epoch = view
@@ -462,12 +471,84 @@ def save(fig, folder, name):
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- the evaluation set
+@dataclasses.dataclass
+class Evaluation:
+    """The photos every candidate is measured, reported and gated on: the test split, then the
+    extra photos (300 photos alone give an accuracy +-0.9 points wide; 2,300 tell 99.0 from 99.5 %)."""
+    items: list          # [(path, class index)], the test split first
+    parts: np.ndarray    # "test" or "extra", per item
+
+    @property
+    def labels(self):
+        return labels_of(self.items)
+
+    def identity(self):
+        """sha256 over (part, file name, label, file sha256): two runs share per-photo answers
+        only when this matches."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for (path, label), part in zip(self.items, self.parts):
+            digest.update(f"{part}\t{os.path.basename(path)}\t{label}\t{catdog.sha256_file(path)}\n".encode())
+        return digest.hexdigest()
+
+
+def evaluation_set(test_items, extra_folder):
+    extra = []
+    if extra_folder and os.path.isdir(extra_folder):
+        extra = [(path, catdog.CLASSES.index(label)) for path, label in catdog.labelled_photos([extra_folder])]
+    elif extra_folder:
+        log(f"no extra evaluation photos at {extra_folder}: candidates are measured on the test split only")
+    return Evaluation(test_items + extra, np.array(["test"] * len(test_items) + ["extra"] * len(extra)))
+
+
+def measure(probs, evaluation):
+    """Figures of one set of answers: {"test": ..., "extra": ..., "eval": ...} (each of
+    `evaluate`), eval covering both with its accuracy's 95 % Wilson interval."""
+    labels, figures = evaluation.labels, {}
+    for part in ("test", "extra"):
+        if np.any(evaluation.parts == part):
+            figures[part] = evaluate(probs[evaluation.parts == part], labels[evaluation.parts == part])
+    figures["eval"] = evaluate(probs, labels)
+    right = int(np.sum(probs.argmax(1) == labels))
+    low, high = catdog.wilson_interval(right, len(labels))
+    figures["eval"].update(accuracy_low=low, accuracy_high=high, images=len(labels), errors=len(labels) - right)
+    return figures
+
+
+def flat_figures(figures):
+    """The test figures under their own names (as every earlier run logged them), the others
+    prefixed: accuracy, ..., extra_accuracy, ..., eval_accuracy, eval_accuracy_low, ..."""
+    return {f"{part}_{k}" if part != "test" else k: v for part, scores in figures.items() for k, v in scores.items()}
+
+
+def write_evaluation_csv(path, evaluation, probs):
+    """Every photo's answer, so a later candidate is compared with this one photo by photo."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["photo", "part", "label", "p_dog"])
+        for (photo, label), part, p in zip(evaluation.items, evaluation.parts, probs[:, 1]):
+            writer.writerow([os.path.basename(photo), part, catdog.CLASSES[label], f"{p:.8f}"])
+
+
+def read_evaluation_csv(path):
+    import csv
+
+    with open(path, newline="") as f:
+        p_dog = np.array([float(row["p_dog"]) for row in csv.DictReader(f)])
+    return np.stack([1 - p_dog, p_dog], axis=1)
+
+
 # ---------------------------------------------------------------- lineage
-def lineage_of(data_dir, test_items):
+def lineage_of(data_dir, test_items, evaluation):
     """Where a model comes from, as MLflow tags (strings, "None" when unknown): the code's
-    commit, the data's DVC md5 and manifest, and the identity of the test split."""
+    commit, the data's DVC md5 and manifest, the identity of the test split and of the
+    evaluation set."""
     found = {"git_commit": git_commit(), "dvc_md5": dvc_hash(data_dir), "manifest_sha256": manifest_sha256(data_dir),
-             "test_split_sha256": split_hash(test_items, data_dir)}
+             "test_split_sha256": split_hash(test_items, data_dir), "eval_set_sha256": evaluation.identity()}
     return {k: str(v) for k, v in found.items()}
 
 
@@ -526,25 +607,40 @@ def split_hash(items, root):
 
 
 # ---------------------------------------------------------------- gate
-def gate(metrics, champion_accuracy=None, thresholds=catdog.GATE):
-    """(promote?, reasons it may not). Absolute thresholds first, then 'not worse than the
-    champion' on the same test split."""
+def gate(metrics, champion=None, thresholds=catdog.GATE):
+    """(promote?, reasons it may not), on the evaluation set (metrics["eval_*"]).
+
+    Absolute thresholds first. Then the champion, judged on the same photos: refused when
+    it is significantly less accurate (one-sided exact McNemar test on the photos only one of
+    the two got right, p < thresholds["significance"]); when neither is significantly more
+    accurate, the lower log-loss wins. So one photo more or less decides nothing by itself:
+    a better-calibrated model with one more mistake goes through, a worse-calibrated one with
+    one fewer does not."""
     reasons = []
-    if not metrics["accuracy"] >= thresholds["min_accuracy"]:
-        reasons.append(f"accuracy {metrics['accuracy']:.4f} < {thresholds['min_accuracy']}")
-    if not metrics["log_loss"] <= thresholds["max_log_loss"]:
-        reasons.append(f"log-loss {metrics['log_loss']:.4f} > {thresholds['max_log_loss']}")
-    if not metrics["ece"] <= thresholds["max_ece"]:
-        reasons.append(f"ECE {metrics['ece']:.4f} > {thresholds['max_ece']}")
-    if champion_accuracy is not None and metrics["accuracy"] < champion_accuracy:
-        reasons.append(f"accuracy {metrics['accuracy']:.4f} < champion's {champion_accuracy:.4f} on this test split")
+    if not metrics["eval_accuracy"] >= thresholds["min_accuracy"]:
+        reasons.append(f"accuracy {metrics['eval_accuracy']:.4f} < {thresholds['min_accuracy']}")
+    if not metrics["eval_log_loss"] <= thresholds["max_log_loss"]:
+        reasons.append(f"log-loss {metrics['eval_log_loss']:.4f} > {thresholds['max_log_loss']}")
+    if not metrics["eval_ece"] <= thresholds["max_ece"]:
+        reasons.append(f"ECE {metrics['eval_ece']:.4f} > {thresholds['max_ece']}")
+    if champion is not None:
+        only_champion, only_candidate = champion["only_champion_right"], champion["only_candidate_right"]
+        worse_p = catdog.mcnemar_p(only_champion, only_candidate)
+        better_p = catdog.mcnemar_p(only_candidate, only_champion)
+        if worse_p < thresholds["significance"]:
+            reasons.append(f"less accurate than the champion: {only_champion} photos only the champion got right, "
+                           f"{only_candidate} only this one (McNemar p = {worse_p:.3f})")
+        elif better_p >= thresholds["significance"] and metrics["eval_log_loss"] > champion["log_loss"]:
+            reasons.append(f"as accurate as the champion within noise ({only_candidate} vs {only_champion} photos "
+                           f"only one got right) and log-loss {metrics['eval_log_loss']:.4f} > champion's "
+                           f"{champion['log_loss']:.4f}")
     return not reasons, reasons
 
 
-def champion_accuracy(client, cfg, test_items, test_hash):
-    """(The current champion's test accuracy on THIS test split, or None when there is none;
-    what it was compared as). If it was measured on another split, it is re-evaluated here
-    rather than compared blindly."""
+def compare_with_champion(client, cfg, evaluation, eval_hash, probs):
+    """(How the current champion does against `probs` on the evaluation set, or None when there
+    is no champion; what it was compared as). Its answers come from its own run when it was
+    measured on the same photos, else its served file is run on them here."""
     import mlflow
 
     try:
@@ -553,20 +649,29 @@ def champion_accuracy(client, cfg, test_items, test_hash):
         return None, "no champion yet"
     run = client.get_run(version.run_id)
     label = f"champion v{version.version} ({run.data.tags.get('arch')})"
-    if run.data.tags.get("test_split_sha256") == test_hash and "test_accuracy" in run.data.metrics:
-        return run.data.metrics["test_accuracy"], f"{label}, measured on the same test split"
-    try:  # the file the champion's service runs, as for the candidate
+    try:
         with tempfile.TemporaryDirectory(prefix="catdog-champion-") as download:
-            folder = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="model",
-                                                         dst_path=download)
-            meta = catdog.read_json(os.path.join(folder, "model.json"))
-            probs = onnx_probs(os.path.join(folder, "model.onnx"), Images(test_items, meta["preprocess"]))
+            if run.data.tags.get("eval_set_sha256") == eval_hash:
+                champion_probs = read_evaluation_csv(mlflow.artifacts.download_artifacts(
+                    run_id=version.run_id, artifact_path="reports/evaluation.csv", dst_path=download))
+                how = "on the same photos"
+            else:  # the file the champion's service runs, as for the candidate
+                folder = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="model",
+                                                             dst_path=download)
+                meta = catdog.read_json(os.path.join(folder, "model.json"))
+                champion_probs = onnx_probs(os.path.join(folder, "model.onnx"),
+                                            Images(evaluation.items, meta["preprocess"]))
+                how = "re-measured on these photos"
     except Exception as e:  # noqa: BLE001 -- an unreadable champion cannot block a measured candidate
-        log(f"  the test split changed and {label} cannot be loaded ({e}); gating on thresholds only")
+        log(f"  {label} cannot be loaded ({e}); gating on thresholds only")
         return None, f"{label} unreadable"
-    accuracy = float((probs.argmax(1) == labels_of(test_items)).mean())
-    log(f"  the test split changed since {label} was measured; re-evaluated it here: accuracy {accuracy:.4f}")
-    return accuracy, f"{label}, re-evaluated on this test split"
+    labels = evaluation.labels
+    champion_right, candidate_right = champion_probs.argmax(1) == labels, probs.argmax(1) == labels
+    figures = evaluate(champion_probs, labels)
+    log(f"  {label} {how}: accuracy {figures['accuracy']:.4f}, log-loss {figures['log_loss']:.4f}")
+    return {"accuracy": figures["accuracy"], "log_loss": figures["log_loss"],
+            "only_champion_right": int(np.sum(champion_right & ~candidate_right)),
+            "only_candidate_right": int(np.sum(candidate_right & ~champion_right))}, f"{label}, {how}"
 
 
 # ---------------------------------------------------------------- export
@@ -642,14 +747,14 @@ class Calibrated:
 
 @dataclasses.dataclass
 class Served:
-    """The served file as measured: what is reported and gated."""
-    metrics: dict        # on test
+    """The served file as measured on the evaluation set: what is reported and gated."""
+    figures: dict        # measure(): test, extra and eval (both) figures
     checks: dict         # MLflow metrics comparing it with PyTorch, and its calibration on val
     val_probs: np.ndarray
-    test_probs: np.ndarray
+    eval_probs: np.ndarray
 
 
-def run_one(which, cfg, splits, lineage, train_stats, client):
+def run_one(which, cfg, splits, evaluation, lineage, train_stats, client):
     """Train, calibrate, export and measure, log, register and gate one model; its summary.
     Under torchrun every process trains and calibrates (they share that work) and only rank 0
     goes on (the others return None), in an MLflow run that mlflow's ActiveRun.__exit__ marks
@@ -658,22 +763,24 @@ def run_one(which, cfg, splits, lineage, train_stats, client):
 
     log(f"\n== {which}")
     if RANK != 0:
-        calibrate(train_model(which, cfg, splits, mlflow_log=lambda row, step: None).model, which, splits)
+        calibrate(train_model(which, cfg, splits, mlflow_log=lambda row, step: None).model, which, splits, cfg)
         return None
     with (mlflow.start_run(run_name=which) as run,
           tempfile.TemporaryDirectory(prefix=f"catdog-{which}-") as folder):
         trained = train_model(which, cfg, splits, mlflow_log=lambda row, step: mlflow.log_metrics(row, step=step))
-        calibrated = calibrate(trained.model, which, splits)
-        meta = catdog.model_meta(which, temperature=calibrated.temperature, run_id=run.info.run_id,
+        calibrated = calibrate(trained.model, which, splits, cfg)
+        meta = catdog.model_meta(which, temperature=calibrated.temperature, run_id=run.info.run_id, backbone=cfg.backbone,
                                  served_as="int8 ONNX" if cfg.quantize else "fp32 ONNX",
-                                 data={k: lineage[k] for k in ("test_split_sha256", "dvc_md5", "manifest_sha256")},
+                                 data={k: lineage[k] for k in ("test_split_sha256", "eval_set_sha256", "dvc_md5",
+                                                                "manifest_sha256")},
                                  git_commit=lineage["git_commit"])
-        served = export_and_measure(trained.model, meta, folder, splits, calibrated, cfg)
-        meta["metrics"] = {**served.metrics, "train_seconds": trained.seconds,
+        served = export_and_measure(trained.model, meta, folder, splits, evaluation, calibrated, cfg)
+        meta["metrics"] = {**flat_figures(served.figures), "train_seconds": trained.seconds,
                            "parameters": sum(p.numel() for p in trained.model.parameters()),
                            "temperature": calibrated.temperature, "served_as": meta["served_as"]}
-        log_run(folder, trained, meta, calibrated, served, cfg, splits, lineage, train_stats)
-        promoted, version = register_and_gate(client, cfg, run, trained, meta, folder, splits["test"])
+        log_run(folder, trained, meta, calibrated, served, cfg, splits, evaluation, lineage, train_stats)
+        promoted, version = register_and_gate(client, cfg, run, trained, meta, folder, evaluation, served,
+                                              lineage["eval_set_sha256"])
         return {**meta["metrics"], "promoted": promoted, "version": version}
 
 
@@ -684,10 +791,10 @@ def train_model(which, cfg, splits, mlflow_log):
     return Trained(which, model, history, time.time() - started)
 
 
-def calibrate(model, which, splits):
+def calibrate(model, which, splits, cfg):
     """Temperature scaling on val, folded into the head; then PyTorch's view of test.
     Every process takes part (predict shares the images out)."""
-    settings = catdog.PREPROCESS[which]
+    settings = catdog.preprocess_settings(which, cfg.backbone)
     temperature = fit_temperature(predict(model, Images(splits["val"], settings), 64), labels_of(splits["val"]))
     nets.fold_temperature(model, temperature)
     test_probs = catdog.softmax(predict(model, Images(splits["test"], settings), 64).numpy())
@@ -696,29 +803,40 @@ def calibrate(model, which, splits):
     return Calibrated(temperature, test_probs, test_metrics)
 
 
-def export_and_measure(model, meta, folder, splits, calibrated, cfg):
-    """Write the served file, folder/model.onnx, and measure it on val and test: the service
-    runs this file, so it is what is reported and gated."""
-    val_set, test_set = Images(splits["val"], meta["preprocess"]), Images(splits["test"], meta["preprocess"])
+def export_and_measure(model, meta, folder, splits, evaluation, calibrated, cfg):
+    """Write the served file, folder/model.onnx, and measure it on val and on the evaluation
+    set: the service runs this file, so it is what is reported and gated."""
+    test_set = Images(splits["test"], meta["preprocess"])
     onnx_path = os.path.join(folder, "model.onnx")
     parity = export_served_model(model, meta, onnx_path, test_set, calibrated.test_probs, splits["train"], cfg)
-    val_probs, test_probs = onnx_probs(onnx_path, val_set), onnx_probs(onnx_path, test_set)
-    metrics = evaluate(test_probs, labels_of(splits["test"]))
+    started = time.time()
+    val_probs = onnx_probs(onnx_path, Images(splits["val"], meta["preprocess"]))
+    eval_probs = onnx_probs(onnx_path, Images(evaluation.items, meta["preprocess"]))
+    figures = measure(eval_probs, evaluation)
+    test_probs = eval_probs[evaluation.parts == "test"]  # the test split comes first, in order
     agreement = float(np.mean(test_probs.argmax(1) == calibrated.test_probs.argmax(1)))
-    log(f"  served model ({meta['served_as']}) test {format_metrics(metrics)}"
+    log(f"  served model ({meta['served_as']}) on {len(evaluation.items)} photos in {time.time() - started:.0f}s: "
+        f"{describe(figures['eval'])}\n  test {format_metrics(figures['test'])}"
         f"; same label as PyTorch on {agreement:.2%} of test")
     val_metrics = evaluate(val_probs, labels_of(splits["val"]))
     checks = {"onnx_max_abs_prob_diff": parity, "served_torch_label_agreement": agreement,
               "served_torch_max_abs_prob_diff": float(np.abs(test_probs - calibrated.test_probs).max()),
               **{f"val_{k}_calibrated": val_metrics[k] for k in ("accuracy", "log_loss", "ece")}}
-    return Served(metrics, checks, val_probs, test_probs)
+    return Served(figures, checks, val_probs, eval_probs)
+
+
+def describe(scores):
+    """One line of evaluation-set figures, interval included."""
+    return (f"accuracy {scores['accuracy']:.4f} (95 % interval {scores['accuracy_low']:.4f}-"
+            f"{scores['accuracy_high']:.4f}, {scores['errors']} wrong of {scores['images']}), "
+            f"log-loss {scores['log_loss']:.4f}, ECE {scores['ece']:.4f}")
 
 
 def format_metrics(metrics):
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
-def log_run(folder, trained, meta, calibrated, served, cfg, splits, lineage, train_stats):
+def log_run(folder, trained, meta, calibrated, served, cfg, splits, evaluation, lineage, train_stats):
     """The active run's params, metrics and tags; the model files as artifacts model/, the
     reports as reports/."""
     import mlflow
@@ -727,8 +845,10 @@ def log_run(folder, trained, meta, calibrated, served, cfg, splits, lineage, tra
                        "parameters": meta["metrics"]["parameters"], "temperature": round(calibrated.temperature, 6),
                        **{f"preprocess_{k}": v for k, v in meta["preprocess"].items()},
                        **{f"{split}_images": len(items) for split, items in splits.items()},
+                       "eval_images": len(evaluation.items), "extra_images": int(np.sum(evaluation.parts == "extra")),
                        **{f"gate_{k}": v for k, v in catdog.GATE.items()}})
-    mlflow.log_metrics({**{f"test_{k}": v for k, v in served.metrics.items()}, "train_seconds": trained.seconds,
+    mlflow.log_metrics({**{f"{part}_{k}": v for part, scores in served.figures.items() for k, v in scores.items()},
+                        "train_seconds": trained.seconds,
                         **{f"torch_test_{k}": v for k, v in calibrated.test_metrics.items()}, **served.checks})
     mlflow.set_tags({**lineage, "arch": trained.which, "served_as": meta["served_as"]})
     nets.save_model(trained.model, meta, os.path.join(folder, "model.pt"))  # also rewrites model.json with the metrics
@@ -736,30 +856,31 @@ def log_run(folder, trained, meta, calibrated, served, cfg, splits, lineage, tra
                       catdog.reference_profile(train_stats, served.val_probs.max(1)))
     mlflow.log_artifacts(folder, "model")
     reports = os.path.join(folder, "reports")  # made after model/ is logged, so not part of it
-    write_reports(reports, trained, meta, served, cfg, splits, lineage)
+    write_reports(reports, trained, meta, served, cfg, splits, evaluation, lineage)
     mlflow.log_artifacts(reports, "reports")
 
 
-def write_reports(reports, trained, meta, served, cfg, splits, lineage):
-    """Figures, classification report and model card of the served file on test."""
+def write_reports(reports, trained, meta, served, cfg, splits, evaluation, lineage):
+    """Figures, classification report, per-photo answers and model card of the served file on
+    the evaluation set."""
     os.makedirs(reports)
-    test_labels = labels_of(splits["test"])
-    plots(reports, trained.history, served.test_probs, test_labels, splits["test"], trained.which)
+    plots(reports, trained.history, served.eval_probs, evaluation.labels, evaluation.items, trained.which)
     with open(os.path.join(reports, "classification_report.txt"), "w") as f:
-        f.write(classification_report(served.test_probs, test_labels))
+        f.write(classification_report(served.eval_probs, evaluation.labels))
+    write_evaluation_csv(os.path.join(reports, "evaluation.csv"), evaluation, served.eval_probs)
     with open(os.path.join(reports, "model_card.md"), "w") as f:
         f.write(model_card(trained.which, meta["metrics"], splits, lineage, cfg))
 
 
-def register_and_gate(client, cfg, run, trained, meta, folder, test_items):
+def register_and_gate(client, cfg, run, trained, meta, folder, evaluation, served, eval_hash):
     """A new registry version of the run's model/, promoted to champion (and written to
     cfg.out) when it passes the gate, else challenger; (promoted?, version)."""
     import mlflow
 
     version = client.create_model_version(cfg.registered_name, f"{run.info.artifact_uri}/model",
                                           run_id=run.info.run_id, tags={"arch": trained.which}).version
-    best, against = champion_accuracy(client, cfg, test_items, meta["data"]["test_split_sha256"])
-    promoted, reasons = gate(meta["metrics"], best)
+    champion, against = compare_with_champion(client, cfg, evaluation, eval_hash, served.eval_probs)
+    promoted, reasons = gate(meta["metrics"], champion)
     verdict = "promoted" if promoted else "refused: " + "; ".join(reasons)
     if promoted:
         client.set_registered_model_alias(cfg.registered_name, "champion", version)
@@ -778,18 +899,25 @@ def register_and_gate(client, cfg, run, trained, meta, folder, test_items):
 
 def model_card(which, summary, splits, lineage, cfg):
     description = {"baseline": "a small CNN trained from scratch (reference model)",
-                   "transfer": "EfficientNet-Lite0 (ImageNet weights, frozen) with a linear head"}[which]
+                   "transfer": f"{cfg.backbone} (ImageNet weights, frozen) with a linear head"}[which]
+    extra = (f"{summary['extra_images']:.0f} extra photos from {cfg.eval_extra} (same source, re-encoded, never trained on)"
+             if "extra_images" in summary else "no extra photos")
     return f"""# catdog model card: {which}
 
 **Model**: {description}; {summary['parameters']:,} parameters; temperature {summary['temperature']:.3f}
 folded into the head. Served as an {summary['served_as']} model; every metric below is of that
-file. Input: RGB photo, preprocessing {catdog.PREPROCESS[which]} (catdog.preprocess).
+file. Input: RGB photo, preprocessing {catdog.preprocess_settings(which, cfg.backbone)} (catdog.preprocess).
 
 **Data**: {cfg.data}: {', '.join(f'{len(v)} {k}' for k, v in splits.items())} images (cats and dogs,
 balanced). Test split sha256 {lineage['test_split_sha256']}; DVC md5 {lineage['dvc_md5']};
 manifest sha256 {lineage['manifest_sha256']}; code {lineage['git_commit']}.
 
-**Test metrics**: accuracy {summary['accuracy']:.4f}, precision {summary['precision']:.4f},
+**Evaluation** ({summary['eval_images']:.0f} photos: the test split and {extra}; evaluation set
+sha256 {lineage['eval_set_sha256']}): accuracy {summary['eval_accuracy']:.4f}, 95 % interval
+{summary['eval_accuracy_low']:.4f}-{summary['eval_accuracy_high']:.4f} ({summary['eval_errors']:.0f} wrong),
+log-loss {summary['eval_log_loss']:.4f}, ECE {summary['eval_ece']:.4f}, ROC-AUC {summary['eval_roc_auc']:.4f}.
+
+**Test split alone**: accuracy {summary['accuracy']:.4f}, precision {summary['precision']:.4f},
 recall {summary['recall']:.4f}, F1 {summary['f1']:.4f}, ROC-AUC {summary['roc_auc']:.4f},
 log-loss {summary['log_loss']:.4f}, ECE {summary['ece']:.4f}. Training took {summary['train_seconds']:.0f} s.
 
@@ -797,9 +925,9 @@ log-loss {summary['log_loss']:.4f}, ECE {summary['ece']:.4f}. Training took {sum
 with a human in the loop.
 
 **Limits**: trained on two classes only; any other image (people, other animals, drawings,
-a photo with both a cat and a dog) still gets "cat" or "dog". Test photos come from the same
-Kaggle source as training; expect lower accuracy on photos from other cameras and sources,
-which the service's drift monitor watches for.
+a photo with both a cat and a dog) still gets "cat" or "dog". Evaluation photos come from the
+same Kaggle source as training; expect lower accuracy on photos from other cameras and
+sources, which the service's drift monitor watches for.
 """
 
 
@@ -807,7 +935,7 @@ which the service's drift monitor watches for.
 def main(argv=None):
     """Train, gate and maybe promote the models --arch names; {arch: summary} (None on ranks
     other than 0). Only here does a TrainError become an exit with its message."""
-    cfg = catdog.config_parser(globals(), choices={"arch": ARCHS}).parse_args(argv)
+    cfg = catdog.config_parser(globals(), choices={"arch": ARCHS, "backbone": tuple(catdog.BACKBONES)}).parse_args(argv)
     try:
         return train_and_gate(cfg)
     except TrainError as e:
@@ -819,12 +947,13 @@ def train_and_gate(cfg):
     splits = load_splits(cfg.data)
     log(f"data {cfg.data}: " + ", ".join(f"{len(v)} {k}" for k, v in splits.items())
         + f"; {WORLD} process(es), {torch.get_num_threads()} threads each, device {DEVICE}")
+    evaluation = evaluation_set(splits["test"], cfg.eval_extra)
     client, lineage, train_stats = None, {}, []
     if RANK == 0:
         client = open_registry(cfg)
-        lineage = lineage_of(cfg.data, splits["test"])
+        lineage = lineage_of(cfg.data, splits["test"], evaluation)
         train_stats = training_image_stats(splits["train"], cfg.data)
-    results = {which: run_one(which, cfg, splits, lineage, train_stats, client)
+    results = {which: run_one(which, cfg, splits, evaluation, lineage, train_stats, client)
                for which in (["baseline", "transfer"] if cfg.arch == "both" else [cfg.arch])}
     if WORLD > 1:
         dist.barrier()
@@ -862,16 +991,19 @@ def artifact_root(tracking_uri, experiment):
 
 
 def print_table(results):
-    rows = [("test accuracy", "accuracy", "{:.4f}"), ("log-loss", "log_loss", "{:.4f}"), ("ECE", "ece", "{:.4f}"),
-            ("F1", "f1", "{:.4f}"), ("ROC-AUC", "roc_auc", "{:.4f}"), ("train time (s)", "train_seconds", "{:.0f}"),
+    rows = [("eval photos", "eval_images", "{:.0f}"), ("eval accuracy", "eval_accuracy", "{:.4f}"),
+            ("  95 % interval", None, None), ("eval log-loss", "eval_log_loss", "{:.4f}"),
+            ("eval ECE", "eval_ece", "{:.4f}"), ("test accuracy", "accuracy", "{:.4f}"),
+            ("test log-loss", "log_loss", "{:.4f}"), ("train time (s)", "train_seconds", "{:.0f}"),
             ("parameters", "parameters", "{:,}"), ("served as", "served_as", "{}"),
-            ("registry version", "version", "{}"),
-            ("promoted", "promoted", "{}")]
+            ("registry version", "version", "{}"), ("promoted", "promoted", "{}")]
     names = list(results)
-    print("\n" + f"{'':18}" + "".join(f"{n:>14}" for n in names))
+    print("\n" + f"{'':18}" + "".join(f"{n:>16}" for n in names))
     for label, key, fmt in rows:
-        print(f"{label:18}" + "".join(f"{fmt.format(results[n][key]):>14}" for n in names))
-    print(f"\nGate thresholds: {catdog.GATE}")
+        cells = [f"{r['eval_accuracy_low']:.4f}-{r['eval_accuracy_high']:.4f}" if key is None else fmt.format(r[key])
+                 for r in results.values()]
+        print(f"{label:18}" + "".join(f"{c:>16}" for c in cells))
+    print(f"\nGate thresholds (on the evaluation set): {catdog.GATE}")
 
 
 if __name__ == "__main__":

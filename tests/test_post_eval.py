@@ -131,7 +131,7 @@ def test_service_down_fails_before_sending(photos, tmp_path):
 
 
 def test_limit_keeps_both_classes_and_manifest_split(photos, tmp_path):
-    pairs = post_eval.labelled_files([str(photos)])
+    pairs = catdog.labelled_photos([str(photos)])
     assert len(pairs) == 7 and {label for _, label in pairs} == {"cat", "dog"}
     assert sorted(label for _, label in post_eval.balanced_head(pairs, 4)) == ["cat", "cat", "dog", "dog"]
 

@@ -27,23 +27,25 @@ import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-COUNTS = {"train": 16, "val": 8, "test": 8}  # per class
+COUNTS = {"train": 16, "val": 8, "test": 8, "extra": 12}  # per class; extra: the extra evaluation photos
 # train.py's options: every one is logged as an MLflow param.
 CONFIG = ["arch", "data", "out", "seed", "threads", "workers", "epochs", "batch_size", "lr", "weight_decay",
-          "pretrained", "extract_batch_size", "aug_views", "head_epochs", "head_l2", "quantize",
-          "calibration_images", "tracking_uri", "experiment", "registered_name"]
+          "backbone", "mirror_view", "pretrained", "extract_batch_size", "aug_views", "head_epochs", "head_l2",
+          "quantize", "calibration_images", "eval_extra", "tracking_uri", "experiment", "registered_name"]
 PARAMS = {*CONFIG, "model", "processes", "parameters", "temperature", "preprocess_resize", "preprocess_crop",
-          "preprocess_mean", "preprocess_std", "train_images", "val_images", "test_images", "gate_min_accuracy",
-          "gate_max_log_loss", "gate_max_ece"}
+          "preprocess_mean", "preprocess_std", "train_images", "val_images", "test_images", "eval_images",
+          "extra_images", "gate_min_accuracy", "gate_max_log_loss", "gate_max_ece", "gate_significance"}
 SCORES = ["accuracy", "precision", "recall", "f1", "roc_auc", "log_loss", "ece"]
-METRICS = {*(f"test_{k}" for k in SCORES), *(f"torch_test_{k}" for k in SCORES), "train_seconds",
+EVAL_SCORES = [*SCORES, "accuracy_low", "accuracy_high", "images", "errors"]
+METRICS = {*(f"test_{k}" for k in SCORES), *(f"extra_{k}" for k in SCORES), *(f"eval_{k}" for k in EVAL_SCORES),
+           *(f"torch_test_{k}" for k in SCORES), "train_seconds",
            "onnx_max_abs_prob_diff", "served_torch_label_agreement", "served_torch_max_abs_prob_diff",
            "val_accuracy_calibrated", "val_log_loss_calibrated", "val_ece_calibrated"}
 EPOCH_METRICS = {"train_loss", "train_accuracy", "val_loss", "val_accuracy"}
 MODEL_FILES = {"model/model.pt", "model/model.onnx", "model/model.json", "model/reference_profile.json"}
 REPORT_FILES = {"reports/confusion_matrix.png", "reports/curves.png", "reports/roc_curve.png",
                 "reports/reliability_diagram.png", "reports/worst_mistakes.png",
-                "reports/classification_report.txt", "reports/model_card.md"}
+                "reports/classification_report.txt", "reports/model_card.md", "reports/evaluation.csv"}
 
 
 def make_dataset(root, seed=0):
@@ -66,6 +68,7 @@ def make_dataset(root, seed=0):
 def run_train(tmp, *args):
     return train.main(["--data", str(tmp / "processed"), "--out", str(tmp / "models"),
                        "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--no-pretrained",
+                       "--backbone", "efficientnet-lite0", "--eval-extra", str(tmp / "processed" / "extra"),
                        "--extract-batch-size", "32", *args])
 
 
@@ -91,18 +94,18 @@ def trained(tmp_path_factory):
 def test_weak_model_is_refused_and_good_one_promoted(trained):
     client = mlflow.MlflowClient(f"sqlite:///{trained['tmp']}/mlflow.db")
     weak, good = trained["weak"], trained["good"]
-    assert weak["accuracy"] < catdog.GATE["min_accuracy"] and not weak["promoted"]
+    assert weak["eval_accuracy"] < catdog.GATE["min_accuracy"] and not weak["promoted"]
     assert trained["models_after_weak"] == []  # nothing reached models/
     promote, reasons = train.gate(weak)  # the first version: no champion to compare with
-    assert not promote and reasons[0] == f"accuracy {weak['accuracy']:.4f} < {catdog.GATE['min_accuracy']}"
+    assert not promote and reasons[0] == f"accuracy {weak['eval_accuracy']:.4f} < {catdog.GATE['min_accuracy']}"
     assert client.get_model_version("catdog", weak["version"]).tags["gate"] == "refused: " + "; ".join(reasons)
-    assert good["accuracy"] >= catdog.GATE["min_accuracy"] and good["promoted"]
+    assert good["eval_accuracy"] >= catdog.GATE["min_accuracy"] and good["promoted"]
     assert client.get_model_version("catdog", good["version"]).tags["gate"] == "promoted"
     champion = client.get_model_version_by_alias("catdog", "champion").version
     meta = catdog.read_json(trained["tmp"] / "models" / "model.json")
     assert meta["registry_version"] == champion
     expected_arch = "transfer" if trained["transfer"]["promoted"] else "baseline"
-    assert meta["arch"] == expected_arch and meta["metrics"]["accuracy"] >= catdog.GATE["min_accuracy"]
+    assert meta["arch"] == expected_arch and meta["metrics"]["eval_accuracy"] >= catdog.GATE["min_accuracy"]
 
 
 def test_mlflow_runs_hold_params_metrics_artifacts_and_lineage(trained):
@@ -120,10 +123,22 @@ def test_mlflow_runs_hold_params_metrics_artifacts_and_lineage(trained):
         assert (params["processes"], params["pretrained"], params["quantize"]) == ("1", "False", "True")
         assert (params["train_images"], params["test_images"]) == (str(2 * COUNTS["train"]), str(2 * COUNTS["test"]))
         assert params["parameters"] == str(result["parameters"])
+        assert (params["eval_images"], params["extra_images"]) == (str(2 * COUNTS["test"] + 2 * COUNTS["extra"]),
+                                                                   str(2 * COUNTS["extra"]))
         assert params["temperature"] == str(round(result["temperature"], 6))
         assert set(metrics) == METRICS | (EPOCH_METRICS if run is not weak else set())
         for key in SCORES:
             assert metrics[f"test_{key}"] == pytest.approx(result[key]), key  # the served file's figures
+            assert metrics[f"extra_{key}"] == pytest.approx(result[f"extra_{key}"]), key
+        for key in EVAL_SCORES:
+            assert metrics[f"eval_{key}"] == pytest.approx(result[f"eval_{key}"]), key
+        right = round(result["eval_accuracy"] * result["eval_images"])
+        assert (result["eval_images"], result["eval_errors"]) == (2 * COUNTS["test"] + 2 * COUNTS["extra"],
+                                                                  result["eval_images"] - right)
+        assert (result["eval_accuracy_low"], result["eval_accuracy_high"]) == catdog.wilson_interval(
+            right, result["eval_images"])
+        # The test split is the first part of the evaluation set: both photo counts add up.
+        assert right == round(result["accuracy"] * 2 * COUNTS["test"] + result["extra_accuracy"] * 2 * COUNTS["extra"])
         assert metrics["train_seconds"] == pytest.approx(result["train_seconds"])
         assert metrics["onnx_max_abs_prob_diff"] <= 1e-4  # fp32 export before quantization
         assert 0 <= metrics["served_torch_max_abs_prob_diff"] <= 1  # int8 vs PyTorch
@@ -134,7 +149,7 @@ def test_mlflow_runs_hold_params_metrics_artifacts_and_lineage(trained):
         assert tags["gate"] == client.get_model_version("catdog", result["version"]).tags["gate"]
         assert (tags["gate"] == "promoted") == result["promoted"]
         assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tags["git_commit"])  # the project's, from any folder
-        assert tags["test_split_sha256"] == test_split
+        assert tags["test_split_sha256"] == test_split and re.fullmatch(r"[0-9a-f]{64}", tags["eval_set_sha256"])
         assert tags["dvc_md5"] == tags["manifest_sha256"] == "None"  # the synthetic data has neither
         artifacts = {a.path for folder in ("model", "reports") for a in client.list_artifacts(run.info.run_id, folder)}
         assert artifacts == MODEL_FILES | REPORT_FILES
@@ -151,7 +166,9 @@ def test_saved_champion_loads_and_its_served_int8_file_is_what_was_measured(trai
 
     models = trained["tmp"] / "models"
     model, meta = nets.load_model(str(models / "model.pt"))
-    assert meta["classes"] == list(catdog.CLASSES) and meta["preprocess"] == catdog.PREPROCESS[meta["arch"]]
+    assert meta["classes"] == list(catdog.CLASSES)
+    assert meta["preprocess"] == catdog.preprocess_settings(meta["arch"], meta["backbone"])
+    assert meta["backbone"] == {"transfer": "efficientnet-lite0", "baseline": "simple-cnn"}[meta["arch"]]
     assert meta["served_as"] == "int8 ONNX"
     assert "QuantizeLinear" in {node.op_type for node in onnx.load(str(models / "model.onnx")).graph.node}
     items = train.list_split(str(trained["tmp"] / "processed"), "test")
@@ -266,9 +283,9 @@ def test_quantize_onnx_keeps_predictions_and_shrinks_the_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["model.json", "model.onnx"]  # no temporary files left
 
 
-def test_changed_test_split_reevaluates_the_champion(trained, tmp_path, capsys):
-    """Accuracies measured on different test splits are not comparable: the gate says so and
-    measures the champion again on the candidate's split."""
+def test_changed_evaluation_set_remeasures_the_champion(trained, tmp_path, capsys):
+    """The champion and the candidate are compared photo by photo: on a changed evaluation set
+    the champion's served file is measured again on the candidate's photos."""
     import shutil
 
     import onnxruntime
@@ -278,17 +295,29 @@ def test_changed_test_split_reevaluates_the_champion(trained, tmp_path, capsys):
     shutil.copyfile(trained["tmp"] / "mlflow.db", tmp_path / "mlflow.db")  # same registry, same champion
     result = run_train(tmp_path, "--arch", "baseline", "--epochs", "0")["baseline"]
     printed = capsys.readouterr().out
-    # The champion's served file, measured here on the changed split.
     models = trained["tmp"] / "models"
     meta = catdog.read_json(models / "model.json")
-    items = train.list_split(str(tmp_path / "processed"), "test")
-    batch = np.stack([catdog.preprocess(catdog.open_image(path), meta["preprocess"]) for path, _ in items])
+    evaluation = train.evaluation_set(train.list_split(str(tmp_path / "processed"), "test"),
+                                      str(tmp_path / "processed" / "extra"))
+    batch = np.stack([catdog.preprocess(catdog.open_image(path), meta["preprocess"]) for path, _ in evaluation.items])
     session = onnxruntime.InferenceSession(str(models / "model.onnx"), providers=["CPUExecutionProvider"])
-    accuracy = np.mean(session.run(["logits"], {"image": batch})[0].argmax(1) == [label for _, label in items])
-    assert (f"the test split changed since champion v{meta['registry_version']} ({meta['arch']}) was measured; "
-            f"re-evaluated it here: accuracy {accuracy:.4f}") in printed
+    probs = catdog.softmax(session.run(["logits"], {"image": batch})[0])
+    figures = train.evaluate(probs, evaluation.labels)
+    assert (f"champion v{meta['registry_version']} ({meta['arch']}) re-measured on these photos: "
+            f"accuracy {figures['accuracy']:.4f}, log-loss {figures['log_loss']:.4f}") in printed
     assert not result["promoted"] and not (tmp_path / "models").exists()
-    assert "re-evaluated on this test split" in printed.split("NOT PROMOTED:")[1]
+    assert "re-measured on these photos): " in printed.split("NOT PROMOTED:")[1]
+
+
+def test_unchanged_evaluation_set_reuses_the_champions_answers(trained, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(trained["tmp"] / "processed", tmp_path / "processed")
+    shutil.copyfile(trained["tmp"] / "mlflow.db", tmp_path / "mlflow.db")
+    run_train(tmp_path, "--arch", "baseline", "--epochs", "0")
+    meta = catdog.read_json(trained["tmp"] / "models" / "model.json")
+    assert (f"champion v{meta['registry_version']} ({meta['arch']}) on the same photos: "
+            f"accuracy {meta['metrics']['eval_accuracy']:.4f}") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("arch", ["baseline", "transfer"])
@@ -318,14 +347,45 @@ def test_augmentation_is_seeded_and_ends_in_the_shared_preprocessing(tmp_path):
 
 
 def test_gate_rules():
-    good = {"accuracy": 0.99, "log_loss": 0.03, "ece": 0.01}
+    good = {"eval_accuracy": 0.99, "eval_log_loss": 0.03, "eval_ece": 0.01}
     assert train.gate(good) == (True, [])
-    assert train.gate(good, champion_accuracy=0.99) == (True, [])  # equal is not worse
-    assert train.gate(good, champion_accuracy=0.995) == (False, ["accuracy 0.9900 < champion's 0.9950 on this test split"])
-    for key, value, reason in (("accuracy", 0.5, "accuracy 0.5000 < 0.97"), ("log_loss", 0.7, "log-loss 0.7000 > 0.1"),
-                               ("ece", 0.2, "ECE 0.2000 > 0.05")):
+    for key, value, reason in (("eval_accuracy", 0.5, "accuracy 0.5000 < 0.97"),
+                               ("eval_log_loss", 0.7, "log-loss 0.7000 > 0.1"), ("eval_ece", 0.2, "ECE 0.2000 > 0.05")):
         assert train.gate({**good, key: value}) == (False, [reason])
-    assert train.gate({**good, "log_loss": float("nan")}) == (False, ["log-loss nan > 0.1"])
+    assert train.gate({**good, "eval_log_loss": float("nan")}) == (False, ["log-loss nan > 0.1"])
+
+
+def champion(only_champion_right, only_candidate_right, log_loss):
+    return {"accuracy": 0.99, "log_loss": log_loss, "only_champion_right": only_champion_right,
+            "only_candidate_right": only_candidate_right}
+
+
+def test_gate_lets_one_more_mistake_through_with_a_better_log_loss():
+    good = {"eval_accuracy": 0.99, "eval_log_loss": 0.02, "eval_ece": 0.01}
+    assert train.gate(good, champion(1, 0, log_loss=0.03)) == (True, [])
+    assert train.gate(good, champion(4, 1, log_loss=0.03)) == (True, [])  # p = 0.19: noise
+
+
+def test_gate_refuses_one_fewer_mistake_with_a_worse_log_loss():
+    good = {"eval_accuracy": 0.99, "eval_log_loss": 0.04, "eval_ece": 0.01}
+    assert train.gate(good, champion(0, 1, log_loss=0.03)) == (False, [
+        "as accurate as the champion within noise (1 vs 0 photos only one got right) and log-loss 0.0400 > "
+        "champion's 0.0300"])
+    assert train.gate(good, champion(0, 6, log_loss=0.03)) == (True, [])  # significantly more accurate: p = 0.016
+
+
+def test_gate_refuses_a_significantly_less_accurate_candidate_whatever_its_log_loss():
+    good = {"eval_accuracy": 0.99, "eval_log_loss": 0.01, "eval_ece": 0.01}
+    assert train.gate(good, champion(6, 0, log_loss=0.03)) == (False, [
+        "less accurate than the champion: 6 photos only the champion got right, 0 only this one (McNemar p = 0.016)"])
+    assert catdog.mcnemar_p(6, 0) == 1 / 64 and catdog.mcnemar_p(4, 1) == 6 / 32
+
+
+def test_wilson_interval_matches_its_formula():
+    low, high = catdog.wilson_interval(2290, 2300)
+    assert (round(low, 4), round(high, 4)) == (0.9920, 0.9976)
+    assert catdog.wilson_interval(300, 300)[1] == pytest.approx(1.0) and catdog.wilson_interval(0, 0) == (0.0, 1.0)
+    assert round(catdog.wilson_interval(300, 300)[0], 4) == 0.9874  # 300 right of 300 still allows 98.7 %
 
 
 def test_metrics_match_definitions():
@@ -355,8 +415,8 @@ def test_torchrun_two_cpu_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "train.py"),
                              "--data", str(tmp_path / "processed"), "--out", str(tmp_path / "models"),
-                             "--epochs", "2", "--head-epochs", "3", "--no-pretrained",
-                             "--extract-batch-size", "32"],
+                             "--epochs", "2", "--head-epochs", "3", "--no-pretrained", "--backbone", "efficientnet-lite0",
+                             "--eval-extra", str(tmp_path / "processed" / "extra"), "--extract-batch-size", "32"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)  # any folder will do
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and result.stdout.count("== baseline") == 1  # rank 0 prints
