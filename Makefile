@@ -38,7 +38,10 @@ export MALLOC_TRIM_THRESHOLD_ := 4294967296
 .PHONY: all help setup system-deps lock data train serve test lint bench image push deploy rollback \
         smoke post-eval monitor-check mlflow-ui clean
 
-all: data train  ## data -> train: the champion in models/, ready to serve
+all:  ## setup -> data -> train: the champion in models/, ready to serve (each stage's time printed)
+	@total=$$SECONDS; for stage in setup data train; do \
+	  start=$$SECONDS; $(MAKE) --no-print-directory $$stage; echo "== make $$stage: $$((SECONDS - start)) s"; \
+	done; echo "== make all: $$((SECONDS - total)) s"
 
 help:  ## this list
 	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 22

@@ -123,7 +123,8 @@ def stage_costs(photos, model_path):
     images = [decode(p) for p in photos]
     inputs = [catdog.preprocess(img, settings) for img in images]
     phone = [phone_photo(photos[0])]
-    print(f"CPU per photo by step ({len(photos)} photos, one thread, {model.meta.get('served_as', 'ONNX')}):")
+    print(f"CPU per photo by step ({len(photos)} photos, one thread, {model.meta.get('backbone', model.meta['arch'])} "
+          f"{model.meta.get('served_as', 'ONNX')}):")
     for name, ms in (("decode (catdog.open_image)", cpu_ms(decode, photos)),
                      ("preprocess (catdog.preprocess)", cpu_ms(lambda img: catdog.preprocess(img, settings), images)),
                      ("drift statistics (catdog.image_stats)", cpu_ms(catdog.image_stats, images)),
@@ -301,7 +302,8 @@ def main(argv=None):
 
     batch_max = os.environ.get("BATCH_MAX", "1")
     flipped = "16" if int(batch_max) <= 1 else "1"
-    print(f"bench: {where}; model {meta['arch']} {meta.get('served_as', '')} {meta.get('version')}; "
+    print(f"bench: {where}; model {meta['arch']} ({meta.get('backbone', 'efficientnet-lite0')}) "
+          f"{meta.get('served_as', '')} {meta.get('version')}; "
           f"{available_cpus()} CPUs available; loopback; BATCH_MAX={batch_max} "
           f"BATCH_WAIT_MS={os.environ.get('BATCH_WAIT_MS', '0')}", flush=True)
     with tempfile.TemporaryDirectory(prefix="catdog-bench-") as db_dir:

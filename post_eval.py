@@ -122,8 +122,9 @@ def classification_metrics(results):
     matrix = np.zeros((len(index), len(index)), dtype=int)
     for r in answered:
         matrix[index[r["label"]], index[r["predicted"]]] += 1
+    low, high = catdog.wilson_interval(int(np.trace(matrix)), len(results))
     metrics = {"images": len(results), "answered": len(answered), "errors": len(results) - len(answered),
-               "accuracy": float(np.trace(matrix) / max(1, len(results)))}
+               "accuracy": float(np.trace(matrix) / max(1, len(results))), "accuracy_low": low, "accuracy_high": high}
     scores = catdog.class_scores([index[r["label"]] for r in answered], [index[r["predicted"]] for r in answered])
     for name, score in scores.items():
         for key in ("precision", "recall", "f1"):
@@ -243,7 +244,8 @@ def main(argv=None):
                  stats if isinstance(stats, dict) and "error" not in stats else None, passed, cfg.min_accuracy)
     run_id = log_to_mlflow(cfg, version, source, metrics)
 
-    print(f"model {version}: accuracy {metrics['accuracy']:.4f} ({metrics['images']} photos, "
+    print(f"model {version}: accuracy {metrics['accuracy']:.4f} (95 % interval {metrics['accuracy_low']:.4f}-"
+          f"{metrics['accuracy_high']:.4f}; {metrics['images']} photos, "
           f"{metrics['errors']} failed), f1 {metrics['f1_macro']:.4f}, latency p50/p95/p99 "
           f"{metrics['latency_p50_ms']:.1f}/{metrics['latency_p95_ms']:.1f}/{metrics['latency_p99_ms']:.1f} ms, "
           f"{metrics['throughput_rps']:.1f} req/s, feedback {delivered}/{len(answered)}")

@@ -102,6 +102,8 @@ def test_known_answers_feedback_report_mlflow_and_failing_exit(service, photos, 
     metrics = catdog.read_json(out / "metrics.json")
     assert metrics["images"] == 7 and metrics["errors"] == 0
     assert metrics["accuracy"] == pytest.approx(6 / 7)
+    assert (metrics["accuracy_low"], metrics["accuracy_high"]) == pytest.approx(catdog.wilson_interval(6, 7))
+    assert f"accuracy 0.8571 (95 % interval {metrics['accuracy_low']:.4f}-{metrics['accuracy_high']:.4f}" in result.stdout
     assert metrics["precision_cat"] == pytest.approx(3 / 4) and metrics["recall_cat"] == 1.0
     assert metrics["precision_dog"] == 1.0 and metrics["recall_dog"] == pytest.approx(3 / 4)
     assert metrics["f1_dog"] == pytest.approx(2 * 0.75 / 1.75)
