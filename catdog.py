@@ -50,7 +50,7 @@ MIN_SIDE = 32  # smaller images carry no usable signal
 # The transfer model's input is its backbone's ImageNet size, the shorter side first resized
 # to crop / 0.875 as in ImageNet evaluation; inputs (x - 127) / 128 as the weights expect.
 BACKBONES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}  # name -> crop
-BACKBONE = "efficientnet-lite0"  # the transfer model's, chosen by measurement (README, "Training")
+BACKBONE = "efficientnet-lite2"  # the transfer model's, chosen by measurement (README, "Training")
 
 
 def preprocess_settings(arch, backbone=BACKBONE):

@@ -6,13 +6,14 @@
     torchrun --nproc_per_node 4 train.py --arch baseline   # the same script, DDP
 
 baseline  a small CNN trained from scratch: the reference the transfer model must beat.
-transfer  EfficientNet-Lite0 with ImageNet weights, frozen. Its pooled 1280-d features are
-          extracted once, then only the linear head is trained on them.
-Both are calibrated with temperature scaling on val (folded into the head), exported to
-ONNX (checked against PyTorch) and quantized to int8, the file the service runs. That file is
-measured on test, logged to MLflow, registered as `catdog`, and put through the gate
-(catdog.GATE and "not worse than the current champion on the same test split"). Only a
-promoted model is written to models/ (model.pt, model.json, model.onnx, reference_profile.json).
+transfer  EfficientNet-Lite2 (--backbone) with ImageNet weights, frozen. Its pooled 1280-d
+          features are extracted once, then only the linear head is trained on them.
+Both are calibrated with temperature scaling (folded into the head), exported to ONNX
+(checked against PyTorch) and quantized to int8, the file the service runs. That file is
+measured on the evaluation set (the test split + the extra photos, --eval-extra), logged to
+MLflow, registered as `catdog`, and put through the gate (catdog.GATE, and the champion
+compared photo by photo on the same evaluation set). Only a promoted model is written to
+models/ (model.pt, model.json, model.onnx, reference_profile.json).
 """
 import dataclasses
 import os
@@ -53,7 +54,7 @@ pretrained = True              # transfer: ImageNet weights (--no-pretrained: ra
 extract_batch_size = 16        # transfer: images per batch when extracting the frozen features
 aug_views = 0                  # transfer: extra augmented train views to extract features from
 head_epochs = 20               # transfer: full-batch L-BFGS steps (25 iterations each) on the features
-head_l2 = 1e-3                 # transfer: L2 penalty of the logistic head
+head_l2 = 0.01                 # transfer: L2 penalty of the logistic head
 # the served file
 quantize = True                # serve int8 ONNX (catdog.quantize_onnx), about 2x less serving CPU; --no-quantize: fp32
 calibration_images = 128       # training images that set the int8 activation ranges
@@ -507,6 +508,10 @@ class Evaluation:
     def labels(self):
         return labels_of(self.items)
 
+    @property
+    def test_items(self):
+        return [item for item, part in zip(self.items, self.parts) if part == "test"]
+
     def identity(self):
         """sha256 over (part, file name, label, file sha256): two runs share per-photo answers
         only when this matches."""
@@ -516,6 +521,14 @@ class Evaluation:
         for (path, label), part in zip(self.items, self.parts):
             digest.update(f"{part}\t{os.path.basename(path)}\t{label}\t{catdog.sha256_file(path)}\n".encode())
         return digest.hexdigest()
+
+
+def original_photos(items, data_dir):
+    """`items` with each processed copy replaced by the original photo the manifest names,
+    where it is on this machine: the service sees originals, of any size, not 224 px copies."""
+    manifest = manifest_path(data_dir)
+    originals = {row["path"]: row["photo"] for row in catdog.read_manifest(manifest)} if manifest else {}
+    return [(originals.get(os.path.normpath(os.path.abspath(path))) or path, label) for path, label in items]
 
 
 def evaluation_set(test_items, extra_folder):
@@ -787,12 +800,12 @@ def run_one(which, cfg, splits, evaluation, lineage, train_stats, client):
 
     log(f"\n== {which}")
     if RANK != 0:
-        calibrate(train_model(which, cfg, splits, mlflow_log=lambda row, step: None), splits, cfg)
+        calibrate(train_model(which, cfg, splits, mlflow_log=lambda row, step: None), splits, evaluation, cfg)
         return None
     with (mlflow.start_run(run_name=which) as run,
           tempfile.TemporaryDirectory(prefix=f"catdog-{which}-") as folder):
         trained = train_model(which, cfg, splits, mlflow_log=lambda row, step: mlflow.log_metrics(row, step=step))
-        calibrated = calibrate(trained, splits, cfg)
+        calibrated = calibrate(trained, splits, evaluation, cfg)
         meta = catdog.model_meta(which, temperature=calibrated.temperature, run_id=run.info.run_id, backbone=cfg.backbone,
                                  served_as="int8 ONNX" if cfg.quantize else "fp32 ONNX",
                                  data={k: lineage[k] for k in ("test_split_sha256", "eval_set_sha256", "dvc_md5",
@@ -815,7 +828,7 @@ def train_model(which, cfg, splits, mlflow_log):
     return Trained(which, model, history, time.time() - started, calibration)
 
 
-def calibrate(trained, splits, cfg):
+def calibrate(trained, splits, evaluation, cfg):
     """Temperature scaling on the held-out logits training kept (else on val), folded into the
     head; then PyTorch's view of test. Every process takes part (predict shares the images out)."""
     model, settings = trained.model, catdog.preprocess_settings(trained.which, cfg.backbone)
@@ -823,8 +836,9 @@ def calibrate(trained, splits, cfg):
                                              labels_of(splits["val"]))
     temperature = fit_temperature(logits, labels)
     nets.fold_temperature(model, temperature)
-    test_probs = catdog.softmax(predict(model, Images(splits["test"], settings), 64).numpy())
-    test_metrics = evaluate(test_probs, labels_of(splits["test"]))
+    test_items = evaluation.test_items
+    test_probs = catdog.softmax(predict(model, Images(test_items, settings), 64).numpy())
+    test_metrics = evaluate(test_probs, labels_of(test_items))
     log(f"  temperature {temperature:.3f}; PyTorch test {format_metrics(test_metrics)}")
     return Calibrated(temperature, test_probs, test_metrics)
 
@@ -832,7 +846,7 @@ def calibrate(trained, splits, cfg):
 def export_and_measure(model, meta, folder, splits, evaluation, calibrated, cfg):
     """Write the served file, folder/model.onnx, and measure it on val and on the evaluation
     set: the service runs this file, so it is what is reported and gated."""
-    test_set = Images(splits["test"], meta["preprocess"])
+    test_set = Images(evaluation.test_items, meta["preprocess"])
     onnx_path = os.path.join(folder, "model.onnx")
     parity = export_served_model(model, meta, onnx_path, test_set, calibrated.test_probs, splits["train"], cfg)
     started = time.time()
@@ -973,7 +987,7 @@ def train_and_gate(cfg):
     splits = load_splits(cfg.data)
     log(f"data {cfg.data}: " + ", ".join(f"{len(v)} {k}" for k, v in splits.items())
         + f"; {WORLD} process(es), {torch.get_num_threads()} threads each, device {DEVICE}")
-    evaluation = evaluation_set(splits["test"], cfg.eval_extra)
+    evaluation = evaluation_set(original_photos(splits["test"], cfg.data), cfg.eval_extra)
     client, lineage, train_stats = None, {}, []
     if RANK == 0:
         client = open_registry(cfg)
