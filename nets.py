@@ -15,7 +15,7 @@ from torch import nn
 import catdog
 
 
-def build_model(arch, pretrained=True, backbone="efficientnet-lite0"):
+def build_model(arch, pretrained=True, backbone=catdog.BACKBONE):
     """A torch model `Sequential(features, head)`: features map a normalised batch to a
     pooled vector, `head` is one Linear layer to the class logits."""
     if arch == "baseline":
@@ -126,7 +126,7 @@ def lite_checkpoint(backbone):
     return torch.load(path, map_location="cpu")
 
 
-def efficientnet_lite_features(backbone="efficientnet-lite0", pretrained=True):
+def efficientnet_lite_features(backbone=catdog.BACKBONE, pretrained=True):
     """(LiteNet of `backbone`, LITE_WIDTH), with the ImageNet weights unless `pretrained` is False."""
     model = LiteNet(lite_stages(*LITE_SCALING[backbone]))
     if pretrained:

@@ -169,8 +169,8 @@ def labels_of(items):
 
 
 # ---------------------------------------------------------------- training
-def to_device(x):
-    x = x.to(DEVICE)
+def to_device(x, device=None):
+    x = x.to(device or DEVICE)
     # channels_last runs these convolutions 1.5-2.5x faster on CPU (measured here).
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
@@ -180,10 +180,11 @@ def predict(model, dataset, batch_size):
     computes every WORLD-th item and all of them receive the whole result."""
     share = Subset(dataset, range(RANK, len(dataset), WORLD))
     model.eval()
+    device = next(model.parameters()).device  # trained models come back on the CPU, even on a GPU machine
     outputs = []
     with torch.inference_mode():
         for x, _ in DataLoader(share, batch_size=batch_size):
-            outputs.append(model(to_device(x)).float().cpu())
+            outputs.append(model(to_device(x, device)).float().cpu())
     result = torch.cat(outputs) if outputs else torch.zeros(0)
     if WORLD == 1:
         return result
@@ -402,7 +403,7 @@ def classification_report(probs, labels):
 
 # ---------------------------------------------------------------- plots (matplotlib, Agg)
 def plots(folder, history, probs, labels, items, title):
-    """The report figures of one model's served file on test, as PNGs in `folder`."""
+    """The report figures of one model's served file on the evaluation set, as PNGs in `folder`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -484,7 +485,7 @@ def worst_mistakes_plot(folder, probs, labels, items, title, count=16, columns=4
         ax.imshow(catdog.open_image(items[index][0]))
         ax.set_title(f"true {catdog.CLASSES[labels[index]]}, said {catdog.CLASSES[predicted[index]]} "
                      f"{confidence[index]:.2f}", fontsize=8)
-    fig.suptitle(f"{title}: worst test mistakes ({len(mistakes)} in all)")
+    fig.suptitle(f"{title}: worst mistakes on the evaluation set ({len(mistakes)} in all)")
     save(fig, folder, "worst_mistakes.png")
 
 
@@ -531,13 +532,32 @@ def original_photos(items, data_dir):
     return [(originals.get(os.path.normpath(os.path.abspath(path))) or path, label) for path, label in items]
 
 
-def evaluation_set(test_items, extra_folder):
-    extra = []
-    if extra_folder and os.path.isdir(extra_folder):
-        extra = [(path, catdog.CLASSES.index(label)) for path, label in catdog.labelled_photos([extra_folder])]
-    elif extra_folder:
-        log(f"no extra evaluation photos at {extra_folder}: candidates are measured on the test split only")
+def evaluation_set(test_items, extra_folder, data_dir):
+    """The test split, then the photos of extra_folder that decode and are none of the
+    manifest's photos (an extra set that overlaps training would flatter the model)."""
+    extra = extra_photos(extra_folder, data_dir) if extra_folder and os.path.isdir(extra_folder) else []
+    if not extra and extra_folder:
+        log(f"no usable extra evaluation photos at {extra_folder}: candidates are measured on the test split only")
     return Evaluation(test_items + extra, np.array(["test"] * len(test_items) + ["extra"] * len(extra)))
+
+
+def extra_photos(folder, data_dir):
+    manifest = manifest_path(data_dir)
+    known = {row["sha256"] for row in catdog.read_manifest(manifest, keep_dropped=True)} if manifest else set()
+    kept, dropped = [], {"known to the manifest": 0, "not decodable": 0}
+    for path, label in catdog.labelled_photos([folder]):
+        if catdog.sha256_file(path) in known:
+            dropped["known to the manifest"] += 1
+            continue
+        try:
+            catdog.open_image(path)
+        except catdog.ImageError:
+            dropped["not decodable"] += 1
+            continue
+        kept.append((path, catdog.CLASSES.index(label)))
+    if any(dropped.values()):
+        log(f"extra evaluation photos in {folder}: left out " + ", ".join(f"{n} {why}" for why, n in dropped.items()))
+    return kept
 
 
 def measure(probs, evaluation):
@@ -674,6 +694,24 @@ def gate(metrics, champion=None, thresholds=catdog.GATE):
     return not reasons, reasons
 
 
+def champion_answers(run, run_id, evaluation, eval_hash, download):
+    """(The champion's probabilities on the evaluation set, how they were had): from its run's
+    evaluation.csv when it was measured on the same photos, else (or when that file cannot be
+    had) by running its served file on them here."""
+    import mlflow
+
+    if run.data.tags.get("eval_set_sha256") == eval_hash:
+        try:
+            return read_evaluation_csv(mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path="reports/evaluation.csv", dst_path=download)), "on the same photos"
+        except (OSError, mlflow.exceptions.MlflowException, ValueError) as e:
+            log(f"  the champion's answers cannot be read ({e}); measuring its served file instead")
+    folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model", dst_path=download)
+    meta = catdog.read_json(os.path.join(folder, "model.json"))
+    probs = onnx_probs(os.path.join(folder, "model.onnx"), Images(evaluation.items, meta["preprocess"]))
+    return probs, "re-measured on these photos"
+
+
 def compare_with_champion(client, cfg, evaluation, eval_hash, probs):
     """(How the current champion does against `probs` on the evaluation set, or None when there
     is no champion; what it was compared as). Its answers come from its own run when it was
@@ -688,17 +726,7 @@ def compare_with_champion(client, cfg, evaluation, eval_hash, probs):
     label = f"champion v{version.version} ({run.data.tags.get('arch')})"
     try:
         with tempfile.TemporaryDirectory(prefix="catdog-champion-") as download:
-            if run.data.tags.get("eval_set_sha256") == eval_hash:
-                champion_probs = read_evaluation_csv(mlflow.artifacts.download_artifacts(
-                    run_id=version.run_id, artifact_path="reports/evaluation.csv", dst_path=download))
-                how = "on the same photos"
-            else:  # the file the champion's service runs, as for the candidate
-                folder = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="model",
-                                                             dst_path=download)
-                meta = catdog.read_json(os.path.join(folder, "model.json"))
-                champion_probs = onnx_probs(os.path.join(folder, "model.onnx"),
-                                            Images(evaluation.items, meta["preprocess"]))
-                how = "re-measured on these photos"
+            champion_probs, how = champion_answers(run, version.run_id, evaluation, eval_hash, download)
     except Exception as e:  # noqa: BLE001 -- an unreadable champion cannot block a measured candidate
         log(f"  {label} cannot be loaded ({e}); gating on thresholds only")
         return None, f"{label} unreadable"
@@ -813,6 +841,7 @@ def run_one(which, cfg, splits, evaluation, lineage, train_stats, client):
                                  git_commit=lineage["git_commit"])
         served = export_and_measure(trained.model, meta, folder, splits, evaluation, calibrated, cfg)
         meta["metrics"] = {**flat_figures(served.figures), "train_seconds": trained.seconds,
+                           "extra_images": int(np.sum(evaluation.parts == "extra")),
                            "parameters": sum(p.numel() for p in trained.model.parameters()),
                            "temperature": calibrated.temperature, "served_as": meta["served_as"]}
         log_run(folder, trained, meta, calibrated, served, cfg, splits, evaluation, lineage, train_stats)
@@ -940,8 +969,8 @@ def register_and_gate(client, cfg, run, trained, meta, folder, evaluation, serve
 def model_card(which, summary, splits, lineage, cfg):
     description = {"baseline": "a small CNN trained from scratch (reference model)",
                    "transfer": f"{cfg.backbone} (ImageNet weights, frozen) with a linear head"}[which]
-    extra = (f"{summary['extra_images']:.0f} extra photos from {cfg.eval_extra} (same source, re-encoded, never trained on)"
-             if "extra_images" in summary else "no extra photos")
+    extra = (f"{summary['extra_images']} extra photos from {cfg.eval_extra} (same source, re-encoded, never trained on)"
+             if summary["extra_images"] else "no extra photos")
     return f"""# catdog model card: {which}
 
 **Model**: {description}; {summary['parameters']:,} parameters; temperature {summary['temperature']:.3f}
@@ -987,7 +1016,7 @@ def train_and_gate(cfg):
     splits = load_splits(cfg.data)
     log(f"data {cfg.data}: " + ", ".join(f"{len(v)} {k}" for k, v in splits.items())
         + f"; {WORLD} process(es), {torch.get_num_threads()} threads each, device {DEVICE}")
-    evaluation = evaluation_set(original_photos(splits["test"], cfg.data), cfg.eval_extra)
+    evaluation = evaluation_set(original_photos(splits["test"], cfg.data), cfg.eval_extra, cfg.data)
     client, lineage, train_stats = None, {}, []
     if RANK == 0:
         client = open_registry(cfg)

@@ -62,7 +62,7 @@ def test_champion_predicts_shared_photos(tmp_path):
                 wrong.append((name, r.json()["label"], r.json()["confidence"]))
     finally:
         s.stop()
-    # the gate asks >= 97 % on the whole test split; 20 photos allow one miss
+    # the gate asks >= 97 % on the evaluation set; 20 photos allow one miss
     assert len(wrong) <= 1, wrong
 
 

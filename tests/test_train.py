@@ -298,7 +298,7 @@ def test_changed_evaluation_set_remeasures_the_champion(trained, tmp_path, capsy
     models = trained["tmp"] / "models"
     meta = catdog.read_json(models / "model.json")
     evaluation = train.evaluation_set(train.list_split(str(tmp_path / "processed"), "test"),
-                                      str(tmp_path / "processed" / "extra"))
+                                      str(tmp_path / "processed" / "extra"), str(tmp_path / "processed"))
     batch = np.stack([catdog.preprocess(catdog.open_image(path), meta["preprocess"]) for path, _ in evaluation.items])
     session = onnxruntime.InferenceSession(str(models / "model.onnx"), providers=["CPUExecutionProvider"])
     probs = catdog.softmax(session.run(["logits"], {"image": batch})[0])
