@@ -60,8 +60,6 @@ def preprocess_settings(arch, backbone=BACKBONE):
     return {"resize": round(crop / 0.875), "crop": crop, "mean": 127.0, "std": 128.0}
 
 
-PREPROCESS = {arch: preprocess_settings(arch) for arch in ("baseline", "transfer")}
-
 # Limits for images from the outside world (uploads, raw datasets).
 MAX_PIXELS = 40_000_000  # beyond this Pillow's decompression-bomb guard refuses
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "MPO")
@@ -83,12 +81,11 @@ def config_parser(namespace, choices=None):
     that default, its type and the comment as help; booleans take --name / --no-name.
     `choices` maps a name to its allowed values. Returns the parser, so the script can add
     positional arguments; scripts call parse_args() in main() only."""
-    path = namespace["__file__"]
-    with open(path) as f:
-        comments = {tok.start[0]: tok.string.lstrip("# ").strip()
-                    for tok in tokenize.generate_tokens(f.readline) if tok.type == tokenize.COMMENT}
-    with open(path) as f:
-        tree = ast.parse(f.read())
+    with open(namespace["__file__"]) as f:
+        source = f.read()
+    comments = {tok.start[0]: tok.string.lstrip("# ").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    tree = ast.parse(source)
     doc = (ast.get_docstring(tree) or "").strip()
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for node in tree.body:

@@ -261,7 +261,7 @@ def fit_temperature(logits, labels):
 
 
 def train_baseline(cfg, splits, mlflow_log):
-    settings = catdog.PREPROCESS["baseline"]
+    settings = catdog.preprocess_settings("baseline")
     torch.manual_seed(cfg.seed)
     model = nets.build_model("baseline").to(DEVICE).to(memory_format=torch.channels_last)
     train_set = Images(splits["train"], settings, augment=True, seed=cfg.seed)
@@ -504,6 +504,7 @@ class Evaluation:
     extra photos (300 photos alone give an accuracy +-0.9 points wide; 2,300 tell 99.0 from 99.5 %)."""
     items: list          # [(path, class index)], the test split first
     parts: np.ndarray    # "test" or "extra", per item
+    hashes: list         # sha256 of each photo's file
 
     @property
     def labels(self):
@@ -519,8 +520,8 @@ class Evaluation:
         import hashlib
 
         digest = hashlib.sha256()
-        for (path, label), part in zip(self.items, self.parts):
-            digest.update(f"{part}\t{os.path.basename(path)}\t{label}\t{catdog.sha256_file(path)}\n".encode())
+        for (path, label), part, sha in zip(self.items, self.parts, self.hashes):
+            digest.update(f"{part}\t{os.path.basename(path)}\t{label}\t{sha}\n".encode())
         return digest.hexdigest()
 
 
@@ -538,15 +539,19 @@ def evaluation_set(test_items, extra_folder, data_dir):
     extra = extra_photos(extra_folder, data_dir) if extra_folder and os.path.isdir(extra_folder) else []
     if not extra and extra_folder:
         log(f"no usable extra evaluation photos at {extra_folder}: candidates are measured on the test split only")
-    return Evaluation(test_items + extra, np.array(["test"] * len(test_items) + ["extra"] * len(extra)))
+    return Evaluation(test_items + [(path, label) for path, label, _ in extra],
+                      np.array(["test"] * len(test_items) + ["extra"] * len(extra)),
+                      [catdog.sha256_file(path) for path, _ in test_items] + [sha for _, _, sha in extra])
 
 
 def extra_photos(folder, data_dir):
+    """[(path, class index, sha256)] of the usable extra photos; what was left out is logged."""
     manifest = manifest_path(data_dir)
     known = {row["sha256"] for row in catdog.read_manifest(manifest, keep_dropped=True)} if manifest else set()
     kept, dropped = [], {"known to the manifest": 0, "not decodable": 0}
     for path, label in catdog.labelled_photos([folder]):
-        if catdog.sha256_file(path) in known:
+        sha = catdog.sha256_file(path)
+        if sha in known:
             dropped["known to the manifest"] += 1
             continue
         try:
@@ -554,7 +559,7 @@ def extra_photos(folder, data_dir):
         except catdog.ImageError:
             dropped["not decodable"] += 1
             continue
-        kept.append((path, catdog.CLASSES.index(label)))
+        kept.append((path, catdog.CLASSES.index(label), sha))
     if any(dropped.values()):
         log(f"extra evaluation photos in {folder}: left out " + ", ".join(f"{n} {why}" for why, n in dropped.items()))
     return kept

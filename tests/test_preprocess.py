@@ -294,7 +294,7 @@ def test_big_jpeg_decodes_at_reduced_scale_to_nearly_the_same_input():
     exif[0x0112] = 6  # shown rotated by 90 degrees
     buffer = io.BytesIO()
     img.save(buffer, "JPEG", quality=90, exif=exif)
-    settings = catdog.PREPROCESS["transfer"]
+    settings = catdog.preprocess_settings("transfer")
     full = catdog.open_image(buffer.getvalue())
     reduced = catdog.open_image(buffer.getvalue(), min_side=settings["resize"])
     assert full.size == (1512, 2016) and reduced.size == (378, 504)  # 1/4 scale: 1/8 would go below 256

@@ -326,7 +326,7 @@ def test_train_eval_transform_equals_serving_transform(tmp_path, arch):
     items = train.list_split(str(tmp_path), "val")
     meta = catdog.model_meta(arch)
     for index in (0, len(items) - 1):
-        train_view, _ = train.Images(items, catdog.PREPROCESS[arch])[index]
+        train_view, _ = train.Images(items, catdog.preprocess_settings(arch))[index]
         with open(items[index][0], "rb") as f:
             data = f.read()
         served = catdog.preprocess(catdog.open_image(data, min_side=meta["preprocess"]["resize"]),  # as serve.py
@@ -337,11 +337,11 @@ def test_train_eval_transform_equals_serving_transform(tmp_path, arch):
 def test_augmentation_is_seeded_and_ends_in_the_shared_preprocessing(tmp_path):
     make_dataset(tmp_path)
     items = train.list_split(str(tmp_path), "train")
-    augmented = train.Images(items, catdog.PREPROCESS["baseline"], augment=True, seed=1)
+    augmented = train.Images(items, catdog.preprocess_settings("baseline"), augment=True, seed=1)
     first, again = augmented[3][0], augmented[3][0]
     augmented.epoch = 1
     other_epoch = augmented[3][0]
-    plain = train.Images(items, catdog.PREPROCESS["baseline"])[3][0]
+    plain = train.Images(items, catdog.preprocess_settings("baseline"))[3][0]
     assert torch.equal(first, again) and not torch.equal(first, other_epoch)
     assert first.shape == plain.shape == (3, 128, 128) and not torch.equal(first, plain)
 
