@@ -105,10 +105,18 @@ lint: setup  ## ruff over every Python file
 # ------------------------------------------------------------------ monitoring
 # Evaluate the running service at URL over HTTP (feedback posted, MLflow run, report in
 # reports/post_eval/); fails below 99 % accuracy. Default photos: the held-out test split
-# (the original photos when present); or `make post-eval IMAGES="dir-or-files"`.
+# (the original photos when present); or `make post-eval IMAGES="dir-or-files"` (cat.N.jpg,
+# other.N.jpg or cat/ dog/ other/). NOT_PETS adds every photo under that folder as "other"
+# and reports per kind (subfolder) how many were answered cat or dog:
+#   make post-eval NOT_PETS=../shared/datasets/not-pets POST_EVAL_ARGS="--limit 450"
+# --limit takes the classes in turn (and the kinds of non-pet in turn), so it keeps the three
+# classes even; POST_EVAL_ARGS takes any other post_eval.py option (--min-accuracy, ...).
 IMAGES ?=
-post-eval: setup  ## accuracy of the running service at URL from labelled photos
-	$(PY) post_eval.py $(URL) $(or $(IMAGES),--manifest data/manifest.csv --split test)
+NOT_PETS ?=
+POST_EVAL_ARGS ?=
+post-eval: setup  ## accuracy of the running service at URL from labelled photos (NOT_PETS=dir adds non-pets)
+	$(PY) post_eval.py $(URL) $(or $(IMAGES),--manifest data/manifest.csv --split test) \
+	  $(if $(NOT_PETS),--not-pets "$(NOT_PETS)") $(POST_EVAL_ARGS)
 
 # Debian prometheus on 127.0.0.1 scrapes the service at URL and the request counter is queried.
 monitor-check: system-deps  ## a real Prometheus scrapes the service at URL

@@ -34,6 +34,8 @@ MODELS_DIR = os.path.join(ROOT, "models")
 SHARED_SAMPLE = os.path.join(ROOT, "..", "shared", "datasets", "dogs-vs-cats-3k")
 # 1,999 more Kaggle photos (re-encoded): measured beside the test split, never trained on.
 EXTRA_SAMPLE = os.path.join(ROOT, "..", "shared", "datasets", "dogs-vs-cats-extra-2k")
+# Photos that are neither cats nor dogs, one folder per kind (bird, food, people_face, ...).
+NOT_PETS_SAMPLE = os.path.join(ROOT, "..", "shared", "datasets", "not-pets")
 TRACKING_URI = "sqlite:///" + os.path.join(ROOT, "mlflow.db")  # when MLFLOW_TRACKING_URI is unset
 SPLITS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
 
@@ -69,7 +71,20 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".ti
 # evaluation set (test split + extra photos) and is not significantly less accurate than the
 # current champion on the same photos (one-sided McNemar p below `significance`); within
 # that noise, the lower log-loss wins (train.gate).
-GATE = {"min_accuracy": 0.97, "max_log_loss": 0.10, "max_ece": 0.05, "significance": 0.05}
+# The "other" targets, on photos the decision never saw: pets (evaluation set) answered
+# "other", non-pets (the not-pets test part) answered cat or dog, overall and in every kind
+# with at least kind_min_photos test photos.
+GATE = {"min_accuracy": 0.97, "max_log_loss": 0.10, "max_ece": 0.05, "significance": 0.05,
+        "max_pets_as_other": 0.003, "max_other_as_pet": 0.02, "max_other_as_pet_per_kind": 0.05,
+        "kind_min_photos": 20}
+
+# "other": neither a cat nor a dog. A photo is answered "other" when the model's pet
+# probability is below the threshold saved in its model.json, which train.py sets so that
+# this share of the training pets (each scored by a decision fitted without it) falls below.
+OTHER = "other"
+ANSWERS = (*CLASSES, OTHER)
+PETS_REJECTED = 0.001
+NOT_PETS_SPLIT = (("train", 0.5), ("val", 0.2), ("test", 0.3))  # per kind, seeded
 
 
 # ---------------------------------------------------------------- script configuration
@@ -298,6 +313,58 @@ def sha256_file(path, chunk=1 << 20):
 
 
 # ---------------------------------------------------------------- local servers (tests, bench)
+def not_pet_photos(folder=NOT_PETS_SAMPLE, seed=SEED):
+    """{split: [(path, kind)]} of the not-pets folder, each kind (subfolder) split on its own
+    by NOT_PETS_SPLIT in a seeded order: every kind is in every part it is big enough for."""
+    splits = {split: [] for split, _ in NOT_PETS_SPLIT}
+    kinds = sorted(k for k in os.listdir(folder) if os.path.isdir(os.path.join(folder, k))) if os.path.isdir(folder) else []
+    for kind in kinds:
+        names = sorted(n for n in os.listdir(os.path.join(folder, kind)) if n.lower().endswith(IMAGE_SUFFIXES))
+        order = np.random.default_rng([seed, int(hashlib.sha256(kind.encode()).hexdigest()[:8], 16)]).permutation(names)
+        cuts = np.round(np.cumsum([share for _, share in NOT_PETS_SPLIT]) * len(names)).astype(int)
+        for (split, _), start, end in zip(NOT_PETS_SPLIT, [0, *cuts[:-1]], cuts):
+            splits[split] += [(os.path.join(folder, kind, name), kind) for name in order[start:end]]
+    return splits
+
+
+SYNTHETIC_KINDS = ("solid", "noise", "gradient", "document", "screenshot")
+
+
+def synthetic_non_pet(kind, rng):
+    """A generated image of `kind` that is plainly not a pet photo: what staff upload by
+    mistake (a blank or black frame, a scan, a screenshot) or a test throws at the service."""
+    from PIL import ImageDraw
+
+    width, height = (int(v) for v in rng.integers(160, 900, 2))
+    colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+    if kind == "solid":
+        return Image.new("RGB", (width, height), colour)
+    if kind == "noise":
+        scale = int(rng.choice([1, 4, 16]))
+        small = rng.integers(0, 256, (max(1, height // scale), max(1, width // scale), 3), dtype=np.uint8)
+        return Image.fromarray(small).resize((width, height), Image.NEAREST)
+    if kind == "gradient":
+        ramp = np.linspace(0, 1, width)[None, :, None] * np.ones((height, 1, 1))
+        other = rng.integers(0, 256, 3)
+        return Image.fromarray((np.array(colour) * (1 - ramp) + other * ramp).astype(np.uint8))
+    paper = (245, 245, 240) if kind == "document" else colour
+    img = Image.new("RGB", (width, height), paper)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(2, 8)) if kind == "screenshot" else 0):
+        box = sorted(rng.integers(0, width, 2)), sorted(rng.integers(0, height, 2))
+        draw.rectangle((box[0][0], box[1][0], box[0][1], box[1][1]), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz     0123456789"))
+    for y in range(8, height - 12, int(rng.integers(12, 24))):
+        draw.text((8, y), "".join(rng.choice(letters, width // 7)), fill=(20, 20, 20))
+    return img
+
+
+def synthetic_non_pets(count, seed):
+    """[(image, kind)]: `count` synthetic non-pets, the kinds in turn."""
+    rng = np.random.default_rng(seed)
+    return [(synthetic_non_pet(kind, rng), kind) for kind in np.resize(SYNTHETIC_KINDS, count)]
+
+
 def free_port():
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
@@ -323,6 +390,12 @@ def wait_ready(url, proc=None, timeout=30):
 
 # ---------------------------------------------------------------- model meta
 # The torch networks, save / load and the ONNX export live in nets.py (torch stays out of here).
+# What the served ONNX file outputs, from one pass over a batch "image" (n, 3, crop, crop):
+# cat/dog logits (n, 2), the pet logit (n,) of the "other" decision, and pet_distance (n,),
+# how far the image's features are from the training pets (drift).
+ONNX_OUTPUTS = ("logits", "pet_logit", "pet_distance")
+
+
 def model_meta(arch, metrics=None, temperature=1.0, version=None, backbone=BACKBONE, **extra):
     """Everything serving needs to reproduce training's view of an image."""
     return {"arch": arch, "backbone": backbone if arch == "transfer" else "simple-cnn",
@@ -377,9 +450,19 @@ def read_json(path):
 # Cheap per-image statistics, computed on the decoded upright RGB image (before the
 # model's preprocessing). train.py stores their reference distribution beside the
 # model; the service compares a rolling window of live inputs against it with PSI.
-DRIFT_FEATURES = ("width", "height", "brightness", "contrast", "saturation", "red", "green", "blue")
+# Drift is judged on what matters to the model, not on raw sizes (phone photos are 4032x3024,
+# the training photos at most 500 px: every phone user would look like drift):
+# - the PSI of each DRIFT_FEATURES distribution against the training photos', pet_distance
+#   being how far the model's own features are from the training pets (PetDecision.distance);
+# - the rise of each DRIFT_SHARES share above the reference's: photos so small they are
+#   upscaled to the model's input, so elongated that the centre crop drops most of them,
+#   and answers of "other".
+DRIFT_FEATURES = ("brightness", "contrast", "saturation", "red", "green", "blue", "pet_distance")
+DRIFT_SHARES = ("undersized", "elongated", OTHER)
 PSI_BINS = 10
-DRIFT_THRESHOLD = 0.25  # PSI above 0.25 is the usual "significant shift" rule of thumb
+DRIFT_THRESHOLD = 0.25  # PSI above 0.25 is the usual "significant shift" rule of thumb; for a share, +25 points
+UNDERSIZED_SIDE = 112   # a shorter side below half the model's input
+ELONGATED_ASPECT = 2.5  # long side / short side: the square centre crop keeps under 40 % of the photo
 CONFIDENCE_EDGES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
@@ -393,16 +476,24 @@ def image_stats(img):
     width, height = img.info.get("original_size", img.size)  # a JPEG may have been decoded smaller
     return {"width": width, "height": height, "brightness": float(gray.mean()),
             "contrast": float(gray.std()), "saturation": float(saturation.mean()),
-            "red": float(red.mean()), "green": float(green.mean()), "blue": float(blue.mean())}
+            "red": float(red.mean()), "green": float(green.mean()), "blue": float(blue.mean()),
+            "undersized": float(min(width, height) < UNDERSIZED_SIDE),
+            "elongated": float(max(width, height) > ELONGATED_ASPECT * min(width, height))}
 
 
-def reference_profile(stats, confidences=()):
-    """Reference distribution of each feature: decile bin edges and the fraction per bin."""
-    profile = {"features": {}, "count": len(stats)}
-    for name in DRIFT_FEATURES:
-        values = np.array([s[name] for s in stats], dtype=np.float64)
-        edges = np.unique(np.quantile(values, np.linspace(0, 1, PSI_BINS + 1)[1:-1]))
-        profile["features"][name] = {"edges": edges.tolist(), "fractions": bin_fractions(edges, values)}
+def reference_profile(stats, confidences=(), distances=()):
+    """Reference distribution of each feature (decile bin edges and the fraction per bin) and
+    share; `distances` (pet_distance of held-out pets) may come from other photos than `stats`."""
+    values = {name: [s[name] for s in stats if name in s] for name in DRIFT_FEATURES}
+    values["pet_distance"] = list(distances)
+    profile = {"features": {}, "shares": {}, "count": len(stats)}
+    for name, column in values.items():
+        if len(column):
+            column = np.array(column, dtype=np.float64)
+            edges = np.unique(np.quantile(column, np.linspace(0, 1, PSI_BINS + 1)[1:-1]))
+            profile["features"][name] = {"edges": edges.tolist(), "fractions": bin_fractions(edges, column)}
+    for name in DRIFT_SHARES:
+        profile["shares"][name] = float(np.mean([s.get(name, 0.0) for s in stats])) if stats else 0.0
     if len(confidences):
         edges = np.array(CONFIDENCE_EDGES[1:-1])
         profile["confidence"] = {"edges": edges.tolist(), "fractions": bin_fractions(edges, confidences)}
@@ -422,9 +513,13 @@ def psi(reference, values, eps=1e-4):
 
 
 def drift_scores(profile, stats, confidences=()):
-    """PSI per feature (and for confidence) of a window of live inputs against the profile."""
-    scores = {name: psi(profile["features"][name], [s[name] for s in stats])
-              for name in DRIFT_FEATURES if stats}
+    """A window of live inputs against the profile: PSI per feature (and for confidence),
+    rise of each share. Features or shares the profile lacks are left out."""
+    scores = {name: psi(reference, [s[name] for s in stats if name in s])
+              for name, reference in profile["features"].items() if name in DRIFT_FEATURES
+              and any(name in s for s in stats)}
+    for name, reference in profile.get("shares", {}).items():
+        scores[name] = float(np.mean([s.get(name, 0.0) for s in stats])) - reference if stats else 0.0
     if len(confidences) and "confidence" in profile:
         scores["confidence"] = psi(profile["confidence"], confidences)
     return scores

@@ -7,7 +7,6 @@ and the tests import this module.
 """
 import math
 import os
-from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -16,15 +15,90 @@ import catdog
 
 
 def build_model(arch, pretrained=True, backbone=catdog.BACKBONE):
-    """A torch model `Sequential(features, head)`: features map a normalised batch to a
-    pooled vector, `head` is one Linear layer to the class logits."""
+    """A `CatDogNet`: features map a normalised batch to a pooled vector, `head` is one Linear
+    layer to the cat/dog logits, `pet` the pet-vs-other decision on the same vector (for the
+    transfer model with the backbone's own 1,000-class ImageNet classifier)."""
     if arch == "baseline":
         features, width = simple_cnn_features()
+        imagenet = None
     elif arch == "transfer":
         features, width = efficientnet_lite_features(backbone, pretrained)
+        imagenet = nn.Linear(width, 1000)
+        if pretrained:
+            checkpoint = lite_checkpoint(backbone)
+            imagenet.load_state_dict({"weight": checkpoint["_fc.weight"], "bias": checkpoint["_fc.bias"]})
     else:
         raise ValueError(f"unknown architecture {arch!r} (baseline or transfer)")
-    return nn.Sequential(OrderedDict(features=features, head=nn.Linear(width, len(catdog.CLASSES))))
+    return CatDogNet(features, nn.Linear(width, len(catdog.CLASSES)), PetDecision(width, imagenet))
+
+
+class CatDogNet(nn.Module):
+    """model(x) is the cat/dog logits (what training optimises); `outputs(x)` is everything the
+    service needs from one pass over the image: those logits, the pet logit and the distance
+    of the image's features from the training pets."""
+
+    def __init__(self, features, head, pet):
+        super().__init__()
+        self.features, self.head, self.pet = features, head, pet
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+    def outputs(self, x):
+        pooled = self.features(x)
+        return (self.head(pooled), *self.pet(pooled))
+
+
+# ImageNet-1k classes that are dogs (151-268) and domestic cats (281-285).
+IMAGENET_PETS = tuple(range(151, 269)) + tuple(range(281, 286))
+PET_SCORES = ("imagenet", "head", "head+imagenet", "distance")  # the candidate decisions train.py measures
+
+
+class PetDecision(nn.Module):
+    """Is this a cat or a dog at all? From the pooled features f, one of PET_SCORES:
+    - imagenet: log-odds of the summed ImageNet pet-class probabilities;
+    - head: a logistic pet-vs-other layer on f;
+    - head+imagenet: the same on f and the ImageNet log-odds;
+    - distance: minus the distance of f from the training pets (whitened principal components);
+    mapped to a calibrated logit by `scale` and `shift` (Platt scaling). Also returns the
+    distance itself, which drift monitoring watches whichever score decides."""
+
+    def __init__(self, width, imagenet=None, components=64):
+        super().__init__()
+        self.imagenet = imagenet
+        self.head = nn.Linear(width + 1, 1)
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("whiten", torch.zeros(width, components))
+        self.score_name = "head"  # which of PET_SCORES decides; saved in the meta, model.json "other"
+        self.register_buffer("platt", torch.tensor([1.0, 0.0]))  # scale, shift
+        others = sorted(set(range(1000)) - set(IMAGENET_PETS))
+        self.register_buffer("imagenet_pets", torch.tensor(IMAGENET_PETS), persistent=False)
+        self.register_buffer("imagenet_others", torch.tensor(others), persistent=False)
+
+    def imagenet_log_odds(self, pooled):
+        if self.imagenet is None:
+            return pooled[:, 0] * 0  # not torch.zeros(len(pooled)): the export would fix the batch size
+        logits = self.imagenet(pooled)
+        return (torch.logsumexp(logits.index_select(1, self.imagenet_pets), 1)
+                - torch.logsumexp(logits.index_select(1, self.imagenet_others), 1))
+
+    def distance(self, pooled):
+        """Root mean square of the whitened components: about 1 for a typical training pet."""
+        return ((pooled - self.mean) @ self.whiten).pow(2).mean(1).sqrt()
+
+    def score(self, pooled):
+        """The raw score of `score_name`: higher = more like a pet."""
+        if self.score_name == "distance":
+            return -self.distance(pooled)
+        log_odds = self.imagenet_log_odds(pooled)
+        if self.score_name == "imagenet":
+            return log_odds
+        extra = log_odds if self.score_name == "head+imagenet" else log_odds * 0
+        return self.head(torch.cat([pooled, extra[:, None]], 1))[:, 0]
+
+    def forward(self, pooled):
+        """(calibrated pet logit, distance) per image."""
+        return self.score(pooled) * self.platt[0] + self.platt[1], self.distance(pooled)
 
 
 def simple_cnn_features(stem=24, widths=(48, 96, 192, 256)):
@@ -168,15 +242,28 @@ def load_model(path=MODEL_PT):
     meta = checkpoint["meta"]
     model = build_model(meta["arch"], pretrained=False, backbone=meta.get("backbone", "efficientnet-lite0"))
     model.load_state_dict(checkpoint["state_dict"])
+    model.pet.score_name = meta["other"]["score"]
     return model.eval(), meta
 
 
+class Outputs(nn.Module):
+    """What the ONNX file computes: CatDogNet.outputs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.outputs(x)
+
+
 def export_onnx(model, meta, path=MODEL_ONNX):
-    """ONNX (opset 17, dynamic batch) mapping a normalised batch to class logits, plus
-    the meta JSON beside it, which is all the service reads."""
+    """ONNX (opset 17, dynamic batch) mapping a normalised batch to catdog.ONNX_OUTPUTS: cat/dog
+    logits (n, 2), pet logit (n,) and feature distance (n,), plus the meta JSON beside it,
+    which is all the service reads."""
     crop = meta["preprocess"]["crop"]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.onnx.export(model.eval(), torch.zeros(1, 3, crop, crop), path, opset_version=17,
-                      input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    torch.onnx.export(Outputs(model).eval(), torch.zeros(1, 3, crop, crop), path, opset_version=17,
+                      input_names=["image"], output_names=list(catdog.ONNX_OUTPUTS),
+                      dynamic_axes={name: {0: "batch"} for name in ("image", *catdog.ONNX_OUTPUTS)}, dynamo=False)
     catdog.write_json(os.path.splitext(path)[0] + ".json", meta)

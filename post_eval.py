@@ -9,11 +9,17 @@ below the threshold, so a bad deployment fails loudly instead of printing 50 %.
 
     python post_eval.py http://127.0.0.1:8000 ../shared/datasets/dogs-vs-cats-3k --limit 200
     python post_eval.py http://127.0.0.1:8000 --manifest data/manifest.csv --split test
+    python post_eval.py http://127.0.0.1:8000 --manifest data/manifest.csv --not-pets ../shared/datasets/not-pets
 
-Labels come from file names (cat.12.jpg) or folders (cat/12.jpg), or from the manifest.
+Labels come from file names (cat.12.jpg, other.7.jpg) or folders (cat/12.jpg, other/7.jpg),
+or from the manifest; every photo under --not-pets is "other" (neither a cat nor a dog), its
+first subfolder its kind (bird, object, people_face, ...). When any photo or answer is
+"other", the report has the third class: a 3x3 confusion matrix, the share of non-pets
+answered cat or dog (overall and per kind) and the share of pets answered "other".
 """
 import json
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -36,12 +42,17 @@ tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", catdog.TRACKING_URI)  # MLf
 feedback = True         # post the true labels to /feedback (feeds the service's live accuracy)
 manifest = ""           # preprocess.py's manifest CSV: evaluate one split of it instead of IMAGES
 split = "test"          # the manifest split to evaluate
+not_pets = ""           # also send every photo under this folder as "other" (subfolders are kinds: bird, object, ...)
+
+OTHER = "other"  # the service's answer for a photo of neither a cat nor a dog
+PETS = tuple(c for c in catdog.CLASSES if c != OTHER)
+ANSWERS = (*PETS, OTHER)
 
 
 def parse_args(argv=None):
     parser = catdog.config_parser(globals())
     parser.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
-    parser.add_argument("images", nargs="*", help="photo files or folders (cat.N.jpg or cat/ dog/)")
+    parser.add_argument("images", nargs="*", help="photo files or folders (cat.N.jpg, other.N.jpg or cat/ dog/ other/)")
     return parser.parse_args(argv)
 
 
@@ -56,14 +67,68 @@ def manifest_files(path, split):
     return [(row["photo"], row["label"]) for row in rows if row["photo"]]
 
 
-def balanced_head(pairs, n):
-    """The first n pairs, alternating classes, so a small --limit still sees both classes."""
+def label_from_name(path):
+    """catdog.label_from_name with the third answer: 'other.7.jpg' or '.../other/7.jpg' -> 'other'."""
+    parts = os.path.normpath(path).split(os.sep)
+    for candidate in (parts[-1].split(".")[0], parts[-2] if len(parts) > 1 else ""):
+        if candidate.lower() in ANSWERS:
+            return candidate.lower()
+    return None
+
+
+def image_files(paths):
+    """The image files among the given files and the files under the given folders, sorted."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            for root, _, names in os.walk(path):
+                found += [os.path.join(root, n) for n in names if n.lower().endswith(catdog.IMAGE_SUFFIXES)]
+        else:
+            found.append(path)
+    return sorted(found)
+
+
+def labelled_photos(paths):
+    """[(path, label)] labelled by name or folder, cat, dog or other; unlabelled files are left out."""
+    return [(p, label) for p in image_files(paths) if (label := label_from_name(p))]
+
+
+def not_pet_photos(folder):
+    """[(path, "other")] of every photo under folder, and {real path: kind}: the kind is the
+    first subfolder (bird/, object/), or the name's first word for a photo at the top (bird.3.jpg)."""
+    pairs, kinds = [], {}
+    for path in image_files([folder]):
+        first = os.path.relpath(path, folder).split(os.sep)[0]
+        kinds[os.path.realpath(path)] = first if first != os.path.basename(path) else first.split(".")[0]
+        pairs.append((path, OTHER))
+    return pairs, kinds
+
+
+def unique(pairs):
+    """Each photo once, with the first label it came with: --not-pets may overlap the other photos."""
+    seen, kept = set(), []
+    for path, label in pairs:
+        if os.path.realpath(path) not in seen:
+            seen.add(os.path.realpath(path))
+            kept.append((path, label))
+    return kept
+
+
+def interleave(groups):
+    """One item of each group in turn, skipping groups that ran out: every prefix is balanced."""
+    return [group[i] for i in range(max(map(len, groups), default=0)) for group in groups if i < len(group)]
+
+
+def balanced_head(pairs, n, kinds=None):
+    """The first n pairs, the classes in turn and, within "other", its kinds in turn, so a small
+    --limit still sees every class and every kind of non-pet (a kind that runs out gives way)."""
     if not n or n >= len(pairs):
         return pairs
-    by_class = [[p for p in pairs if p[1] == c] for c in catdog.CLASSES]
-    mixed = [p for group in zip(*by_class) for p in group]
-    mixed += [p for group in by_class for p in group[len(min(by_class, key=len)):]]
-    return mixed[:n]
+    kinds = kinds or {}
+    by_class = [[p for p in pairs if p[1] == c] for c in ANSWERS]
+    kind_of = {p: kinds.get(os.path.realpath(p[0]), OTHER) for p in by_class[-1]}
+    by_class[-1] = interleave([[p for p in by_class[-1] if kind_of[p] == k] for k in sorted(set(kind_of.values()))])
+    return interleave(by_class)[:n]
 
 
 # ---------------------------------------------------------------- HTTP (stdlib only)
@@ -103,7 +168,8 @@ def predict(url, path, label, timeout):
     latency_ms = (time.perf_counter() - started) * 1000
     return {"path": path, "label": label, "status": status, "latency_ms": latency_ms,
             "predicted": answer.get("label") if status == 200 else None,
-            "confidence": answer.get("confidence"), "request_id": answer.get("request_id"),
+            "confidence": answer.get("confidence"), "pet_probability": answer.get("pet_probability"),
+            "request_id": answer.get("request_id"),
             "model_version": answer.get("model_version"), "error": answer.get("error")}
 
 
@@ -114,10 +180,31 @@ def send_feedback(url, result, timeout):
 
 
 # ---------------------------------------------------------------- metrics (numpy)
+def classes_of(results):
+    """cat and dog, and "other" once a photo or an answer is "other": photos of cats and dogs
+    that a two-answer service tags read exactly as they did before the third answer."""
+    seen = {r["label"] for r in results} | {r["predicted"] for r in results}
+    return ANSWERS if OTHER in seen else PETS
+
+
+def class_scores(matrix, classes):
+    """Per class: precision, recall and F1 from the confusion matrix (rows = truth), as
+    catdog.class_scores computes them from labels."""
+    scores = {}
+    for i, name in enumerate(classes):
+        precision = matrix[i, i] / max(1, matrix[:, i].sum())
+        recall = matrix[i, i] / max(1, matrix[i].sum())
+        scores[name] = {"precision": float(precision), "recall": float(recall),
+                        "f1": float(2 * precision * recall / max(1e-12, precision + recall))}
+    return scores
+
+
 def classification_metrics(results):
     """Accuracy over every photo sent (a failed request counts as wrong), per-class
-    precision/recall/F1 over the answered ones, and the confusion matrix (rows = truth)."""
-    index = {c: i for i, c in enumerate(catdog.CLASSES)}
+    precision/recall/F1 over the answered ones, the confusion matrix (rows = truth) and its
+    classes; with "other": the shares of non-pets answered cat or dog and of pets answered other."""
+    classes = classes_of(results)
+    index = {c: i for i, c in enumerate(classes)}
     answered = [r for r in results if r["predicted"] in index]
     matrix = np.zeros((len(index), len(index)), dtype=int)
     for r in answered:
@@ -125,12 +212,31 @@ def classification_metrics(results):
     low, high = catdog.wilson_interval(int(np.trace(matrix)), len(results))
     metrics = {"images": len(results), "answered": len(answered), "errors": len(results) - len(answered),
                "accuracy": float(np.trace(matrix) / max(1, len(results))), "accuracy_low": low, "accuracy_high": high}
-    scores = catdog.class_scores([index[r["label"]] for r in answered], [index[r["predicted"]] for r in answered])
-    for name, score in scores.items():
+    for name, score in class_scores(matrix, classes).items():
         for key in ("precision", "recall", "f1"):
             metrics[f"{key}_{name}"] = score[key]
-    metrics["f1_macro"] = float(np.mean([metrics[f"f1_{c}"] for c in catdog.CLASSES]))
-    return metrics, matrix
+    metrics["f1_macro"] = float(np.mean([metrics[f"f1_{c}"] for c in classes]))
+    if OTHER in index:
+        pets, other = matrix[:-1], matrix[-1]
+        metrics["other_photos"], metrics["pet_photos"] = int(other.sum()), int(pets.sum())
+        metrics["other_as_pet"] = float(other[:-1].sum() / max(1, other.sum()))  # non-pets tagged cat or dog
+        metrics["pets_as_other"] = float(pets[:, -1].sum() / max(1, pets.sum()))  # pets turned away
+    return metrics, matrix, classes
+
+
+def kind_metrics(results, kinds):
+    """{kind: {photos, cat, dog, other, as_pet}} of the answered non-pets: how often each
+    kind of non-pet (bird, object, ...) is tagged as a cat or a dog."""
+    found = {}
+    for r in results:
+        if r["label"] == OTHER and r["predicted"] in ANSWERS:
+            kind = kinds.get(os.path.realpath(r["path"]), OTHER)
+            counts = found.setdefault(kind, {"photos": 0, **dict.fromkeys(ANSWERS, 0)})
+            counts["photos"] += 1
+            counts[r["predicted"]] += 1
+    for counts in found.values():
+        counts["as_pet"] = sum(counts[c] for c in PETS) / counts["photos"]
+    return dict(sorted(found.items()))
 
 
 def latency_metrics(results, wall_s):
@@ -142,19 +248,19 @@ def latency_metrics(results, wall_s):
 
 
 # ---------------------------------------------------------------- outputs
-def plot_confusion(matrix, path):
+def plot_confusion(matrix, classes, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(3.6, 3.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 1.2, 1.2 * len(classes) + 0.8), dpi=120)
     ax.imshow(matrix, cmap="Blues")
     for (i, j), count in np.ndenumerate(matrix):
         dark = count > matrix.max() / 2
         ax.text(j, i, str(count), ha="center", va="center", color="white" if dark else "black")
-    ax.set_xticks(range(len(catdog.CLASSES)), catdog.CLASSES)
-    ax.set_yticks(range(len(catdog.CLASSES)), catdog.CLASSES)
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("post-deployment confusion matrix", fontsize=9)
@@ -163,7 +269,17 @@ def plot_confusion(matrix, path):
     plt.close(fig)
 
 
-def write_report(path, url, version, source, metrics, matrix, results, stats, passed, min_accuracy):
+def kinds_section(kinds):
+    """Markdown lines: per kind of non-pet, its answers and the share tagged as a pet."""
+    lines = ["", '## Non-pets by kind (truth "other")', "",
+             "| kind | photos | " + " | ".join(f"answered {c}" for c in ANSWERS) + " | answered cat or dog |",
+             "|---" * (len(ANSWERS) + 3) + "|"]
+    lines += [f"| {kind} | {n['photos']} | " + " | ".join(str(n[c]) for c in ANSWERS) + f" | {n['as_pet']:.1%} |"
+              for kind, n in kinds.items()]
+    return lines
+
+
+def write_report(path, url, version, source, metrics, matrix, classes, kinds, results, stats, passed, min_accuracy):
     wrong = [r for r in results if r["predicted"] != r["label"]]
     lines = [
         "# Post-deployment evaluation", "",
@@ -174,10 +290,12 @@ def write_report(path, url, version, source, metrics, matrix, results, stats, pa
         "| metric | value |", "|---|---|",
         *[f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()],
         "", "## Confusion matrix (rows = true label)", "", "![confusion matrix](confusion_matrix.png)", "",
-        "| | " + " | ".join(f"pred {c}" for c in catdog.CLASSES) + " |",
-        "|---" * (len(catdog.CLASSES) + 1) + "|",
-        *[f"| true {c} | " + " | ".join(str(n) for n in row) + " |" for c, row in zip(catdog.CLASSES, matrix)],
+        "| | " + " | ".join(f"pred {c}" for c in classes) + " |",
+        "|---" * (len(classes) + 1) + "|",
+        *[f"| true {c} | " + " | ".join(str(n) for n in row) + " |" for c, row in zip(classes, matrix)],
     ]
+    if kinds:
+        lines += kinds_section(kinds)
     if stats:
         lines += ["", "## The service's own view (`/stats` after feedback)", "", "```json",
                   json.dumps(stats, indent=2, sort_keys=True), "```"]
@@ -190,7 +308,14 @@ def write_report(path, url, version, source, metrics, matrix, results, stats, pa
         f.write("\n".join(lines) + "\n")
 
 
-def log_to_mlflow(cfg, version, source, metrics):
+def mlflow_metrics(metrics, kinds):
+    """The finite metrics, and per kind of non-pet its share answered cat or dog (other_as_pet.<kind>)."""
+    flat = {k: v for k, v in metrics.items() if np.isfinite(v)}
+    flat.update({"other_as_pet." + re.sub(r"[^\w.-]", "_", kind): n["as_pet"] for kind, n in kinds.items()})
+    return flat
+
+
+def log_to_mlflow(cfg, version, source, metrics, kinds):
     import mlflow  # slow import; only when there is something to log
 
     mlflow.set_tracking_uri(cfg.tracking_uri)
@@ -198,8 +323,8 @@ def log_to_mlflow(cfg, version, source, metrics):
     with mlflow.start_run(run_name=f"post-eval {version}") as run:
         mlflow.set_tags({"model_version": version, "service_url": cfg.url, "stage": "post-deploy"})
         mlflow.log_params({"source": source, "limit": cfg.limit, "concurrency": cfg.concurrency,
-                           "min_accuracy": cfg.min_accuracy, "feedback": cfg.feedback})
-        mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
+                           "min_accuracy": cfg.min_accuracy, "feedback": cfg.feedback, "not_pets": cfg.not_pets})
+        mlflow.log_metrics(mlflow_metrics(metrics, kinds))
         mlflow.log_artifacts(cfg.out)
         return run.info.run_id
 
@@ -211,8 +336,13 @@ def main(argv=None):
     if cfg.manifest:
         pairs, source = manifest_files(cfg.manifest, cfg.split), f"{cfg.manifest} split={cfg.split}"
     else:
-        pairs, source = catdog.labelled_photos(cfg.images), " ".join(cfg.images)
-    pairs = balanced_head(pairs, cfg.limit)
+        pairs, source = labelled_photos(cfg.images), " ".join(cfg.images)
+    kinds = {}
+    if cfg.not_pets:
+        not_pets, kinds = not_pet_photos(cfg.not_pets)
+        pairs = unique(pairs + not_pets)
+        source = " + ".join(filter(None, [source, f"{cfg.not_pets} (not pets)"]))
+    pairs = balanced_head(pairs, cfg.limit, kinds)
     if not pairs:
         sys.exit(f"post_eval: no labelled photos found in {source or '(nothing given)'}")
 
@@ -230,7 +360,8 @@ def main(argv=None):
     versions = {r["model_version"] for r in results if r["model_version"]} or {health.get("model_version")}
     version = ",".join(sorted(map(str, versions)))
 
-    metrics, matrix = classification_metrics(results)
+    metrics, matrix, classes = classification_metrics(results)
+    by_kind = kind_metrics(results, kinds) if kinds else {}
     metrics.update(latency_metrics(results, wall_s))
     metrics["feedback_posted"] = delivered
     _, stats = http_json(f"{url}/stats", timeout=cfg.timeout)  # the service's live accuracy after our feedback, if it has /stats
@@ -238,18 +369,24 @@ def main(argv=None):
     passed = metrics["accuracy"] >= cfg.min_accuracy
     feedback_ok = not cfg.feedback or delivered == len(answered)
     os.makedirs(cfg.out, exist_ok=True)
-    plot_confusion(matrix, os.path.join(cfg.out, "confusion_matrix.png"))
-    catdog.write_json(os.path.join(cfg.out, "metrics.json"), {"model_version": version, "url": url, **metrics})
-    write_report(os.path.join(cfg.out, "report.md"), url, version, source, metrics, matrix, results,
+    plot_confusion(matrix, classes, os.path.join(cfg.out, "confusion_matrix.png"))
+    catdog.write_json(os.path.join(cfg.out, "metrics.json"),
+                      {"model_version": version, "url": url, **metrics, **({"kinds": by_kind} if by_kind else {})})
+    write_report(os.path.join(cfg.out, "report.md"), url, version, source, metrics, matrix, classes, by_kind, results,
                  stats if isinstance(stats, dict) and "error" not in stats else None, passed, cfg.min_accuracy)
-    run_id = log_to_mlflow(cfg, version, source, metrics)
+    run_id = log_to_mlflow(cfg, version, source, metrics, by_kind)
 
     print(f"model {version}: accuracy {metrics['accuracy']:.4f} (95 % interval {metrics['accuracy_low']:.4f}-"
           f"{metrics['accuracy_high']:.4f}; {metrics['images']} photos, "
           f"{metrics['errors']} failed), f1 {metrics['f1_macro']:.4f}, latency p50/p95/p99 "
           f"{metrics['latency_p50_ms']:.1f}/{metrics['latency_p95_ms']:.1f}/{metrics['latency_p99_ms']:.1f} ms, "
           f"{metrics['throughput_rps']:.1f} req/s, feedback {delivered}/{len(answered)}")
-    print(f"confusion matrix (rows true {'/'.join(catdog.CLASSES)}): {matrix.tolist()}")
+    print(f"confusion matrix (rows true {'/'.join(classes)}): {matrix.tolist()}")
+    if OTHER in classes:
+        print(f"other: {metrics['other_as_pet']:.2%} of {metrics['other_photos']} non-pets answered cat or dog, "
+              f"{metrics['pets_as_other']:.2%} of {metrics['pet_photos']} pets answered other")
+    for kind, n in by_kind.items():
+        print(f"  {kind}: {n['as_pet']:.1%} of {n['photos']} answered cat or dog")
     print(f"report {os.path.join(cfg.out, 'report.md')}, MLflow run {run_id} in experiment {cfg.experiment!r}")
     if not feedback_ok:
         print(f"FAIL: /feedback accepted {delivered} of {len(answered)} labels", file=sys.stderr)

@@ -147,22 +147,46 @@ class Model:
         return str(self.meta.get("version", "unknown"))
 
     def run(self, batch):
-        """Logits of a batch of preprocessed images (n, 3, crop, crop)."""
-        return self.session.run(["logits"], {"image": batch})[0]
+        """catdog.ONNX_OUTPUTS of a batch of preprocessed images (n, 3, crop, crop), one tuple per image."""
+        return list(zip(*self.session.run(list(catdog.ONNX_OUTPUTS), {"image": batch})))
+
+    @property
+    def pet_threshold(self):
+        return float(self.meta["other"]["threshold"])
+
+    def answer(self, outputs):
+        """(label, confidence, cat/dog probabilities, pet probability, pet_distance) of one image's
+        outputs: "other" below the pet threshold (confidence 1 - pet probability), else the likelier
+        of cat and dog (its probability)."""
+        logits, pet_logit, distance = outputs
+        probabilities = catdog.softmax(logits)
+        pet_probability = float(1 / (1 + np.exp(-float(pet_logit))))
+        if pet_probability < self.pet_threshold:
+            label, confidence = catdog.OTHER, 1 - pet_probability
+        else:
+            best = int(np.argmax(probabilities))
+            label, confidence = self.meta["classes"][best], float(probabilities[best])
+        return (label, confidence, {c: float(p) for c, p in zip(self.meta["classes"], probabilities)},
+                pet_probability, float(distance))
 
 
 def load_model(path, ort_threads=1, batch_sizes=(1,), profile_path=None):
     """ONNX session + the meta saved beside it, warmed up at every batch size it will see first."""
     meta = catdog.read_json(os.path.splitext(path)[0] + ".json")
+    if "other" not in meta:
+        raise ValueError(f"{path} has no \"other\" decision (model.json lacks \"other\"): retrain it with `make train`")
     options = ort.SessionOptions()
     options.intra_op_num_threads = ort_threads
     options.inter_op_num_threads = 1
     # Spinning ORT threads would steal the cores the waitress threads need for decoding.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    missing = set(catdog.ONNX_OUTPUTS) - {output.name for output in session.get_outputs()}
+    if missing:
+        raise ValueError(f"{path} lacks the outputs {', '.join(sorted(missing))}: retrain it with `make train`")
     crop = meta["preprocess"]["crop"]
     for batch in sorted(set(batch_sizes)):
-        session.run(["logits"], {"image": np.zeros((batch, 3, crop, crop), np.float32)})
+        session.run(list(catdog.ONNX_OUTPUTS), {"image": np.zeros((batch, 3, crop, crop), np.float32)})
     profile_path = profile_path or os.path.join(os.path.dirname(path), "reference_profile.json")
     profile = catdog.read_json(profile_path) if os.path.exists(profile_path) else None
     return Model(session, meta, profile, options.intra_op_num_threads)
@@ -170,11 +194,11 @@ def load_model(path, ort_threads=1, batch_sizes=(1,), profile_path=None):
 
 # ---------------------------------------------------------------- inference, and the batcher
 class Job:
-    """One image waiting for the batcher; `done` is set once logits or error is."""
+    """One image waiting for the batcher; `done` is set once outputs or error is."""
 
     def __init__(self, model, x):
         self.model, self.x, self.done = model, x, threading.Event()
-        self.logits = self.error = None
+        self.outputs = self.error = None
 
 
 class Batcher:
@@ -207,19 +231,19 @@ class Batcher:
                 threading.Thread(target=self._loop, daemon=True, name="batcher").start()
 
     def infer(self, model, x):
-        """Logits for one preprocessed image (3, crop, crop) with the given model."""
+        """The model's outputs (Model.run) for one preprocessed image (3, crop, crop)."""
         if not self.batching:
             with self._slots:
-                logits = model.run(x[None])[0]
+                outputs = model.run(x[None])[0]
             self.on_run(1)
-            return logits
+            return outputs
         job = Job(model, x)
         self._jobs.put(job)
         if not job.done.wait(60):
             raise RuntimeError("inference timed out")
         if job.error is not None:
             raise job.error
-        return job.logits
+        return job.outputs
 
     def _loop(self):
         while True:
@@ -241,7 +265,7 @@ class Batcher:
             group = [job for job in batch if job.model is model]
             try:
                 for job, row in zip(group, model.run(np.stack([job.x for job in group]))):
-                    job.logits = row
+                    job.outputs = row
             except Exception as e:  # noqa: BLE001 (whatever failed, each waiting request gets it)
                 for job in group:
                     job.error = e
@@ -316,10 +340,11 @@ class DriftWindow:
         self._stats, self._confidences = deque(maxlen=size), deque(maxlen=size)
         self._lock = threading.Lock()
 
-    def add(self, stats, confidence):
+    def add(self, stats, confidence=None):
         with self._lock:
             self._stats.append(stats)
-            self._confidences.append(confidence)
+            if confidence is not None:
+                self._confidences.append(confidence)
 
     def forget_confidences(self):
         """On a new model: confidences belong to a model; input statistics do not."""
@@ -327,15 +352,18 @@ class DriftWindow:
             self._confidences.clear()
 
     def report(self, profile):
-        """PSI per feature of the window against `profile` (none below min_samples inputs)."""
+        """PSI per feature and rise per share of the window against `profile` (catdog.drift_scores;
+        none below min_samples inputs)."""
         with self._lock:
             stats, confidences = list(self._stats), list(self._confidences)
         if profile is None or len(stats) < self.min_samples:
-            return {"samples": len(stats), "psi": {}, "drifted": []}
+            return {"samples": len(stats), "psi": {}, "share_rise": {}, "drifted": []}
         if len(confidences) < self.min_samples:
             confidences = []
         scores = {k: round(v, 4) for k, v in catdog.drift_scores(profile, stats, confidences).items()}
-        return {"samples": len(stats), "psi": scores, "threshold": catdog.DRIFT_THRESHOLD,
+        return {"samples": len(stats), "psi": {k: v for k, v in scores.items() if k not in catdog.DRIFT_SHARES},
+                "share_rise": {k: v for k, v in scores.items() if k in catdog.DRIFT_SHARES},
+                "threshold": catdog.DRIFT_THRESHOLD,
                 "drifted": sorted(k for k, v in scores.items() if v > catdog.DRIFT_THRESHOLD)}
 
 
@@ -374,6 +402,11 @@ class ScrapeTimeMetrics:
         for feature, score in sorted(drift["psi"].items()):
             psi.add_metric([feature], score)
         yield psi
+        rise = GaugeMetricFamily("catdog_drift_share_rise", "Share of recent inputs minus the training reference's, "
+                                 "per kind (undersized, elongated, other).", labels=("share",))
+        for share, score in sorted(drift["share_rise"].items()):
+            rise.add_metric([share], score)
+        yield rise
         yield GaugeMetricFamily("catdog_drift_window_samples", "Recent inputs in the drift window.",
                                 value=drift["samples"])
         model = service.model
@@ -398,7 +431,7 @@ class Metrics:
                                     buckets=catdog.CONFIDENCE_EDGES[:-1], registry=registry)
         self.feedback = Counter("catdog_feedback", "Staff feedback by whether the prediction was right.",
                                 ("correct",), registry=registry)
-        for label in catdog.CLASSES:  # every series exists from 0, so rate() sees the first one
+        for label in catdog.ANSWERS:  # every series exists from 0, so rate() sees the first one
             self.predictions.labels(label)
         for correct in ("true", "false"):
             self.feedback.labels(correct)
@@ -507,17 +540,15 @@ class Service:
             self._in_flight -= 1
 
     def predict(self, model, img, request_id):
-        """(label, confidence, {class: probability}) of a decoded photo, recorded for monitoring."""
+        """(label, confidence, {class: probability}, pet probability) of a decoded photo, recorded for monitoring."""
         x = catdog.preprocess(img, model.meta["preprocess"])
-        probabilities = catdog.softmax(self.batcher.infer(model, x))
-        classes = model.meta["classes"]
-        best = int(np.argmax(probabilities))
-        label, confidence = classes[best], float(probabilities[best])
-        stats = catdog.image_stats(img)
+        label, confidence, probabilities, pet_probability, distance = model.answer(self.batcher.infer(model, x))
+        stats = {**catdog.image_stats(img), "pet_distance": distance, catdog.OTHER: float(label == catdog.OTHER)}
         self.store.record_prediction(request_id, model.version, label, confidence, stats)
-        self.drift.add(stats, confidence)
+        # The reference confidences are of cat/dog answers; an "other" answer's is another quantity.
+        self.drift.add(stats, confidence if label != catdog.OTHER else None)
         self.metrics.count_prediction(label, confidence)
-        return label, confidence, {c: float(p) for c, p in zip(classes, probabilities)}
+        return label, confidence, probabilities, pet_probability
 
     def drift_report(self):
         model = self.model
@@ -654,9 +685,9 @@ def predict():
         img = decode(read_upload(), model.meta["preprocess"]["resize"], service.settings.max_pixels)
     except catdog.ImageError as e:
         return error(ERROR_STATUS.get(e.reason, 422), e.reason, str(e))
-    label, confidence, probabilities = service.predict(model, img, g.request_id)
+    label, confidence, probabilities, pet_probability = service.predict(model, img, g.request_id)
     g.label = label
-    return jsonify(label=label, confidence=round(confidence, 6),
+    return jsonify(label=label, confidence=round(confidence, 6), pet_probability=round(pet_probability, 6),
                    probabilities={c: round(p, 6) for c, p in probabilities.items()},
                    model_version=model.version, request_id=g.request_id,
                    latency_ms=round((time.perf_counter() - g.started) * 1000, 2))
@@ -666,10 +697,10 @@ def predict():
 def feedback():
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        return error(400, "bad_json", 'send JSON {"request_id": ..., "label": "cat" or "dog"}')
+        return error(400, "bad_json", 'send JSON {"request_id": ..., "label": "cat", "dog" or "other"}')
     request_id, truth = body.get("request_id"), body.get("label")
-    if not isinstance(truth, str) or truth.lower() not in catdog.CLASSES:
-        return error(400, "bad_label", f"label must be one of {', '.join(catdog.CLASSES)}")
+    if not isinstance(truth, str) or truth.lower() not in catdog.ANSWERS:
+        return error(400, "bad_label", f"label must be one of {', '.join(catdog.ANSWERS)} (other: neither)")
     if not isinstance(request_id, str) or not REQUEST_ID.match(request_id):
         return error(400, "bad_request_id", "request_id must be the id a /predict answer returned")
     truth = truth.lower()
@@ -692,7 +723,8 @@ def health():
     if model is None:
         status = "no_model" if not os.path.exists(path) else "load_failed" if service.load_error else "loading"
         return jsonify(status=status, model_path=path, error=service.load_error), 503
-    return jsonify(status="ok", model_version=model.version, arch=model.meta.get("arch"))
+    return jsonify(status="ok", model_version=model.version, arch=model.meta.get("arch"),
+                   pet_threshold=model.pet_threshold)
 
 
 @api.get("/live")

@@ -60,6 +60,9 @@ quantize = True                # serve int8 ONNX (catdog.quantize_onnx), about 2
 calibration_images = 128       # training images that set the int8 activation ranges
 # evaluation: what every candidate is measured, reported and gated on
 eval_extra = catdog.EXTRA_SAMPLE  # labelled photos measured with the test split, never trained on ("": test only)
+not_pets = catdog.NOT_PETS_SAMPLE  # photos neither cat nor dog, by kind, split by catdog.not_pet_photos ("": none)
+synthetic = 200                # generated non-pets (blank, noise, gradient, document, screenshot) for training; half as many for val and test
+pet_l2 = 0.01                  # L2 penalty of the pet-vs-other logistic head
 # tracking and the registry
 tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", catdog.TRACKING_URI)  # MLflow tracking URI ($MLFLOW_TRACKING_URI, else mlflow.db in the project root)
 experiment = "catdog"          # MLflow experiment the runs go to
@@ -268,7 +271,7 @@ def train_baseline(cfg, splits, mlflow_log):
     val_set = Images(splits["val"], settings)
     history = fit(model, train_set, val_set, labels_of(splits["val"]), cfg, cfg.epochs, cfg.batch_size,
                   cfg.lr, cfg.weight_decay, mlflow_log)
-    return model.cpu().eval(), history, None
+    return model.cpu().eval(), history, None, None
 
 
 def train_transfer(cfg, splits, mlflow_log):
@@ -295,7 +298,8 @@ def train_transfer(cfg, splits, mlflow_log):
     held_out = out_of_fold_logits(train_x, train_y, len(splits["train"]), cfg)
     with torch.no_grad():
         calibration = (torch.cat([held_out, model.head(val_x)]), np.concatenate([labels_of(splits["train"]), val_y]))
-    return model.cpu().eval(), history, calibration
+    pets = {"train": train_x[:len(splits["train"])], "val": val_x}
+    return model.cpu().eval(), history, calibration, pets
 
 
 def out_of_fold_logits(train_x, train_y, photos, cfg, folds=5):
@@ -347,6 +351,152 @@ def fit_logistic(head, train_x, train_y, val_x, val_labels, cfg, mlflow_log=None
         log(f"  L-BFGS step {epoch + 1:3d}/{cfg.head_epochs}  train loss {row['train_loss']:.4f} acc "
             f"{row['train_accuracy']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}")
     return history
+
+
+# ---------------------------------------------------------------- the "other" decision
+@dataclasses.dataclass
+class NonPets:
+    """Photos that are neither cats nor dogs: {split: [(path, kind)]}, the not-pets folder's
+    parts (catdog.not_pet_photos) and generated ones (catdog.synthetic_non_pets)."""
+    parts: dict
+
+    def items(self, split):
+        """As (path, 0) items for Images; the label is unused."""
+        return [(path, 0) for path, _ in self.parts[split]]
+
+    def kinds(self, split):
+        return np.array([kind for _, kind in self.parts[split]])
+
+
+def non_pets(cfg, folder):
+    """NonPets of cfg.not_pets plus cfg.synthetic generated images for training and half as
+    many for val and for test (written to `folder`), each part from its own seed."""
+    parts = catdog.not_pet_photos(cfg.not_pets, cfg.seed) if cfg.not_pets else {s: [] for s, _ in catdog.NOT_PETS_SPLIT}
+    for offset, (split, count) in enumerate((("train", cfg.synthetic), ("val", cfg.synthetic // 2),
+                                             ("test", cfg.synthetic // 2))):
+        for i, (img, kind) in enumerate(catdog.synthetic_non_pets(count, [cfg.seed, offset])):
+            path = os.path.join(folder, f"{split}-{i:04d}-{kind}.png")
+            img.save(path)
+            parts[split].append((path, f"synthetic {kind}"))
+    if not parts["train"]:
+        raise NoData(f"no photos that are neither cats nor dogs in {cfg.not_pets!r} and --synthetic 0: "
+                     "the \"other\" decision has nothing to learn from")
+    return NonPets(parts)
+
+
+def fit_binary(x, y, l2, weight=None):
+    """L2-regularised logistic regression of y (1 = pet) on the rows of x, full-batch L-BFGS,
+    the two classes weighted equally: (weight vector, bias)."""
+    y = torch.as_tensor(y, dtype=torch.float32)
+    positive = float(y.mean())
+    sample_weight = torch.where(y > 0, 0.5 / positive, 0.5 / (1 - positive))
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], lr=1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = (F.binary_cross_entropy_with_logits(x @ w + b, y, weight=sample_weight)
+                + l2 / 2 * w.pow(2).sum())
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return w.detach(), b.detach()
+
+
+def fit_whitening(pets, components):
+    """(mean, whitening matrix) of the pets' features: their top principal components, each
+    scaled to unit variance, so PetDecision.distance is about 1 for a typical pet."""
+    mean = pets.mean(0)
+    _, singular, vectors = torch.linalg.svd(pets - mean, full_matrices=False)
+    k = min(components, len(singular))
+    variance = singular[:k] ** 2 / max(1, len(pets) - 1)
+    # Shrunk towards the largest variance: a near-empty direction (few pets) is not blown up into noise.
+    whiten = vectors[:k].T / (variance + 1e-3 * variance[0] + 1e-12).sqrt()
+    return mean, torch.nn.functional.pad(whiten, (0, components - k))
+
+
+def fit_score(decision, name, x, y, cfg):
+    """Fit candidate `name` of the PetDecision on features x (y: 1 = pet), in place."""
+    decision.score_name = name
+    if name == "distance":
+        with torch.no_grad():
+            decision.mean[:], decision.whiten[:] = fit_whitening(x[y == 1], decision.whiten.shape[1])
+    elif name != "imagenet":
+        with torch.no_grad():
+            extra = decision.imagenet_log_odds(x) if name == "head+imagenet" else torch.zeros(len(x))
+        weight, bias = fit_binary(torch.cat([x, extra[:, None]], 1), y, cfg.pet_l2)
+        with torch.no_grad():
+            decision.head.weight[0], decision.head.bias[0] = weight, bias
+
+
+def out_of_fold_scores(decision, name, x, y, cfg, folds=5):
+    """Raw score of every row from candidate `name` fitted without it."""
+    scores = torch.zeros(len(x))
+    for held in np.array_split(np.random.default_rng(cfg.seed).permutation(len(x)), folds):
+        kept, held = torch.from_numpy(np.setdiff1d(np.arange(len(x)), held)), torch.from_numpy(held)
+        fit_score(decision, name, x[kept], y[kept], cfg)
+        with torch.no_grad():
+            scores[held] = decision.score(x[held])
+    return scores
+
+
+def fit_platt(scores, y):
+    """(scale, shift) so sigmoid(scale * score + shift) is a calibrated pet probability, the
+    two classes weighted equally (a 50/50 prior: the not-pets' share in uploads is unknown)."""
+    weight, bias = fit_binary(scores[:, None], y, l2=0.0)
+    return float(weight[0]), float(bias[0])
+
+
+def pet_threshold(pet_probs):
+    """The pet probability below which catdog.PETS_REJECTED of these (held-out) pets fall."""
+    return float(np.quantile(np.asarray(pet_probs, dtype=np.float64), catdog.PETS_REJECTED))
+
+
+def other_rates(pet_probs_of_pets, pet_probs_of_others, kinds, threshold):
+    """{pets_as_other, other_as_pet, by_kind: {kind: {photos, as_pet}}} at `threshold`."""
+    accepted = np.asarray(pet_probs_of_others) >= threshold
+    by_kind = {kind: {"photos": int(np.sum(kinds == kind)), "as_pet": float(np.mean(accepted[kinds == kind]))}
+               for kind in sorted(set(kinds))}
+    return {"pets_as_other": float(np.mean(np.asarray(pet_probs_of_pets) < threshold)),
+            "other_as_pet": float(np.mean(accepted)) if len(accepted) else 0.0, "by_kind": by_kind}
+
+
+def worst_target_ratio(rates):
+    """How far a candidate is from the targets: the larger of its two rates over their bar."""
+    return max(rates["pets_as_other"] / catdog.GATE["max_pets_as_other"],
+               rates["other_as_pet"] / catdog.GATE["max_other_as_pet"])
+
+
+def decide_other(decision, pets, others, val_kinds, cfg):
+    """Choose and fit the PetDecision in place. pets / others: {"train", "val": pooled
+    features}. Each candidate is fitted on train and measured on val with the calibration and
+    threshold of its out-of-fold training scores; the one furthest inside the targets
+    (worst_target_ratio) is refitted on train. Returns (threshold, {candidate: val rates})."""
+    x = torch.cat([pets["train"], others["train"]])
+    y = torch.cat([torch.ones(len(pets["train"])), torch.zeros(len(others["train"]))])
+    candidates = {}
+    for name in [n for n in nets.PET_SCORES if decision.imagenet is not None or "imagenet" not in n]:
+        held_out = out_of_fold_scores(decision, name, x, y, cfg)
+        platt = fit_platt(held_out, y)
+        threshold = pet_threshold(torch.sigmoid(held_out[y == 1] * platt[0] + platt[1]))
+        fit_score(decision, name, x, y, cfg)
+        with torch.no_grad():
+            decision.platt[:] = torch.tensor(platt)
+            val_pets, val_others = (torch.sigmoid(decision(pets["val"])[0]), torch.sigmoid(decision(others["val"])[0]))
+        candidates[name] = {**other_rates(val_pets, val_others, val_kinds, threshold), "threshold": threshold,
+                            "platt": platt}
+        log(f"  \"other\" candidate {name:13s}: val pets answered other {candidates[name]['pets_as_other']:.4f}, "
+            f"non-pets answered cat/dog {candidates[name]['other_as_pet']:.4f} (threshold {threshold:.4f})")
+    chosen = min(candidates, key=lambda n: worst_target_ratio(candidates[n]))
+    fit_score(decision, chosen, x, y, cfg)
+    with torch.no_grad():
+        decision.platt[:] = torch.tensor(candidates[chosen]["platt"])
+        decision.mean[:], decision.whiten[:] = fit_whitening(pets["train"], decision.whiten.shape[1])  # drift's
+    log(f"  \"other\" decision: {chosen}, answered when the pet probability is below "
+        f"{candidates[chosen]['threshold']:.4f}")
+    return candidates[chosen]["threshold"], candidates
 
 
 # ---------------------------------------------------------------- metrics (numpy)
@@ -487,6 +637,22 @@ def worst_mistakes_plot(folder, probs, labels, items, title, count=16, columns=4
                      f"{confidence[index]:.2f}", fontsize=8)
     fig.suptitle(f"{title}: worst mistakes on the evaluation set ({len(mistakes)} in all)")
     save(fig, folder, "worst_mistakes.png")
+
+
+def other_plot(folder, other, title):
+    """Share of the test non-pets answered cat or dog, per kind, beside the share of pets answered other."""
+    import matplotlib.pyplot as plt
+
+    kinds = list(other["by_kind"])
+    rows = [("pets answered other", other["pets_as_other"], None)] + [
+        (f"{kind} ({v['photos']})", v["as_pet"], v["photos"]) for kind, v in other["by_kind"].items()]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
+    ax.barh([r[0] for r in rows][::-1], [r[1] for r in rows][::-1],
+            color=["tab:red" if r[2] is None else "tab:blue" for r in rows][::-1])
+    ax.axvline(catdog.GATE["max_other_as_pet_per_kind"], color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("share answered wrongly (non-pets: cat or dog; pets: other)")
+    ax.set_title(f"{title}: \"other\" on photos it never saw ({len(kinds)} kinds)")
+    save(fig, folder, "other_by_kind.png")
 
 
 def save(fig, folder, name):
@@ -685,6 +851,7 @@ def gate(metrics, champion=None, thresholds=catdog.GATE):
         reasons.append(f"log-loss {metrics['eval_log_loss']:.4f} > {thresholds['max_log_loss']}")
     if not metrics["eval_ece"] <= thresholds["max_ece"]:
         reasons.append(f"ECE {metrics['eval_ece']:.4f} > {thresholds['max_ece']}")
+    reasons += other_gate(metrics, thresholds)
     if champion is not None:
         only_champion, only_candidate = champion["only_champion_right"], champion["only_candidate_right"]
         worse_p = catdog.mcnemar_p(only_champion, only_candidate)
@@ -697,6 +864,21 @@ def gate(metrics, champion=None, thresholds=catdog.GATE):
                            f"only one got right) and log-loss {metrics['eval_log_loss']:.4f} > champion's "
                            f"{champion['log_loss']:.4f}")
     return not reasons, reasons
+
+
+def other_gate(metrics, thresholds):
+    """Reasons the "other" decision misses its targets (metrics of flat_other)."""
+    reasons = []
+    if not metrics["eval_pets_as_other"] <= thresholds["max_pets_as_other"]:
+        reasons.append(f"pets answered other {metrics['eval_pets_as_other']:.4f} > {thresholds['max_pets_as_other']}")
+    if not metrics["other_as_pet"] <= thresholds["max_other_as_pet"]:
+        reasons.append(f"non-pets answered cat or dog {metrics['other_as_pet']:.4f} > {thresholds['max_other_as_pet']}")
+    for key in sorted(k for k in metrics if k.startswith("other_as_pet_")):
+        kind = key[len("other_as_pet_"):]
+        if (metrics[f"other_photos_{kind}"] >= thresholds["kind_min_photos"]
+                and not metrics[key] <= thresholds["max_other_as_pet_per_kind"]):
+            reasons.append(f"{kind} answered cat or dog {metrics[key]:.4f} > {thresholds['max_other_as_pet_per_kind']}")
+    return reasons
 
 
 def champion_answers(run, run_id, evaluation, eval_hash, download):
@@ -745,13 +927,33 @@ def compare_with_champion(client, cfg, evaluation, eval_hash, probs):
 
 
 # ---------------------------------------------------------------- export
-def onnx_probs(onnx_path, dataset, batch_size=64):
-    """Class probabilities of every item from an ONNX file in ONNX Runtime, as the service computes them."""
+def onnx_outputs(onnx_path, dataset, batch_size=64):
+    """{probs: cat/dog probabilities, pet: pet probability, distance: pet_distance} of every
+    item from an ONNX file in ONNX Runtime, as the service computes them."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-    logits = [session.run(["logits"], {"image": x.numpy()})[0] for x, _ in DataLoader(dataset, batch_size=batch_size)]
-    return catdog.softmax(np.concatenate(logits))
+    runs = [session.run(list(catdog.ONNX_OUTPUTS), {"image": x.numpy()}) for x, _ in DataLoader(dataset, batch_size=batch_size)]
+    logits, pet_logits, distances = (np.concatenate([run[i] for run in runs]) if runs else np.zeros(0) for i in range(3))
+    return {"probs": catdog.softmax(logits) if len(logits) else np.zeros((0, 2)),
+            "pet": 1 / (1 + np.exp(-pet_logits)), "distance": distances}
+
+
+def onnx_probs(onnx_path, dataset, batch_size=64):
+    """Cat/dog probabilities of every item from an ONNX file."""
+    return onnx_outputs(onnx_path, dataset, batch_size)["probs"]
+
+
+def pet_parity(model, path, dataset, count=64):
+    """max |difference| of the pet probability, and of pet_distance relative to 1 + itself,
+    ONNX file vs PyTorch, on the first `count` items."""
+    subset = Subset(dataset, range(min(count, len(dataset))))
+    onnx = onnx_outputs(path, subset)
+    x = torch.stack([x for x, _ in subset])
+    with torch.no_grad():
+        _, pet_logit, distance = model.outputs(x)
+    return max(float(np.abs(onnx["pet"] - torch.sigmoid(pet_logit).numpy()).max()),
+               float((np.abs(onnx["distance"] - distance.numpy()) / (1 + distance.numpy())).max()))
 
 
 def calibration_batches(items, settings, count, batch_size=16):
@@ -766,7 +968,7 @@ def export_served_model(model, meta, path, test_set, torch_test_probs, train_ite
     (ExportMismatch when they disagree), then (cfg.quantize) int8. Returns the fp32 parity,
     max |p_onnx - p_torch| on test."""
     nets.export_onnx(model, meta, path)
-    parity = float(np.abs(onnx_probs(path, test_set) - torch_test_probs).max())
+    parity = max(float(np.abs(onnx_probs(path, test_set) - torch_test_probs).max()), pet_parity(model, path, test_set))
     log(f"  ONNX fp32 parity over {len(test_set)} test images: max |p_onnx - p_torch| = {parity:.2e}")
     if not parity <= 1e-4:
         raise ExportMismatch(f"ONNX export of {meta['arch']} disagrees with PyTorch by {parity:.2e} (> 1e-4)")
@@ -806,6 +1008,8 @@ class Trained:
     history: list        # per epoch: train/val loss and accuracy
     seconds: float       # training time
     calibration: tuple | None  # (held-out logits, labels) to fit the temperature on; None: val
+    pet_threshold: float  # answered "other" below this pet probability
+    other_candidates: dict  # {pet decision candidate: its val rates}
 
 @dataclasses.dataclass
 class Calibrated:
@@ -822,9 +1026,11 @@ class Served:
     checks: dict         # MLflow metrics comparing it with PyTorch, and its calibration on val
     val_probs: np.ndarray
     eval_probs: np.ndarray
+    val_distances: np.ndarray  # pet_distance of the val photos, for the drift profile
+    other: dict          # other_rates on the evaluation set's pets and the test non-pets
 
 
-def run_one(which, cfg, splits, evaluation, lineage, train_stats, client):
+def run_one(which, cfg, splits, others, evaluation, lineage, train_stats, client):
     """Train, calibrate, export and measure, log, register and gate one model; its summary.
     Under torchrun every process trains and calibrates (they share that work) and only rank 0
     goes on (the others return None), in an MLflow run that mlflow's ActiveRun.__exit__ marks
@@ -833,33 +1039,47 @@ def run_one(which, cfg, splits, evaluation, lineage, train_stats, client):
 
     log(f"\n== {which}")
     if RANK != 0:
-        calibrate(train_model(which, cfg, splits, mlflow_log=lambda row, step: None), splits, evaluation, cfg)
+        calibrate(train_model(which, cfg, splits, others, mlflow_log=lambda row, step: None), splits, evaluation, cfg)
         return None
     with (mlflow.start_run(run_name=which) as run,
           tempfile.TemporaryDirectory(prefix=f"catdog-{which}-") as folder):
-        trained = train_model(which, cfg, splits, mlflow_log=lambda row, step: mlflow.log_metrics(row, step=step))
+        trained = train_model(which, cfg, splits, others,
+                              mlflow_log=lambda row, step: mlflow.log_metrics(row, step=step))
         calibrated = calibrate(trained, splits, evaluation, cfg)
         meta = catdog.model_meta(which, temperature=calibrated.temperature, run_id=run.info.run_id, backbone=cfg.backbone,
                                  served_as="int8 ONNX" if cfg.quantize else "fp32 ONNX",
                                  data={k: lineage[k] for k in ("test_split_sha256", "eval_set_sha256", "dvc_md5",
                                                                 "manifest_sha256")},
-                                 git_commit=lineage["git_commit"])
-        served = export_and_measure(trained.model, meta, folder, splits, evaluation, calibrated, cfg)
-        meta["metrics"] = {**flat_figures(served.figures), "train_seconds": trained.seconds,
+                                 git_commit=lineage["git_commit"],
+                                 other={"label": catdog.OTHER, "score": trained.model.pet.score_name,
+                                        "threshold": trained.pet_threshold})
+        served = export_and_measure(trained.model, meta, folder, splits, others, evaluation, calibrated, cfg)
+        meta["other"].update(served.other)
+        meta["metrics"] = {**flat_figures(served.figures), **flat_other(served.other), "train_seconds": trained.seconds,
                            "extra_images": int(np.sum(evaluation.parts == "extra")),
                            "parameters": sum(p.numel() for p in trained.model.parameters()),
-                           "temperature": calibrated.temperature, "served_as": meta["served_as"]}
-        log_run(folder, trained, meta, calibrated, served, cfg, splits, evaluation, lineage, train_stats)
+                           "temperature": calibrated.temperature, "served_as": meta["served_as"],
+                       "pet_decision": trained.model.pet.score_name, "pet_threshold": trained.pet_threshold}
+        log_run(folder, trained, meta, calibrated, served, cfg, splits, evaluation, lineage, train_stats, others)
         promoted, version = register_and_gate(client, cfg, run, trained, meta, folder, evaluation, served,
                                               lineage["eval_set_sha256"])
         return {**meta["metrics"], "promoted": promoted, "version": version}
 
 
-def train_model(which, cfg, splits, mlflow_log):
+def train_model(which, cfg, splits, others, mlflow_log):
+    """Train the cat/dog model, then its "other" decision on the same pooled features."""
     started = time.time()
     train = train_baseline if which == "baseline" else train_transfer
-    model, history, calibration = train(cfg, splits, mlflow_log)
-    return Trained(which, model, history, time.time() - started, calibration)
+    model, history, calibration, pets = train(cfg, splits, mlflow_log)
+    settings = catdog.preprocess_settings(which, cfg.backbone)
+
+    def pooled(items):
+        return predict(model.features, Images(items, settings), cfg.extract_batch_size)
+
+    pets = pets or {split: pooled(splits[split]) for split in ("train", "val")}
+    threshold, candidates = decide_other(model.pet, pets, {split: pooled(others.items(split)) for split in ("train", "val")},
+                                         others.kinds("val"), cfg)
+    return Trained(which, model, history, time.time() - started, calibration, threshold, candidates)
 
 
 def calibrate(trained, splits, evaluation, cfg):
@@ -877,15 +1097,22 @@ def calibrate(trained, splits, evaluation, cfg):
     return Calibrated(temperature, test_probs, test_metrics)
 
 
-def export_and_measure(model, meta, folder, splits, evaluation, calibrated, cfg):
-    """Write the served file, folder/model.onnx, and measure it on val and on the evaluation
-    set: the service runs this file, so it is what is reported and gated."""
+def export_and_measure(model, meta, folder, splits, others, evaluation, calibrated, cfg):
+    """Write the served file, folder/model.onnx, and measure it on val, on the evaluation
+    set and on the test non-pets: the service runs this file, so it is what is reported and gated."""
     test_set = Images(evaluation.test_items, meta["preprocess"])
     onnx_path = os.path.join(folder, "model.onnx")
-    parity = export_served_model(model, meta, onnx_path, test_set, calibrated.test_probs, splits["train"], cfg)
+    parity = export_served_model(model, meta, onnx_path, test_set, calibrated.test_probs,
+                                 splits["train"] + others.items("train"), cfg)
     started = time.time()
-    val_probs = onnx_probs(onnx_path, Images(splits["val"], meta["preprocess"]))
-    eval_probs = onnx_probs(onnx_path, Images(evaluation.items, meta["preprocess"]))
+    val = onnx_outputs(onnx_path, Images(splits["val"], meta["preprocess"]))
+    on_eval = onnx_outputs(onnx_path, Images(evaluation.items, meta["preprocess"]))
+    on_others = onnx_outputs(onnx_path, Images(others.items("test"), meta["preprocess"]))
+    val_probs, eval_probs = val["probs"], on_eval["probs"]
+    other = other_rates(on_eval["pet"], on_others["pet"], others.kinds("test"), meta["other"]["threshold"])
+    log(f"  \"other\": {other['pets_as_other']:.4f} of {len(eval_probs)} pets answered other, "
+        f"{other['other_as_pet']:.4f} of {len(on_others['pet'])} test non-pets answered cat or dog; by kind: "
+        + ", ".join(f"{k} {v['as_pet']:.3f} of {v['photos']}" for k, v in other["by_kind"].items()))
     figures = measure(eval_probs, evaluation)
     test_probs = eval_probs[evaluation.parts == "test"]  # the test split comes first, in order
     agreement = float(np.mean(test_probs.argmax(1) == calibrated.test_probs.argmax(1)))
@@ -896,7 +1123,16 @@ def export_and_measure(model, meta, folder, splits, evaluation, calibrated, cfg)
     checks = {"onnx_max_abs_prob_diff": parity, "served_torch_label_agreement": agreement,
               "served_torch_max_abs_prob_diff": float(np.abs(test_probs - calibrated.test_probs).max()),
               **{f"val_{k}_calibrated": val_metrics[k] for k in ("accuracy", "log_loss", "ece")}}
-    return Served(figures, checks, val_probs, eval_probs)
+    return Served(figures, checks, val_probs, eval_probs, val["distance"], other)
+
+
+def flat_other(other):
+    """other_rates as flat MLflow metrics: eval_pets_as_other, other_as_pet, other_as_pet_<kind>, other_photos_<kind>."""
+    flat = {"eval_pets_as_other": other["pets_as_other"], "other_as_pet": other["other_as_pet"]}
+    for kind, rates in other["by_kind"].items():
+        name = kind.replace(" ", "_")
+        flat.update({f"other_as_pet_{name}": rates["as_pet"], f"other_photos_{name}": rates["photos"]})
+    return flat
 
 
 def describe(scores):
@@ -910,7 +1146,7 @@ def format_metrics(metrics):
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
-def log_run(folder, trained, meta, calibrated, served, cfg, splits, evaluation, lineage, train_stats):
+def log_run(folder, trained, meta, calibrated, served, cfg, splits, evaluation, lineage, train_stats, others):
     """The active run's params, metrics and tags; the model files as artifacts model/, the
     reports as reports/."""
     import mlflow
@@ -920,14 +1156,19 @@ def log_run(folder, trained, meta, calibrated, served, cfg, splits, evaluation, 
                        **{f"preprocess_{k}": v for k, v in meta["preprocess"].items()},
                        **{f"{split}_images": len(items) for split, items in splits.items()},
                        "eval_images": len(evaluation.items), "extra_images": int(np.sum(evaluation.parts == "extra")),
+                       **{f"non_pets_{split}_images": len(items) for split, items in others.parts.items()},
+                       "pet_decision": trained.model.pet.score_name, "pet_threshold": round(trained.pet_threshold, 6),
                        **{f"gate_{k}": v for k, v in catdog.GATE.items()}})
     mlflow.log_metrics({**{f"{part}_{k}": v for part, scores in served.figures.items() for k, v in scores.items()},
                         "train_seconds": trained.seconds,
-                        **{f"torch_test_{k}": v for k, v in calibrated.test_metrics.items()}, **served.checks})
+                        **{f"torch_test_{k}": v for k, v in calibrated.test_metrics.items()}, **served.checks,
+                        **flat_other(served.other),
+                        **{f"val_{k}_{name.replace('+', '_')}": rates[k] for name, rates in trained.other_candidates.items()
+                           for k in ("pets_as_other", "other_as_pet")}})
     mlflow.set_tags({**lineage, "arch": trained.which, "served_as": meta["served_as"]})
     nets.save_model(trained.model, meta, os.path.join(folder, "model.pt"))  # also rewrites model.json with the metrics
     catdog.write_json(os.path.join(folder, "reference_profile.json"),
-                      catdog.reference_profile(train_stats, served.val_probs.max(1)))
+                      catdog.reference_profile(train_stats, served.val_probs.max(1), served.val_distances))
     mlflow.log_artifacts(folder, "model")
     reports = os.path.join(folder, "reports")  # made after model/ is logged, so not part of it
     write_reports(reports, trained, meta, served, cfg, splits, evaluation, lineage)
@@ -939,6 +1180,7 @@ def write_reports(reports, trained, meta, served, cfg, splits, evaluation, linea
     the evaluation set."""
     os.makedirs(reports)
     plots(reports, trained.history, served.eval_probs, evaluation.labels, evaluation.items, trained.which)
+    other_plot(reports, served.other, trained.which)
     with open(os.path.join(reports, "classification_report.txt"), "w") as f:
         f.write(classification_report(served.eval_probs, evaluation.labels))
     write_evaluation_csv(os.path.join(reports, "evaluation.csv"), evaluation, served.eval_probs)
@@ -995,11 +1237,19 @@ log-loss {summary['eval_log_loss']:.4f}, ECE {summary['eval_ece']:.4f}, ROC-AUC 
 recall {summary['recall']:.4f}, F1 {summary['f1']:.4f}, ROC-AUC {summary['roc_auc']:.4f},
 log-loss {summary['log_loss']:.4f}, ECE {summary['ece']:.4f}. Training took {summary['train_seconds']:.0f} s.
 
+**"other"** (neither a cat nor a dog): answered when the pet probability (decision
+"{summary['pet_decision']}", one of {', '.join(nets.PET_SCORES)}, chosen on val) is below
+{summary['pet_threshold']:.4f}, the threshold under which {catdog.PETS_REJECTED:.1%} of the training pets
+fall. On photos it never saw: pets answered "other" {summary['eval_pets_as_other']:.4f} of the
+evaluation set; non-pets answered cat or dog {summary['other_as_pet']:.4f} of the not-pets test part and
+generated blanks, noise, documents and screenshots (per kind in reports/other_by_kind.png).
+
 **Intended use**: telling whether a photo shows a cat or a dog, for a pet-adoption workflow
 with a human in the loop.
 
-**Limits**: trained on two classes only; any other image (people, other animals, drawings,
-a photo with both a cat and a dog) still gets "cat" or "dog". Evaluation photos come from the
+**Limits**: "other" was learnt from {cfg.not_pets or 'no'} not-pets photos (12 kinds) and generated
+images; a kind of photo unlike all of them may still get "cat" or "dog", and a photo with both a cat
+and a dog gets one of the two. Evaluation photos come from the
 same Kaggle source as training; expect lower accuracy on photos from other cameras and
 sources, which the service's drift monitor watches for.
 """
@@ -1027,8 +1277,11 @@ def train_and_gate(cfg):
         client = open_registry(cfg)
         lineage = lineage_of(cfg.data, splits["test"], evaluation)
         train_stats = training_image_stats(splits["train"], cfg.data)
-    results = {which: run_one(which, cfg, splits, evaluation, lineage, train_stats, client)
-               for which in (["baseline", "transfer"] if cfg.arch == "both" else [cfg.arch])}
+    with tempfile.TemporaryDirectory(prefix="catdog-synthetic-") as synthetic_folder:
+        others = non_pets(cfg, synthetic_folder)
+        log("non-pets: " + ", ".join(f"{len(v)} {k}" for k, v in others.parts.items()))
+        results = {which: run_one(which, cfg, splits, others, evaluation, lineage, train_stats, client)
+                   for which in (["baseline", "transfer"] if cfg.arch == "both" else [cfg.arch])}
     if WORLD > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -1067,7 +1320,8 @@ def artifact_root(tracking_uri, experiment):
 def print_table(results):
     rows = [("eval photos", "eval_images", "{:.0f}"), ("eval accuracy", "eval_accuracy", "{:.4f}"),
             ("  95 % interval", None, None), ("eval log-loss", "eval_log_loss", "{:.4f}"),
-            ("eval ECE", "eval_ece", "{:.4f}"), ("test accuracy", "accuracy", "{:.4f}"),
+            ("eval ECE", "eval_ece", "{:.4f}"), ("pets -> other", "eval_pets_as_other", "{:.4f}"),
+            ("non-pets -> pet", "other_as_pet", "{:.4f}"), ("test accuracy", "accuracy", "{:.4f}"),
             ("test log-loss", "log_loss", "{:.4f}"), ("train time (s)", "train_seconds", "{:.0f}"),
             ("parameters", "parameters", "{:,}"), ("served as", "served_as", "{}"),
             ("registry version", "version", "{}"), ("promoted", "promoted", "{}")]

@@ -30,21 +30,22 @@ TINY_PREPROCESS = {"resize": 40, "crop": 32, "mean": 127.0, "std": 128.0}
 
 
 def export_tiny_model(folder, version="tiny-1", dog_if_blue=True, profile=True):
-    """models/model.onnx + model.json (+ reference_profile.json) of the red/blue rule."""
+    """models/model.onnx + model.json (+ reference_profile.json) of the red/blue rule; a
+    very green image (mean green above 229) is "other"."""
     import torch
     from torch import nn
 
     import nets
 
     features = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # the mean of each channel
-    model = nn.Sequential()
-    model.add_module("features", features)
-    model.add_module("head", nn.Linear(3, 2))
+    model = nets.CatDogNet(features, nn.Linear(3, 2), nets.PetDecision(3, components=3))
     sign = 1.0 if dog_if_blue else -1.0
     with torch.no_grad():
         model.head.weight.copy_(torch.tensor([[4.0, 0.0, -4.0], [-4.0, 0.0, 4.0]]) * sign)
         model.head.bias.zero_()
-    meta = catdog.model_meta("baseline", version=version)
+        model.pet.head.weight.copy_(torch.tensor([[0.0, -20.0, 0.0, 0.0]]))
+        model.pet.head.bias.fill_(16.0)
+    meta = catdog.model_meta("baseline", version=version, other={"label": "other", "score": "head", "threshold": 0.5})
     meta["preprocess"] = dict(TINY_PREPROCESS)
     os.makedirs(folder, exist_ok=True)
     nets.export_onnx(model, meta, os.path.join(folder, "model.onnx"))

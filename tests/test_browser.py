@@ -1,12 +1,20 @@
 """The staff page end to end in headless Chromium (Debian `chromium`, driven by Playwright):
-pick a photo, see label + confidence, mark the answer, and find the feedback in the database."""
+pick a photo, see label + confidence (or that it is no pet at all), say what it really is,
+and find the feedback in the database."""
+import io
+import json
 import os
+import re
 import sqlite3
 
 import numpy as np
 import pytest
+from PIL import Image
 
+import catdog
 from service_helpers import served, synthetic_photo
+
+CHAMPION = os.environ.get("MODEL_PATH", os.path.join(catdog.MODELS_DIR, "model.onnx"))  # or a candidate
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -19,6 +27,14 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     yield from served(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def champion_server(tmp_path_factory):
+    """The real champion: only it has learnt what is not a pet (the tiny model knows red and blue)."""
+    if not os.path.exists(CHAMPION):
+        pytest.skip("no champion yet: models/model.onnx comes from `make train`")
+    yield from served(tmp_path_factory, CHAMPION)
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +60,15 @@ def test_staff_page_predicts_and_records_feedback(server, page, tmp_path):
     page.wait_for_selector("#feedback", state="visible", timeout=15_000)
     result = page.text_content("#result")
     assert result.startswith("cat (") and "% sure" in result
-    page.click("#right")
+    page.click("#cat")
     page.wait_for_selector("text=Thanks, saved: it is a cat.", timeout=10_000)
     assert feedback_rows(server.db_path) == [("cat", "cat")]
 
-    # a second photo marked wrong stores the other label as the truth
+    # a second photo answered wrong: the staff's label is stored as the truth
     photo.write_bytes(synthetic_photo(rng, "dog"))
     page.set_input_files("#file", str(photo))
     page.wait_for_function("document.querySelector('#result').textContent.startsWith('dog (')", timeout=15_000)
-    page.click("#wrong")
+    page.click("#cat")
     page.wait_for_selector("text=Thanks, saved: it is a cat.", timeout=10_000)
     assert sorted(feedback_rows(server.db_path)) == [("cat", "cat"), ("dog", "cat")]
     assert server.get("/stats").json()["live_accuracy"] == 0.5
@@ -66,3 +82,61 @@ def test_staff_page_explains_a_bad_upload(server, page, tmp_path):
     page.wait_for_selector("#result.error", timeout=15_000)
     assert "Could not check this photo" in page.text_content("#result")
     assert not page.is_visible("#feedback")
+
+
+def solid_png(path, colour=(70, 130, 180), size=(400, 300)):
+    """A plain coloured frame: what a covered lens or a blank upload looks like, and no pet."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "PNG")
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def shown_pet_probability(text):
+    """The pet probability in the page's "not a pet" sentence, as a fraction (None: not that sentence)."""
+    found = re.fullmatch(r"This does not look like a cat or a dog \(pet probability (\d+\.\d)%\)", text)
+    return float(found.group(1)) / 100 if found else None
+
+
+def test_staff_page_says_when_it_is_no_pet(champion_server, page, tmp_path):
+    page.goto(champion_server.url + "/")
+    with page.expect_response("**/predict") as response:
+        page.set_input_files("#file", str(solid_png(tmp_path / "blank.png")))
+    answer = response.value.json()
+    assert answer["label"] == "other", answer
+    page.wait_for_selector("#feedback", state="visible", timeout=15_000)
+    # the page says so plainly, with the pet probability the service gave
+    assert shown_pet_probability(page.text_content("#result")) == pytest.approx(answer["pet_probability"], abs=6e-4)
+    page.click("#other")
+    page.wait_for_selector("text=Thanks, saved: it is neither a cat nor a dog.", timeout=10_000)
+    assert feedback_rows(champion_server.db_path) == [("other", "other")]
+    stats = champion_server.get("/stats").json()
+    assert stats["feedback_count"] == 1
+    assert stats["predictions_by_label"]["other"] == 1
+
+
+def test_staff_page_other_answer_against_the_contract(server, page, tmp_path):
+    """The page's side of "other" with the service's answers stubbed to the API contract, so it
+    is checked whatever model is at hand: the sentence, the pet probability, "neither" sent."""
+    answer = {"label": "other", "pet_probability": 0.0734, "probabilities": {"cat": 0.61, "dog": 0.39},
+              "confidence": 0.9266, "model_version": "stub", "request_id": "r-1", "latency_ms": 5.0}
+    sent = []
+
+    def fake_feedback(route):
+        sent.append(json.loads(route.request.post_data))
+        route.fulfill(json={"request_id": "r-1", "label": "other", "predicted": "other", "correct": True})
+
+    page.goto(server.url + "/")
+    page.route("**/predict", lambda route: route.fulfill(json=answer))
+    page.route("**/feedback", fake_feedback)
+    try:
+        page.set_input_files("#file", str(solid_png(tmp_path / "blank.png")))
+        page.wait_for_selector("#feedback", state="visible", timeout=15_000)
+        result = page.text_content("#result")
+        assert shown_pet_probability(result) == 0.073 and "cat (" not in result and "61" not in result
+        page.click("#other")
+        page.wait_for_selector("text=Thanks, saved: it is neither a cat nor a dog.", timeout=10_000)
+        assert sent == [{"request_id": "r-1", "label": "other"}]
+    finally:
+        page.unroute("**/predict")
+        page.unroute("**/feedback")

@@ -1,7 +1,8 @@
 """post_eval.py against a small stand-in service whose answers we know in advance.
 
-The stand-in decides from the image content alone (red photo -> cat, blue -> dog), so
-a dog photo painted red is a known mistake; it records every feedback it receives.
+The stand-in decides from the image content alone (red photo -> cat, blue -> dog, grey ->
+other: neither), so a dog photo painted red is a known mistake; it records every feedback it
+receives.
 """
 import json
 import os
@@ -21,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import catdog  # noqa: E402
 import post_eval  # noqa: E402
 
-RED, BLUE = (200, 40, 40), (40, 40, 200)
+RED, BLUE, GREY = (200, 40, 40), (40, 40, 200), (128, 128, 128)
 
 
 class StandIn(BaseHTTPRequestHandler):
@@ -57,11 +58,12 @@ class StandIn(BaseHTTPRequestHandler):
         start = data.index(b"\r\n\r\n") + 4
         img = catdog.open_image(data[start:data.rindex(b"\r\n--")])
         red, _, blue = np.asarray(img, dtype=float).reshape(-1, 3).mean(axis=0)
-        label = "cat" if red > blue else "dog"
+        label = "other" if abs(red - blue) < 30 else "cat" if red > blue else "dog"
         request_id = uuid.uuid4().hex
         self.predictions[request_id] = label
-        self.reply(200, {"label": label, "confidence": 0.9, "model_version": "v-test",
-                         "request_id": request_id, "latency_ms": 1.0})
+        pet_probability = 0.1 if label == "other" else 0.95
+        self.reply(200, {"label": label, "confidence": 0.9, "pet_probability": pet_probability,
+                         "model_version": "v-test", "request_id": request_id, "latency_ms": 1.0})
 
 
 @pytest.fixture()
@@ -150,6 +152,105 @@ def test_limit_keeps_both_classes_and_manifest_split(photos, tmp_path):
                         f",{photos}/dog/1.jpg,x,dog,0,0,,0,,corrupt,\n")
     assert post_eval.manifest_files(str(manifest), "test") == [
         (f"{photos}/cat.0.jpg", "cat"), (str(data / "processed" / "dog.7.jpg"), "dog")]
+
+
+@pytest.fixture()
+def three_classes(tmp_path):
+    """Cats, dogs and photos of neither, by name and by folder, with one known mistake each way:
+    a grey cat (answered other) and a red non-pet (answered cat)."""
+    folder = tmp_path / "three"
+    (folder / "dog").mkdir(parents=True)
+    (folder / "other").mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 48), RED).save(folder / f"cat.{i}.jpg")
+        Image.new("RGB", (64, 48), BLUE).save(folder / "dog" / f"{i}.jpg")
+    for i in range(2):
+        Image.new("RGB", (64, 48), GREY).save(folder / f"other.{i}.jpg")
+        Image.new("RGB", (64, 48), GREY).save(folder / "other" / f"{i}.jpg")
+    Image.new("RGB", (64, 48), GREY).save(folder / "cat.grey.jpg")
+    Image.new("RGB", (64, 48), RED).save(folder / "other" / "red.jpg")
+    return folder
+
+
+def test_three_answers_from_names_and_folders(service, three_classes, tmp_path):
+    out = tmp_path / "report"
+    result = run_cli(service, [str(three_classes), "--out", str(out), "--min-accuracy", "0.8"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    metrics = catdog.read_json(out / "metrics.json")
+    assert metrics["images"] == 12 and metrics["accuracy"] == pytest.approx(10 / 12)
+    assert "confusion matrix (rows true cat/dog/other): [[3, 0, 1], [0, 3, 0], [1, 0, 4]]" in result.stdout
+    assert metrics["precision_other"] == pytest.approx(4 / 5) and metrics["recall_other"] == pytest.approx(4 / 5)
+    assert metrics["precision_cat"] == pytest.approx(3 / 4) and metrics["recall_dog"] == 1.0
+    assert metrics["f1_macro"] == pytest.approx(np.mean([0.75, 1.0, 0.8]))
+    assert (metrics["other_photos"], metrics["pet_photos"]) == (5, 7)
+    assert metrics["other_as_pet"] == pytest.approx(1 / 5) and metrics["pets_as_other"] == pytest.approx(1 / 7)
+    assert "20.00% of 5 non-pets answered cat or dog, 14.29% of 7 pets answered other" in result.stdout
+    assert "kinds" not in metrics  # no --not-pets: no kinds to tell apart
+
+    # "other" is the truth posted back for the photos of neither
+    assert sorted(label for _, label in StandIn.feedback) == ["cat"] * 4 + ["dog"] * 3 + ["other"] * 5
+    report = (out / "report.md").read_text()
+    assert "| true cat | 3 | 0 | 1 |" in report and "| true other | 1 | 0 | 4 |" in report
+    assert "pred other" in report and "cat.grey.jpg" in report and "red.jpg" in report
+    assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.fixture()
+def not_pets(tmp_path):
+    """A not-pets folder of kinds: bird/ (3 grey, 1 red: answered cat), object/nested/ (2 grey),
+    and a photo at the top named by its kind (food.1.jpg)."""
+    folder = tmp_path / "not-pets"
+    (folder / "bird").mkdir(parents=True)
+    (folder / "object" / "nested").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (64, 48), GREY).save(folder / "bird" / f"bird.{i}.jpg")
+    Image.new("RGB", (64, 48), RED).save(folder / "bird" / "bird.red.jpg")
+    for i in range(2):
+        Image.new("RGB", (64, 48), GREY).save(folder / "object" / "nested" / f"{i}.jpg")
+    Image.new("RGB", (64, 48), GREY).save(folder / "food.1.jpg")
+    return folder
+
+
+def test_not_pets_are_other_with_a_share_per_kind(service, photos, not_pets, tmp_path):
+    out = tmp_path / "report"
+    result = run_cli(service, [str(photos), "--not-pets", str(not_pets), "--out", str(out)], tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr  # 12 of 14 right is below 0.99
+    assert f"14 photos from {photos} + {not_pets} (not pets)" in result.stdout
+
+    metrics = catdog.read_json(out / "metrics.json")
+    assert metrics["images"] == 14 and metrics["other_photos"] == 7 and metrics["other_as_pet"] == pytest.approx(1 / 7)
+    assert metrics["kinds"] == {
+        "bird": {"photos": 4, "cat": 1, "dog": 0, "other": 3, "as_pet": 0.25},
+        "food": {"photos": 1, "cat": 0, "dog": 0, "other": 1, "as_pet": 0.0},
+        "object": {"photos": 2, "cat": 0, "dog": 0, "other": 2, "as_pet": 0.0}}
+    assert "  bird: 25.0% of 4 answered cat or dog" in result.stdout
+    assert "| bird | 4 | 1 | 0 | 3 | 25.0% |" in (out / "report.md").read_text()
+    assert sorted(label for _, label in StandIn.feedback).count("other") == 7
+
+    db = sqlite3.connect(tmp_path / "mlflow.db")
+    (run_id,) = db.execute("select run_uuid from tags where key='model_version' and value='v-test'").fetchone()
+    logged = dict(db.execute("select key, value from metrics where run_uuid=?", (run_id,)).fetchall())
+    assert logged["other_as_pet.bird"] == 0.25 and logged["other_as_pet.object"] == 0.0
+    assert logged["pets_as_other"] == 0.0
+
+
+def test_limit_balances_classes_and_kinds_of_non_pets(photos, not_pets, three_classes):
+    assert sorted(label for _, label in post_eval.labelled_photos([str(three_classes)])) == (
+        ["cat"] * 4 + ["dog"] * 3 + ["other"] * 5)
+    others, kinds = post_eval.not_pet_photos(str(not_pets))
+    assert {label for _, label in others} == {"other"} and sorted(kinds.values()) == (
+        ["bird"] * 4 + ["food"] + ["object"] * 2)
+
+    pairs = post_eval.labelled_photos([str(photos)]) + others
+    head = post_eval.balanced_head(pairs, 6, kinds)
+    assert sorted(label for _, label in head) == ["cat", "cat", "dog", "dog", "other", "other"]
+    kinds_seen = [kinds[os.path.realpath(path)] for path, label in post_eval.balanced_head(pairs, 9, kinds)
+                  if label == "other"]
+    assert sorted(kinds_seen) == ["bird", "food", "object"]  # one of each kind before a second of any
+
+    # a photo given twice (the manifest and --not-pets may overlap) is sent once
+    assert post_eval.unique(others + others[:2]) == others
 
 
 def test_against_the_real_service(tmp_path):

@@ -16,9 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
-import catdog
-import serve
+from PIL import Image
 from service_helpers import (
     ROOT,
     Server,
@@ -30,6 +28,9 @@ from service_helpers import (
     tiny_model,
     upload,
 )
+
+import catdog
+import serve
 
 
 @pytest.fixture
@@ -136,7 +137,8 @@ def test_predicts_real_photos_through_the_api(app):
         r = predict(client, synthetic_photo(rng, kind))
         assert r.status_code == 200, r.text
         body = r.json
-        assert set(body) == {"label", "confidence", "probabilities", "model_version", "request_id", "latency_ms"}
+        assert set(body) == {"label", "confidence", "pet_probability", "probabilities", "model_version", "request_id",
+                             "latency_ms"}
         assert body["label"] == kind
         assert body["probabilities"][kind] == body["confidence"] > 0.5
         assert abs(sum(body["probabilities"].values()) - 1) < 1e-5
@@ -165,7 +167,8 @@ def test_health_live_metrics_stats_and_page(app):
     client, service = app
     assert client.get("/live").json == {"status": "alive"}
     health = client.get("/health")
-    assert health.status_code == 200 and health.json == {"status": "ok", "model_version": "tiny-1", "arch": "baseline"}
+    assert health.status_code == 200 and health.json == {"status": "ok", "model_version": "tiny-1", "arch": "baseline",
+                                                            "pet_threshold": 0.5}
     confidence = predict(client, synthetic_photo(np.random.default_rng(3), "dog")).json["confidence"]
     r = client.get("/metrics")
     assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
@@ -197,9 +200,9 @@ def test_health_live_metrics_stats_and_page(app):
     assert stats == {
         "model_version": "tiny-1", "requests": 4,
         "requests_by_endpoint": {"/health 200": 1, "/live 200": 1, "/metrics 200": 1, "/predict 200": 1},
-        "predictions": 1, "predictions_by_label": {"cat": 0, "dog": 1},
+        "predictions": 1, "predictions_by_label": {"cat": 0, "dog": 1, "other": 0},
         "live_accuracy": None, "live_accuracy_samples": 0, "live_window": 500, "feedback_count": 0,
-        "drift": {"samples": 1, "psi": {}, "drifted": []}}
+        "drift": {"samples": 1, "psi": {}, "share_rise": {}, "drifted": []}}
     page = client.get("/")
     assert page.status_code == 200 and "/predict" not in page.text.split("<script>")[0]
     assert 'fetch("predict"' in page.text and 'fetch("feedback"' in page.text
@@ -253,7 +256,8 @@ def test_a_failed_load_reports_and_a_failed_reload_keeps_the_old_model(tmp_path)
     try:
         (model_dir / "model.onnx").write_bytes(b"not a model")
         assert service.load("test") is False
-        assert client.get("/health").json == {"status": "ok", "model_version": "tiny-1", "arch": "baseline"}
+        assert client.get("/health").json == {"status": "ok", "model_version": "tiny-1", "arch": "baseline",
+                                                            "pet_threshold": 0.5}
         assert predict(client, synthetic_photo(np.random.default_rng(5), "dog")).json["label"] == "dog"
         service.model = None  # as before the first successful load
         health = client.get("/health")
@@ -299,18 +303,50 @@ def test_drift_rises_on_dark_and_grayscale_inputs_and_stays_low_in_distribution(
         assert {predict(client, p).status_code for p in photos} == {200}
         return client.get("/stats").json["drift"]
 
-    assert send([synthetic_photo(rng) for _ in range(40)]) == {"samples": 40, "psi": {}, "drifted": []}  # too few
+    too_few = send([synthetic_photo(rng) for _ in range(40)])
+    assert too_few == {"samples": 40, "psi": {}, "share_rise": {}, "drifted": []}
     normal = send([synthetic_photo(rng) for _ in range(80)])
     dark = send([synthetic_photo(rng, dark=True) for _ in range(120)])
     gray = send([synthetic_photo(rng, gray=True) for _ in range(120)])
     text = client.get("/metrics").text
     assert normal["samples"] == 120 and normal["drifted"] == [], normal
-    assert set(normal["psi"]) == set(catdog.DRIFT_FEATURES), normal  # the tiny profile has no confidences
+    # The tiny profile has no confidences and no pet_distance (its model has no features to speak of).
+    assert set(normal["psi"]) == set(catdog.DRIFT_FEATURES) - {"pet_distance"}, normal
+    assert set(normal["share_rise"]) == set(catdog.DRIFT_SHARES), normal
+    assert max(normal["share_rise"].values()) < catdog.DRIFT_THRESHOLD, normal
     assert max(normal["psi"].values()) < catdog.DRIFT_THRESHOLD, normal
     assert dark["psi"]["brightness"] > 4 * catdog.DRIFT_THRESHOLD and "brightness" in dark["drifted"], dark
     assert gray["psi"]["saturation"] > 4 * catdog.DRIFT_THRESHOLD and "saturation" in gray["drifted"], gray
     assert sample(text, "catdog_drift_psi", feature="saturation") == gray["psi"]["saturation"]
     assert sample(text, "catdog_drift_window_samples") == 120
+    assert sample(text, "catdog_drift_share_rise", share="undersized") == gray["share_rise"]["undersized"]
+
+
+def test_other_answers_feedback_and_drift_share(tmp_path):
+    """The tiny model's "other" (a very green image): the answer, feedback "other", the
+    counter, and the share of "other" in the drift window."""
+    client, _ = in_process(tiny_model(), str(tmp_path / "catdog.db"), drift_window=100, drift_min_samples=100)
+    rng = np.random.default_rng(12)
+    green = io.BytesIO()
+    Image.new("RGB", (300, 200), (20, 250, 30)).save(green, "PNG")
+    answer = predict(client, green.getvalue()).json
+    assert answer["label"] == "other" and answer["pet_probability"] < 0.5, answer
+    assert abs(answer["confidence"] - (1 - answer["pet_probability"])) < 1e-6, answer
+    r = client.post("/feedback", json={"request_id": answer["request_id"], "label": "other"})
+    assert r.status_code == 200 and r.json["correct"] is True, r.json
+    pet = predict(client, synthetic_photo(rng, "cat")).json
+    assert pet["label"] == "cat" and pet["pet_probability"] >= 0.5, pet
+    assert client.post("/feedback", json={"request_id": pet["request_id"], "label": "other"}).json["correct"] is False
+    assert client.post("/feedback", json={"request_id": pet["request_id"], "label": "rabbit"}).status_code == 400
+    for _ in range(49):
+        predict(client, green.getvalue())
+    for _ in range(50):
+        predict(client, synthetic_photo(rng))
+    drift = client.get("/stats").json["drift"]
+    assert drift["share_rise"]["other"] == 0.5 and "other" in drift["drifted"], drift
+    text = client.get("/metrics").text
+    assert sample(text, "catdog_predictions_total", label="other") == 50
+    assert client.get("/stats").json["predictions_by_label"]["other"] == 50
 
 
 # ---------------------------------------------------------------- a real serve.py process

@@ -28,24 +28,31 @@ import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 COUNTS = {"train": 16, "val": 8, "test": 8, "extra": 12}  # per class; extra: the extra evaluation photos
+NON_PET_KINDS = ("greenery", "grey")  # the tiny not-pets folder, 30 photos each
 # train.py's options: every one is logged as an MLflow param.
 CONFIG = ["arch", "data", "out", "seed", "threads", "workers", "epochs", "batch_size", "lr", "weight_decay",
           "backbone", "mirror_view", "pretrained", "extract_batch_size", "aug_views", "head_epochs", "head_l2",
-          "quantize", "calibration_images", "eval_extra", "tracking_uri", "experiment", "registered_name"]
+          "quantize", "calibration_images", "eval_extra", "not_pets", "synthetic", "pet_l2", "tracking_uri",
+          "experiment", "registered_name"]
 PARAMS = {*CONFIG, "model", "processes", "parameters", "temperature", "preprocess_resize", "preprocess_crop",
           "preprocess_mean", "preprocess_std", "train_images", "val_images", "test_images", "eval_images",
-          "extra_images", "gate_min_accuracy", "gate_max_log_loss", "gate_max_ece", "gate_significance"}
+          "extra_images", "non_pets_train_images", "non_pets_val_images", "non_pets_test_images", "pet_decision",
+          "pet_threshold", *(f"gate_{k}" for k in catdog.GATE)}
 SCORES = ["accuracy", "precision", "recall", "f1", "roc_auc", "log_loss", "ece"]
 EVAL_SCORES = [*SCORES, "accuracy_low", "accuracy_high", "images", "errors"]
 METRICS = {*(f"test_{k}" for k in SCORES), *(f"extra_{k}" for k in SCORES), *(f"eval_{k}" for k in EVAL_SCORES),
            *(f"torch_test_{k}" for k in SCORES), "train_seconds",
            "onnx_max_abs_prob_diff", "served_torch_label_agreement", "served_torch_max_abs_prob_diff",
-           "val_accuracy_calibrated", "val_log_loss_calibrated", "val_ece_calibrated"}
+           "val_accuracy_calibrated", "val_log_loss_calibrated", "val_ece_calibrated",
+           "eval_pets_as_other", "other_as_pet", *(f"other_{k}_{kind}" for k in ("as_pet", "photos") for kind in NON_PET_KINDS)}
+# The pet-vs-other candidates measured on val (the baseline has no ImageNet classifier).
+CANDIDATES = {"baseline": ("head", "distance"), "transfer": ("imagenet", "head", "head_imagenet", "distance")}
 EPOCH_METRICS = {"train_loss", "train_accuracy", "val_loss", "val_accuracy"}
 MODEL_FILES = {"model/model.pt", "model/model.onnx", "model/model.json", "model/reference_profile.json"}
 REPORT_FILES = {"reports/confusion_matrix.png", "reports/curves.png", "reports/roc_curve.png",
                 "reports/reliability_diagram.png", "reports/worst_mistakes.png",
-                "reports/classification_report.txt", "reports/model_card.md", "reports/evaluation.csv"}
+                "reports/classification_report.txt", "reports/model_card.md", "reports/evaluation.csv",
+                "reports/other_by_kind.png"}
 
 
 def make_dataset(root, seed=0):
@@ -62,14 +69,25 @@ def make_dataset(root, seed=0):
                 stripes = (np.arange(height)[:, None] // 4 % 2) if label == 0 else (np.arange(width)[None, :] // 4 % 2)
                 pixels = base + 40 * np.broadcast_to(stripes, (height, width))[..., None] + rng.normal(0, 20, (height, width, 3))
                 Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(os.path.join(folder, f"{name}.{i}.jpg"))
+    make_non_pets(os.path.join(os.path.dirname(root), "notpets"), rng)
     return root
+
+
+def make_non_pets(root, rng, count=30):
+    """Neither cats nor dogs: greenish blotches and grey noise, one folder per kind."""
+    for kind, base in zip(NON_PET_KINDS, ([60, 170, 70], [128, 128, 128])):
+        os.makedirs(os.path.join(root, kind), exist_ok=True)
+        for i in range(count):
+            height, width = rng.integers(40, 64, size=2)
+            pixels = np.array(base) + rng.normal(0, 25, (height, width, 3))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(os.path.join(root, kind, f"{i}.jpg"))
 
 
 def run_train(tmp, *args):
     return train.main(["--data", str(tmp / "processed"), "--out", str(tmp / "models"),
                        "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--no-pretrained",
                        "--backbone", "efficientnet-lite0", "--eval-extra", str(tmp / "processed" / "extra"),
-                       "--extract-batch-size", "32", *args])
+                       "--not-pets", str(tmp / "notpets"), "--synthetic", "0", "--extract-batch-size", "32", *args])
 
 
 def runs_of(tmp):
@@ -126,7 +144,8 @@ def test_mlflow_runs_hold_params_metrics_artifacts_and_lineage(trained):
         assert (params["eval_images"], params["extra_images"]) == (str(2 * COUNTS["test"] + 2 * COUNTS["extra"]),
                                                                    str(2 * COUNTS["extra"]))
         assert params["temperature"] == str(round(result["temperature"], 6))
-        assert set(metrics) == METRICS | (EPOCH_METRICS if run is not weak else set())
+        candidates = {f"val_{k}_{name}" for k in ("pets_as_other", "other_as_pet") for name in CANDIDATES[run.info.run_name]}
+        assert set(metrics) == METRICS | candidates | (EPOCH_METRICS if run is not weak else set())
         for key in SCORES:
             assert metrics[f"test_{key}"] == pytest.approx(result[key]), key  # the served file's figures
             assert metrics[f"extra_{key}"] == pytest.approx(result[f"extra_{key}"]), key
@@ -195,7 +214,8 @@ def test_gate_judges_the_served_file_not_pytorch(tmp_path, monkeypatch):
 
     def broken_quantize(path, calibration):
         graph = onnx.load(path)
-        graph.graph.node[-1].output[0] = "raw_logits"
+        (node,) = [node for node in graph.graph.node if "logits" in node.output]
+        node.output[list(node.output).index("logits")] = "raw_logits"
         graph.graph.node.append(onnx.helper.make_node("Neg", ["raw_logits"], ["logits"]))
         onnx.save(graph, path)
 
@@ -346,11 +366,19 @@ def test_augmentation_is_seeded_and_ends_in_the_shared_preprocessing(tmp_path):
     assert first.shape == plain.shape == (3, 128, 128) and not torch.equal(first, plain)
 
 
+# "other" figures inside every target: 2 kinds, one too small to be judged on its own.
+OTHER_OK = {"eval_pets_as_other": 0.0, "other_as_pet": 0.01, "other_as_pet_bird": 0.04, "other_photos_bird": 25,
+            "other_as_pet_food": 0.5, "other_photos_food": 6}
+
+
 def test_gate_rules():
-    good = {"eval_accuracy": 0.99, "eval_log_loss": 0.03, "eval_ece": 0.01}
+    good = {"eval_accuracy": 0.99, "eval_log_loss": 0.03, "eval_ece": 0.01, **OTHER_OK}
     assert train.gate(good) == (True, [])
     for key, value, reason in (("eval_accuracy", 0.5, "accuracy 0.5000 < 0.97"),
-                               ("eval_log_loss", 0.7, "log-loss 0.7000 > 0.1"), ("eval_ece", 0.2, "ECE 0.2000 > 0.05")):
+                               ("eval_log_loss", 0.7, "log-loss 0.7000 > 0.1"), ("eval_ece", 0.2, "ECE 0.2000 > 0.05"),
+                               ("eval_pets_as_other", 0.004, "pets answered other 0.0040 > 0.003"),
+                               ("other_as_pet", 0.03, "non-pets answered cat or dog 0.0300 > 0.02"),
+                               ("other_as_pet_bird", 0.08, "bird answered cat or dog 0.0800 > 0.05")):
         assert train.gate({**good, key: value}) == (False, [reason])
     assert train.gate({**good, "eval_log_loss": float("nan")}) == (False, ["log-loss nan > 0.1"])
 
@@ -361,13 +389,13 @@ def champion(only_champion_right, only_candidate_right, log_loss):
 
 
 def test_gate_lets_one_more_mistake_through_with_a_better_log_loss():
-    good = {"eval_accuracy": 0.99, "eval_log_loss": 0.02, "eval_ece": 0.01}
+    good = {"eval_accuracy": 0.99, "eval_log_loss": 0.02, "eval_ece": 0.01, **OTHER_OK}
     assert train.gate(good, champion(1, 0, log_loss=0.03)) == (True, [])
     assert train.gate(good, champion(4, 1, log_loss=0.03)) == (True, [])  # p = 0.19: noise
 
 
 def test_gate_refuses_one_fewer_mistake_with_a_worse_log_loss():
-    good = {"eval_accuracy": 0.99, "eval_log_loss": 0.04, "eval_ece": 0.01}
+    good = {"eval_accuracy": 0.99, "eval_log_loss": 0.04, "eval_ece": 0.01, **OTHER_OK}
     assert train.gate(good, champion(0, 1, log_loss=0.03)) == (False, [
         "as accurate as the champion within noise (1 vs 0 photos only one got right) and log-loss 0.0400 > "
         "champion's 0.0300"])
@@ -375,7 +403,7 @@ def test_gate_refuses_one_fewer_mistake_with_a_worse_log_loss():
 
 
 def test_gate_refuses_a_significantly_less_accurate_candidate_whatever_its_log_loss():
-    good = {"eval_accuracy": 0.99, "eval_log_loss": 0.01, "eval_ece": 0.01}
+    good = {"eval_accuracy": 0.99, "eval_log_loss": 0.01, "eval_ece": 0.01, **OTHER_OK}
     assert train.gate(good, champion(6, 0, log_loss=0.03)) == (False, [
         "less accurate than the champion: 6 photos only the champion got right, 0 only this one (McNemar p = 0.016)"])
     assert catdog.mcnemar_p(6, 0) == 1 / 64 and catdog.mcnemar_p(4, 1) == 6 / 32
@@ -416,7 +444,8 @@ def test_torchrun_two_cpu_processes(tmp_path):
     result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "train.py"),
                              "--data", str(tmp_path / "processed"), "--out", str(tmp_path / "models"),
                              "--epochs", "2", "--head-epochs", "3", "--no-pretrained", "--backbone", "efficientnet-lite0",
-                             "--eval-extra", str(tmp_path / "processed" / "extra"), "--extract-batch-size", "32"],
+                             "--eval-extra", str(tmp_path / "processed" / "extra"), "--extract-batch-size", "32",
+                             "--not-pets", str(tmp_path / "notpets"), "--synthetic", "4"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)  # any folder will do
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and result.stdout.count("== baseline") == 1  # rank 0 prints
