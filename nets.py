@@ -67,6 +67,9 @@ class PetDecision(nn.Module):
         super().__init__()
         self.imagenet = imagenet
         self.head = nn.Linear(width + 1, 1)
+        # Fitted after the cat/dog model on its frozen features (train.decide_other), never by
+        # the model's optimiser: out of autograd, DDP and AdamW's weight decay.
+        self.requires_grad_(False)
         self.register_buffer("mean", torch.zeros(width))
         self.register_buffer("whiten", torch.zeros(width, components))
         self.score_name = "head"  # which of PET_SCORES decides; saved in the meta, model.json "other"
@@ -77,7 +80,7 @@ class PetDecision(nn.Module):
 
     def imagenet_log_odds(self, pooled):
         if self.imagenet is None:
-            return pooled[:, 0] * 0  # not torch.zeros(len(pooled)): the export would fix the batch size
+            return pooled.sum(1) * 0  # not torch.zeros(len(pooled)): the export would fix the batch size
         logits = self.imagenet(pooled)
         return (torch.logsumexp(logits.index_select(1, self.imagenet_pets), 1)
                 - torch.logsumexp(logits.index_select(1, self.imagenet_others), 1))
@@ -94,7 +97,7 @@ class PetDecision(nn.Module):
         if self.score_name == "imagenet":
             return log_odds
         extra = log_odds if self.score_name == "head+imagenet" else log_odds * 0
-        return self.head(torch.cat([pooled, extra[:, None]], 1))[:, 0]
+        return self.head(torch.cat([pooled, extra.unsqueeze(1)], 1)).squeeze(1)
 
     def forward(self, pooled):
         """(calibrated pet logit, distance) per image."""

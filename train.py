@@ -457,7 +457,7 @@ def pet_threshold(pet_probs):
 def other_rates(pet_probs_of_pets, pet_probs_of_others, kinds, threshold):
     """{pets_as_other, other_as_pet, by_kind: {kind: {photos, as_pet}}} at `threshold`."""
     accepted = np.asarray(pet_probs_of_others) >= threshold
-    by_kind = {kind: {"photos": int(np.sum(kinds == kind)), "as_pet": float(np.mean(accepted[kinds == kind]))}
+    by_kind = {str(kind): {"photos": int(np.sum(kinds == kind)), "as_pet": float(np.mean(accepted[kinds == kind]))}
                for kind in sorted(set(kinds))}
     return {"pets_as_other": float(np.mean(np.asarray(pet_probs_of_pets) < threshold)),
             "other_as_pet": float(np.mean(accepted)) if len(accepted) else 0.0, "by_kind": by_kind}

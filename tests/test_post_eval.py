@@ -254,26 +254,29 @@ def test_limit_balances_classes_and_kinds_of_non_pets(photos, not_pets, three_cl
 
 
 def test_against_the_real_service(tmp_path):
-    """serve.py with a tiny model (reddish -> cat, bluish -> dog): every photo right,
-    and the service's own live accuracy and feedback count agree with post_eval."""
+    """serve.py with a tiny model (reddish -> cat, bluish -> dog, very green -> other): every
+    photo right, and the service's own live accuracy and feedback count agree with post_eval."""
     from service_helpers import Server, synthetic_photo, tiny_model
 
     rng = np.random.default_rng(7)
     photos = tmp_path / "photos"
-    photos.mkdir()
+    (photos / "other").mkdir(parents=True)
     for i in range(6):
         for kind in ("cat", "dog"):
             (photos / f"{kind}.{i}.jpg").write_bytes(synthetic_photo(rng, kind))
+    for i in range(4):
+        Image.new("RGB", (120, 100), (20, 250, 30)).save(photos / "other" / f"{i}.jpg")
     server = Server(tiny_model(), str(tmp_path / "catdog.db"))
     try:
-        result = run_cli(server.url, [str(photos), "--limit", "10", "--out", str(tmp_path / "r")], tmp_path)
+        result = run_cli(server.url, [str(photos), "--limit", "12", "--out", str(tmp_path / "r")], tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr
         metrics = catdog.read_json(tmp_path / "r" / "metrics.json")
-        assert metrics["images"] == 10 and metrics["accuracy"] == 1.0 and metrics["model_version"] == "tiny-1"
+        assert metrics["images"] == 12 and metrics["accuracy"] == 1.0 and metrics["model_version"] == "tiny-1"
+        assert metrics["other_as_pet"] == 0.0 and metrics["pets_as_other"] == 0.0
         stats = server.get("/stats").json()
-        assert stats["feedback_count"] == 10 and stats["live_accuracy"] == 1.0
-        assert stats["predictions_by_label"] == {"cat": 5, "dog": 5}
-        assert '"feedback_count": 10' in (tmp_path / "r" / "report.md").read_text()
+        assert stats["feedback_count"] == 12 and stats["live_accuracy"] == 1.0
+        assert stats["predictions_by_label"] == {"cat": 4, "dog": 4, "other": 4}
+        assert '"feedback_count": 12' in (tmp_path / "r" / "report.md").read_text()
         assert "photo.jpg" not in server.logs() and "cat.0" not in server.logs()
     finally:
         server.stop()

@@ -17,6 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from PIL import Image
+
+import catdog
+import serve
 from service_helpers import (
     ROOT,
     Server,
@@ -28,9 +31,6 @@ from service_helpers import (
     tiny_model,
     upload,
 )
-
-import catdog
-import serve
 
 
 @pytest.fixture

@@ -311,6 +311,7 @@ def test_changed_evaluation_set_remeasures_the_champion(trained, tmp_path, capsy
     import onnxruntime
 
     shutil.copytree(trained["tmp"] / "processed", tmp_path / "processed")
+    shutil.copytree(trained["tmp"] / "notpets", tmp_path / "notpets")
     os.remove(train.list_split(str(tmp_path / "processed"), "test")[0][0])
     shutil.copyfile(trained["tmp"] / "mlflow.db", tmp_path / "mlflow.db")  # same registry, same champion
     result = run_train(tmp_path, "--arch", "baseline", "--epochs", "0")["baseline"]
@@ -333,6 +334,7 @@ def test_unchanged_evaluation_set_reuses_the_champions_answers(trained, tmp_path
     import shutil
 
     shutil.copytree(trained["tmp"] / "processed", tmp_path / "processed")
+    shutil.copytree(trained["tmp"] / "notpets", tmp_path / "notpets")
     shutil.copyfile(trained["tmp"] / "mlflow.db", tmp_path / "mlflow.db")
     run_train(tmp_path, "--arch", "baseline", "--epochs", "0")
     meta = catdog.read_json(trained["tmp"] / "models" / "model.json")
