@@ -106,8 +106,9 @@ lint: setup  ## ruff over every Python file
 # Evaluate the running service at URL over HTTP (feedback posted, MLflow run, report in
 # reports/post_eval/); fails below 99 % accuracy. Default photos: the held-out test split
 # (the original photos when present); or `make post-eval IMAGES="dir-or-files"` (cat.N.jpg,
-# other.N.jpg or cat/ dog/ other/). NOT_PETS adds every photo under that folder as "other"
-# and reports per kind (subfolder) how many were answered cat or dog:
+# other.N.jpg or cat/ dog/ other/). NOT_PETS adds that folder's held-out test part (the split
+# train.py makes of it, catdog.not_pet_photos; --not-pets-part val, train or all for others)
+# as "other" and reports per kind (subfolder) how many were answered cat or dog:
 #   make post-eval NOT_PETS=../shared/datasets/not-pets POST_EVAL_ARGS="--limit 450"
 # --limit takes the classes in turn (and the kinds of non-pet in turn), so it keeps the three
 # classes even; POST_EVAL_ARGS takes any other post_eval.py option (--min-accuracy, ...).

@@ -12,10 +12,13 @@ below the threshold, so a bad deployment fails loudly instead of printing 50 %.
     python post_eval.py http://127.0.0.1:8000 --manifest data/manifest.csv --not-pets ../shared/datasets/not-pets
 
 Labels come from file names (cat.12.jpg, other.7.jpg) or folders (cat/12.jpg, other/7.jpg),
-or from the manifest; every photo under --not-pets is "other" (neither a cat nor a dog), its
-first subfolder its kind (bird, object, people_face, ...). When any photo or answer is
-"other", the report has the third class: a 3x3 confusion matrix, the share of non-pets
-answered cat or dog (overall and per kind) and the share of pets answered "other".
+or from the manifest; the photos sent from --not-pets are "other" (neither a cat nor a dog),
+their subfolder their kind (bird, object, people_face, ...). Only the held-out test part of
+that folder is sent by default (--not-pets-part): train.py trains and tunes on the train and
+val parts of the same split (catdog.not_pet_photos, same seed), which would flatter the model.
+When any photo or answer is "other", the report has the third class: a 3x3 confusion matrix,
+the share of non-pets answered cat or dog (overall and per kind) and the share of pets
+answered "other".
 """
 import json
 import os
@@ -42,15 +45,18 @@ tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", catdog.TRACKING_URI)  # MLf
 feedback = True         # post the true labels to /feedback (feeds the service's live accuracy)
 manifest = ""           # preprocess.py's manifest CSV: evaluate one split of it instead of IMAGES
 split = "test"          # the manifest split to evaluate
-not_pets = ""           # also send every photo under this folder as "other" (subfolders are kinds: bird, object, ...)
+not_pets = ""           # also send photos of this folder as "other" (subfolders are kinds: bird, object, ...)
+not_pets_part = "test"  # which part of catdog.not_pet_photos to send: test (never trained or tuned on), val, train or all
+not_pets_seed = catdog.SEED  # the seed train.py split the not-pets folder with (its --seed)
 
 OTHER = "other"  # the service's answer for a photo of neither a cat nor a dog
 PETS = tuple(c for c in catdog.CLASSES if c != OTHER)
 ANSWERS = (*PETS, OTHER)
+NOT_PETS_PARTS = (*(part for part, _ in catdog.NOT_PETS_SPLIT), "all")
 
 
 def parse_args(argv=None):
-    parser = catdog.config_parser(globals())
+    parser = catdog.config_parser(globals(), choices={"not_pets_part": NOT_PETS_PARTS})
     parser.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
     parser.add_argument("images", nargs="*", help="photo files or folders (cat.N.jpg, other.N.jpg or cat/ dog/ other/)")
     return parser.parse_args(argv)
@@ -93,9 +99,16 @@ def labelled_photos(paths):
     return [(p, label) for p in image_files(paths) if (label := label_from_name(p))]
 
 
-def not_pet_photos(folder):
-    """[(path, "other")] of every photo under folder, and {real path: kind}: the kind is the
-    first subfolder (bird/, object/), or the name's first word for a photo at the top (bird.3.jpg)."""
+def not_pet_photos(folder, part="test", seed=catdog.SEED):
+    """[(path, "other")] of the non-pets to send, and {real path: kind}.
+
+    part "train", "val" or "test": that part of catdog.not_pet_photos(folder, seed), the split
+    train.py makes of the photos in the kind subfolders (test: never trained or tuned on).
+    part "all": every photo under folder, nested or not; its kind is the first subfolder
+    (bird/, object/), or the name's first word for a photo at the top (bird.3.jpg)."""
+    if part != "all":
+        chosen = sorted(catdog.not_pet_photos(folder, seed)[part])
+        return [(path, OTHER) for path, _ in chosen], {os.path.realpath(path): kind for path, kind in chosen}
     pairs, kinds = [], {}
     for path in image_files([folder]):
         first = os.path.relpath(path, folder).split(os.sep)[0]
@@ -323,7 +336,8 @@ def log_to_mlflow(cfg, version, source, metrics, kinds):
     with mlflow.start_run(run_name=f"post-eval {version}") as run:
         mlflow.set_tags({"model_version": version, "service_url": cfg.url, "stage": "post-deploy"})
         mlflow.log_params({"source": source, "limit": cfg.limit, "concurrency": cfg.concurrency,
-                           "min_accuracy": cfg.min_accuracy, "feedback": cfg.feedback, "not_pets": cfg.not_pets})
+                           "min_accuracy": cfg.min_accuracy, "feedback": cfg.feedback, "not_pets": cfg.not_pets,
+                           "not_pets_part": cfg.not_pets_part, "not_pets_seed": cfg.not_pets_seed})
         mlflow.log_metrics(mlflow_metrics(metrics, kinds))
         mlflow.log_artifacts(cfg.out)
         return run.info.run_id
@@ -339,9 +353,12 @@ def main(argv=None):
         pairs, source = labelled_photos(cfg.images), " ".join(cfg.images)
     kinds = {}
     if cfg.not_pets:
-        not_pets, kinds = not_pet_photos(cfg.not_pets)
+        not_pets, kinds = not_pet_photos(cfg.not_pets, cfg.not_pets_part, cfg.not_pets_seed)
+        if not not_pets:
+            print(f"post_eval: no {cfg.not_pets_part} photos of not-pets in {cfg.not_pets} (the parts come from "
+                  "its kind subfolders; --not-pets-part all takes every photo)", file=sys.stderr)
         pairs = unique(pairs + not_pets)
-        source = " + ".join(filter(None, [source, f"{cfg.not_pets} (not pets)"]))
+        source = " + ".join(filter(None, [source, f"{cfg.not_pets} (not pets, {cfg.not_pets_part} part)"]))
     pairs = balanced_head(pairs, cfg.limit, kinds)
     if not pairs:
         sys.exit(f"post_eval: no labelled photos found in {source or '(nothing given)'}")

@@ -13,6 +13,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import catdog  # noqa: E402
 from service_helpers import Server, synthetic_photo, tiny_model  # noqa: E402
 
 MONITORING = os.path.join(ROOT, "monitoring")
@@ -56,7 +57,7 @@ def queries():
 def test_alerts_cover_the_issue_and_dashboard_is_provisioned():
     names = {rule["alert"] for rule in alert_rules()}
     assert {"CatdogHighErrorRate", "CatdogHighLatencyP99", "CatdogLiveAccuracyLow",
-            "CatdogInputDrift", "CatdogOtherShareHigh", "CatdogTargetDown"} <= names
+            "CatdogInputDrift", "CatdogInputShareShift", "CatdogOtherShareHigh", "CatdogTargetDown"} <= names
     with open(os.path.join(MONITORING, "alerts_test.yml")) as f:
         tested = {case["alertname"] for test in yaml.safe_load(f)["tests"] for case in test["alert_rule_test"]
                   if case["exp_alerts"]}
@@ -73,11 +74,24 @@ def test_alerts_cover_the_issue_and_dashboard_is_provisioned():
 
 
 def test_no_query_depends_on_a_drift_feature_name():
-    """Drift features come and go with the model (width and height did); the alert and the
-    panel take whatever features the service exports."""
+    """Drift features and shares come and go with the model (width and height did); the alerts
+    and the panels take whatever features and shares the service exports."""
     for where, expr in queries():
         if "catdog_drift" in expr:
             assert "feature=" not in expr.replace(" ", ""), f"{where} picks drift features by name: {expr}"
+            assert "share=" not in expr.replace(" ", ""), f"{where} picks drift shares by name: {expr}"
+
+
+def test_drift_alerts_and_panels_use_the_services_threshold():
+    """PSI and share rise are drift above catdog.DRIFT_THRESHOLD, in the alerts and on the dashboard."""
+    rules = {rule["alert"]: rule["expr"].strip() for rule in alert_rules()}
+    assert rules["CatdogInputDrift"] == f"catdog_drift_psi > {catdog.DRIFT_THRESHOLD}"
+    assert rules["CatdogInputShareShift"] == f"catdog_drift_share_rise > {catdog.DRIFT_THRESHOLD}"
+    for metric in ("catdog_drift_psi", "catdog_drift_share_rise"):
+        (panel,) = [p for p in dashboard()["panels"] if any(t["expr"] == metric for t in p["targets"])]
+        assert "drift" in panel["title"].lower()
+        steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        assert [step["value"] for step in steps] == [None, catdog.DRIFT_THRESHOLD], panel["title"]
 
 
 def test_other_share_panel_is_the_alerts_share():
@@ -117,6 +131,7 @@ def exported(metrics_text):
 def test_dashboard_and_alerts_name_only_exported_metrics(service):
     series = exported(service.get("/metrics").text)
     assert "catdog_drift_psi" in series and "catdog_live_accuracy" in series  # nothing hidden by an empty family
+    assert series["catdog_drift_share_rise"]["share"] == set(catdog.DRIFT_SHARES)
     for where, expr in queries():
         names = set(re.findall(r"\bcatdog_\w+", expr))
         assert names or "up{" in expr, f"{where}: no catdog metric in {expr}"

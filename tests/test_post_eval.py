@@ -213,10 +213,12 @@ def not_pets(tmp_path):
 
 
 def test_not_pets_are_other_with_a_share_per_kind(service, photos, not_pets, tmp_path):
+    """--not-pets-part all: every photo under the folder, nested or at the top, is sent."""
     out = tmp_path / "report"
-    result = run_cli(service, [str(photos), "--not-pets", str(not_pets), "--out", str(out)], tmp_path)
+    result = run_cli(service, [str(photos), "--not-pets", str(not_pets), "--not-pets-part", "all", "--out", str(out)],
+                     tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr  # 12 of 14 right is below 0.99
-    assert f"14 photos from {photos} + {not_pets} (not pets)" in result.stdout
+    assert f"14 photos from {photos} + {not_pets} (not pets, all part)" in result.stdout
 
     metrics = catdog.read_json(out / "metrics.json")
     assert metrics["images"] == 14 and metrics["other_photos"] == 7 and metrics["other_as_pet"] == pytest.approx(1 / 7)
@@ -233,12 +235,72 @@ def test_not_pets_are_other_with_a_share_per_kind(service, photos, not_pets, tmp
     logged = dict(db.execute("select key, value from metrics where run_uuid=?", (run_id,)).fetchall())
     assert logged["other_as_pet.bird"] == 0.25 and logged["other_as_pet.object"] == 0.0
     assert logged["pets_as_other"] == 0.0
+    params = dict(db.execute("select key, value from params where run_uuid=?", (run_id,)).fetchall())
+    assert params["not_pets_part"] == "all"
+
+
+@pytest.fixture()
+def split_not_pets(tmp_path):
+    """A not-pets folder of two kinds, 10 photos each, split by catdog.not_pet_photos as train.py
+    splits it: the test photos are grey (answered other), the train and val photos red (answered
+    cat), so any photo the model was trained or tuned on that is sent shows as a mistake."""
+    folder = tmp_path / "split-not-pets"
+    for kind in ("bird", "food"):
+        (folder / kind).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (64, 48), GREY).save(folder / kind / f"{i}.jpg")
+    parts = catdog.not_pet_photos(str(folder), catdog.SEED)
+    for path, _ in parts["train"] + parts["val"]:
+        Image.new("RGB", (64, 48), RED).save(path)
+    return folder, parts
+
+
+def test_not_pets_send_only_the_held_out_test_part_by_default(service, photos, split_not_pets, tmp_path):
+    folder, parts = split_not_pets
+    assert {len(p) for p in parts.values()} == {6, 4, 10}  # per kind of 10: 5 train, 2 val, 3 test
+
+    out = tmp_path / "report"
+    result = run_cli(service, [str(photos), "--not-pets", str(folder), "--out", str(out)], tmp_path)
+    assert f"13 photos from {photos} + {folder} (not pets, test part)" in result.stdout
+    metrics = catdog.read_json(out / "metrics.json")
+    assert metrics["other_photos"] == 6 and metrics["other_as_pet"] == 0.0  # no red (train or val) photo sent
+    assert metrics["kinds"] == {kind: {"photos": 3, "cat": 0, "dog": 0, "other": 3, "as_pet": 0.0}
+                                for kind in ("bird", "food")}
+    assert sorted(label for _, label in StandIn.feedback).count("other") == 6
+
+    # "all" sends every photo of the folder, the 14 the model has seen among them
+    result = run_cli(service, [str(photos), "--not-pets", str(folder), "--not-pets-part", "all", "--out", str(out)],
+                     tmp_path)
+    metrics = catdog.read_json(out / "metrics.json")
+    assert metrics["other_photos"] == 20 and metrics["other_as_pet"] == pytest.approx(14 / 20), result.stdout
+
+    # a part is exactly catdog's, for whatever seed training used
+    for part in ("train", "val", "test"):
+        for seed in (catdog.SEED, 7):
+            pairs, kinds = post_eval.not_pet_photos(str(folder), part, seed)
+            expected = catdog.not_pet_photos(str(folder), seed)[part]
+            assert sorted(pairs) == sorted((path, "other") for path, _ in expected)
+            assert kinds == {os.path.realpath(path): kind for path, kind in expected}
+    assert post_eval.not_pet_photos(str(folder), "test", 7) != post_eval.not_pet_photos(str(folder), "test")
+
+    bad = run_cli(service, [str(photos), "--not-pets", str(folder), "--not-pets-part", "everything"], tmp_path)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_not_pets_without_kind_folders_warn(service, photos, tmp_path):
+    """The parts come from the kind subfolders: photos at the top are sent only with "all"."""
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    Image.new("RGB", (64, 48), GREY).save(folder / "bird.1.jpg")
+    result = run_cli(service, [str(photos), "--not-pets", str(folder), "--out", str(tmp_path / "r")], tmp_path)
+    assert "no test photos of not-pets" in result.stderr
+    assert catdog.read_json(tmp_path / "r" / "metrics.json")["images"] == 7
 
 
 def test_limit_balances_classes_and_kinds_of_non_pets(photos, not_pets, three_classes):
     assert sorted(label for _, label in post_eval.labelled_photos([str(three_classes)])) == (
         ["cat"] * 4 + ["dog"] * 3 + ["other"] * 5)
-    others, kinds = post_eval.not_pet_photos(str(not_pets))
+    others, kinds = post_eval.not_pet_photos(str(not_pets), "all")
     assert {label for _, label in others} == {"other"} and sorted(kinds.values()) == (
         ["bird"] * 4 + ["food"] + ["object"] * 2)
 
