@@ -1247,9 +1247,9 @@ generated blanks, noise, documents and screenshots (per kind in reports/other_by
 **Intended use**: telling whether a photo shows a cat or a dog, for a pet-adoption workflow
 with a human in the loop.
 
-**Limits**: "other" was learnt from {cfg.not_pets or 'no'} not-pets photos (12 kinds) and generated
-images; a kind of photo unlike all of them may still get "cat" or "dog", and a photo with both a cat
-and a dog gets one of the two. Evaluation photos come from the
+**Limits**: "other" was learnt from the photos in {cfg.not_pets or '(none)'} and generated images;
+a kind of photo unlike all of them may still get "cat" or "dog", and a photo with both a cat and a
+dog gets one of the two. Evaluation photos come from the
 same Kaggle source as training; expect lower accuracy on photos from other cameras and
 sources, which the service's drift monitor watches for.
 """

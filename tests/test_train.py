@@ -205,6 +205,38 @@ def test_saved_champion_loads_and_its_served_int8_file_is_what_was_measured(trai
     assert profile["count"] == 2 * COUNTS["train"] and set(profile["features"]) == set(catdog.DRIFT_FEATURES)
     confidence = profile["confidence"]
     assert len(confidence["fractions"]) == len(confidence["edges"]) + 1 and np.isclose(sum(confidence["fractions"]), 1)
+    assert set(profile["shares"]) == set(catdog.DRIFT_SHARES)
+    # The "other" decision: saved in the meta, applied by the served file's pet_logit.
+    other = meta["other"]
+    assert other["score"] == model.pet.score_name and other["score"] in nets.PET_SCORES
+    pet_probs = 1 / (1 + np.exp(-session.run(["pet_logit"], {"image": batch})[0]))
+    assert pet_probs.shape == (len(items),) and 0 < other["threshold"] < 1
+    assert other["by_kind"].keys() == {"greenery", "grey"} and other["pets_as_other"] == meta["metrics"]["eval_pets_as_other"]
+
+
+@pytest.mark.parametrize("arch", ["baseline", "transfer"])
+def test_every_onnx_output_matches_pytorch(tmp_path, arch):
+    """The fp32 export computes what CatDogNet.outputs computes: cat/dog logits, the pet logit of
+    each candidate decision, and the feature distance."""
+    import onnxruntime
+
+    model = nets.build_model(arch, pretrained=False, backbone="efficientnet-lite0").eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for tensor in (model.pet.head.weight, model.pet.mean, model.pet.whiten):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
+    crop = catdog.preprocess_settings(arch, "efficientnet-lite0")["crop"]
+    x = torch.randn(3, 3, crop, crop, generator=generator)
+    for name in [n for n in nets.PET_SCORES if arch == "transfer" or "imagenet" not in n]:
+        model.pet.score_name = name
+        path = str(tmp_path / f"{name}.onnx")
+        nets.export_onnx(model, catdog.model_meta(arch, backbone="efficientnet-lite0"), path)
+        served = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(
+            list(catdog.ONNX_OUTPUTS), {"image": x.numpy()})
+        with torch.no_grad():
+            expected = model.outputs(x)
+        for output, want in zip(served, expected):
+            assert np.allclose(output, want.numpy(), rtol=1e-4, atol=1e-4), (name, output, want)
 
 
 def test_gate_judges_the_served_file_not_pytorch(tmp_path, monkeypatch):
