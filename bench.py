@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 
 import numpy as np
 
@@ -183,6 +184,40 @@ def drive(port, bodies, clients, seconds, pid=None):
             "error_sample": errors[:1]}
 
 
+def batch_body(photos):
+    """A multipart body with one `file` part per photo, as the staff page sends an album."""
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.jpg"\r\n'
+             f"Content-Type: image/jpeg\r\n\r\n".encode() + photo + b"\r\n" for i, photo in enumerate(photos)]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def batch_cost(port, pid, photos, repeats=5):
+    """Wall and server CPU ms per photo, one client: the photos as one POST /predict/batch
+    (one ONNX Runtime run) against the same photos one POST /predict each."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    singles = [post_eval.multipart("file", "photo.jpg", photo, "image/jpeg") for photo in photos]
+    album = batch_body(photos)
+
+    def per_photo(send):
+        cpu, started = cpu_seconds(pid), time.perf_counter()
+        for _ in range(repeats):
+            send()
+        count = repeats * len(photos)
+        return (time.perf_counter() - started) * 1000 / count, (cpu_seconds(pid) - cpu) * 1000 / count
+
+    def post(path, body, content_type):
+        conn.request("POST", path, body, {"Content-Type": content_type})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200, response.status
+
+    one_by_one = per_photo(lambda: [post("/predict", body, headers["Content-Type"]) for body, headers in singles])
+    batched = per_photo(lambda: post("/predict/batch", *album))
+    conn.close()
+    return {"single": one_by_one, "batch": batched, "photos": len(photos)}
+
+
 def start(command, env, bodies):
     """Start `command(port)` on a free port and warm it up; (process, port, start -> ready s)."""
     port = catdog.free_port()
@@ -232,8 +267,9 @@ def check_inputs(cfg):
 SERVICES = ("serve.py (ONNX Runtime)", "serve.py, BATCH_MAX={}", "baseline (Flask + eager)")
 
 
-def run_services(cfg, bodies, levels, serve_env, flipped):
-    """Start every service, drive them all (measure), stop them; (results, serve.py start -> ready s)."""
+def run_services(cfg, photos, bodies, levels, serve_env, flipped):
+    """Start every service, drive them all (measure), stop them; (results, serve.py start -> ready s,
+    batch_cost of serve.py)."""
     serve = lambda port: [sys.executable, "serve.py"]  # noqa: E731 (port comes from the PORT env var)
     peer = lambda port: [sys.executable, "bench.py", "--models", cfg.models, "--baseline-server", str(port)]  # noqa: E731
     procs = []
@@ -249,7 +285,8 @@ def run_services(cfg, bodies, levels, serve_env, flipped):
             proc, port, _ = start(command, env, bodies)
             procs.append(proc)
             services[name] = (proc, port)
-        return measure(services, bodies, levels, cfg.rounds, cfg.seconds), ready_s
+        results = measure(services, bodies, levels, cfg.rounds, cfg.seconds)
+        return results, ready_s, batch_cost(ours_port, ours_proc.pid, photos[:32])
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -309,8 +346,12 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="catdog-bench-") as db_dir:
         serve_env = {**os.environ, "HOST": "127.0.0.1", "MODEL_PATH": os.path.join(cfg.models, "model.onnx"),
                      "DB_PATH": os.path.join(db_dir, "bench.db")}
-        results, ready_s = run_services(cfg, bodies, levels, serve_env, flipped)
+        results, ready_s, album = run_services(cfg, photos, bodies, levels, serve_env, flipped)
     print_summary(results, levels, flipped, ready_s)
+    (single_ms, single_cpu), (batch_ms, batch_cpu) = album["single"], album["batch"]
+    print(f"\n{album['photos']} photos, one client: one POST /predict/batch (one ONNX Runtime run) {batch_ms:.1f} ms "
+          f"and {batch_cpu:.1f} ms server CPU per photo; one POST /predict each {single_ms:.1f} ms and "
+          f"{single_cpu:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ import urllib.request
 import warnings
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageOps
+
+pillow_heif.register_heif_opener()  # HEIC/HEIF, the iPhone camera's default format
 
 # ---------------------------------------------------------------- configuration
 CLASSES = ("cat", "dog")
@@ -64,8 +67,8 @@ def preprocess_settings(arch, backbone=BACKBONE):
 
 # Limits for images from the outside world (uploads, raw datasets).
 MAX_PIXELS = 40_000_000  # beyond this Pillow's decompression-bomb guard refuses
-ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "MPO")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "MPO", "HEIF")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".heif")
 
 # Promotion gate: a candidate becomes champion only if it meets all of these on the
 # evaluation set (test split + extra photos) and is not significantly less accurate than the

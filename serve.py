@@ -19,7 +19,10 @@ instead. Every prediction and every piece of staff feedback goes to a small SQLi
 (DB_PATH), the only thing the service writes.
 Signals: SIGTERM/SIGINT drain in-flight requests then exit; SIGHUP reloads the model.
 """
+import base64
 import dataclasses
+import functools
+import hashlib
 import io
 import json
 import math
@@ -47,7 +50,7 @@ import catdog
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-ERROR_STATUS = {"no_file": 400, "empty": 400, "unsupported_media_type": 415, "unsupported_format": 415,
+ERROR_STATUS = {"no_file": 400, "empty": 400, "too_large": 413, "unsupported_media_type": 415, "unsupported_format": 415,
                 "not_an_image": 422, "corrupt": 422, "too_many_pixels": 422, "too_small": 422}
 
 
@@ -71,6 +74,8 @@ class Settings:
     drift_window: int = 500  # drift over the last N inputs
     drift_min_samples: int = 100  # PSI of a handful of images is noise
     shutdown_timeout: float = 20.0  # seconds to let in-flight requests finish
+    max_photos: int = 32  # photos per POST /predict/batch
+    cors_origins: str = ""  # comma-separated origins a browser front end may call the API from; "": none
 
     @classmethod
     def from_env(cls, environ=os.environ):
@@ -88,6 +93,15 @@ class Settings:
     @property
     def max_upload_bytes(self):
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_batch_bytes(self):
+        """The whole body of a POST /predict/batch: four photos at the size limit, or 32 ordinary ones."""
+        return 4 * self.max_upload_bytes
+
+    @property
+    def allowed_origins(self):
+        return {origin.strip() for origin in self.cors_origins.split(",") if origin.strip()}
 
     @property
     def body_hard_limit(self):
@@ -153,6 +167,13 @@ class Model:
     @property
     def pet_threshold(self):
         return float(self.meta["other"]["threshold"])
+
+    @property
+    def identity(self):
+        """Which model answered: its version, its registry version and MLflow run (None when unknown)."""
+        registry = self.meta.get("registry_version")
+        return {"model_version": self.version, "registry_version": None if registry is None else str(registry),
+                "run_id": self.meta.get("run_id")}
 
     def answer(self, outputs):
         """(label, confidence, cat/dog probabilities, pet probability, pet_distance) of one image's
@@ -244,6 +265,13 @@ class Batcher:
         if job.error is not None:
             raise job.error
         return job.outputs
+
+    def infer_many(self, model, xs):
+        """Outputs for several images of one request, as one ONNX Runtime run (in one slot)."""
+        with self._slots:
+            outputs = model.run(np.stack(xs))
+        self.on_run(len(xs))
+        return outputs
 
     def _loop(self):
         while True:
@@ -542,8 +570,16 @@ class Service:
     def predict(self, model, img, request_id):
         """(label, confidence, {class: probability}, pet probability) of a decoded photo, recorded for monitoring."""
         x = catdog.preprocess(img, model.meta["preprocess"])
-        label, confidence, probabilities, pet_probability, distance = model.answer(self.batcher.infer(model, x))
-        stats = {**catdog.image_stats(img), "pet_distance": distance, catdog.OTHER: float(label == catdog.OTHER)}
+        return self.record(model, catdog.image_stats(img), request_id, self.batcher.infer(model, x))
+
+    def predict_many(self, model, photos):
+        """predict for [(preprocessed image, image stats, request id)], run as one ONNX batch."""
+        outputs = self.batcher.infer_many(model, [x for x, _, _ in photos])
+        return [self.record(model, stats, request_id, out) for (_, stats, request_id), out in zip(photos, outputs)]
+
+    def record(self, model, stats, request_id, outputs):
+        label, confidence, probabilities, pet_probability, distance = model.answer(outputs)
+        stats = {**stats, "pet_distance": distance, catdog.OTHER: float(label == catdog.OTHER)}
         self.store.record_prediction(request_id, model.version, label, confidence, stats)
         # The reference confidences are of cat/dog answers; an "other" answer's is another quantity.
         self.drift.add(stats, confidence if label != catdog.OTHER else None)
@@ -603,6 +639,8 @@ def current_service():
 
 @api.before_app_request
 def start_request():
+    if request.endpoint == "catdog.predict_batch":  # several photos, each within max_upload_mb
+        request.max_content_length = current_service().settings.max_batch_bytes
     g.started = time.perf_counter()
     given = request.headers.get("X-Request-ID", "")
     g.request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
@@ -617,6 +655,7 @@ def finish_request(response):
     endpoint = request.url_rule.rule if request.url_rule else "unmatched"  # raw paths would explode label sets
     g.request_id = g.get("request_id") or uuid.uuid4().hex
     response.headers["X-Request-ID"] = g.request_id
+    add_security_headers(response)
     current_service().metrics.count_request(endpoint, str(response.status_code), seconds)
     log(request_id=g.request_id, method=request.method, endpoint=endpoint, status=response.status_code,
         latency_ms=round(seconds * 1000, 2), label=g.get("label"), error=g.get("reason"))
@@ -627,6 +666,20 @@ def finish_request(response):
 def end_request(exc):
     if g.pop("counted", False):
         current_service().leave()
+
+
+def add_security_headers(response):
+    """nosniff everywhere; CORS for the configured origins only (CORS_ORIGINS, default none)."""
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    origin = request.headers.get("Origin")
+    if origin and origin in current_service().settings.allowed_origins:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "X-Request-ID"
+        if request.method == "OPTIONS":  # the browser's preflight
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST"
+            response.headers["Access-Control-Allow-Headers"] = "Content-Type, X-Request-ID"
+            response.headers["Access-Control-Max-Age"] = "600"
+    response.vary.add("Origin")
 
 
 def error(status, reason, message):
@@ -648,13 +701,19 @@ def server_error(e):
     return error(500, "internal_error", "the server failed to handle this request")
 
 
+class TooManyFiles(Exception):
+    pass
+
+
 def read_upload():
     """Bytes of the photo: multipart field `file` (or `image`), or a raw image/* body."""
     if request.mimetype == "multipart/form-data":
-        upload = request.files.get("file") or request.files.get("image")
-        if upload is None:
+        uploads = request.files.getlist("file") + request.files.getlist("image")
+        if not uploads:
             raise catdog.ImageError("no_file", "send the photo as multipart field 'file' (or 'image')")
-        return upload.read()
+        if len(uploads) > 1:
+            raise TooManyFiles()
+        return uploads[0].read()
     if not request.content_length and not request.headers.get("Transfer-Encoding"):
         raise catdog.ImageError("no_file", "no photo: send multipart field 'file' or an image/* body")
     if request.mimetype.startswith("image/") or request.mimetype == "application/octet-stream":
@@ -685,12 +744,55 @@ def predict():
         img = decode(read_upload(), model.meta["preprocess"]["resize"], service.settings.max_pixels)
     except catdog.ImageError as e:
         return error(ERROR_STATUS.get(e.reason, 422), e.reason, str(e))
+    except TooManyFiles:
+        return error(400, "too_many_files", "one photo per POST /predict: send several to POST /predict/batch")
     label, confidence, probabilities, pet_probability = service.predict(model, img, g.request_id)
     g.label = label
-    return jsonify(label=label, confidence=round(confidence, 6), pet_probability=round(pet_probability, 6),
-                   probabilities={c: round(p, 6) for c, p in probabilities.items()},
-                   model_version=model.version, request_id=g.request_id,
-                   latency_ms=round((time.perf_counter() - g.started) * 1000, 2))
+    return jsonify(**answer_fields(label, confidence, probabilities, pet_probability), **model.identity,
+                   request_id=g.request_id, latency_ms=round((time.perf_counter() - g.started) * 1000, 2))
+
+
+def answer_fields(label, confidence, probabilities, pet_probability):
+    return {"label": label, "confidence": round(confidence, 6), "pet_probability": round(pet_probability, 6),
+            "probabilities": {c: round(p, 6) for c, p in probabilities.items()}}
+
+
+@api.post("/predict/batch")
+def predict_batch():
+    """Several photos (multipart parts `file`) in one request: one answer or error per photo,
+    in order, each stored and counted as its own prediction with its own request id."""
+    service = current_service()
+    model, settings = service.model, service.settings
+    if model is None:
+        return error(503, "not_ready", "the model is not loaded yet")
+    if request.mimetype != "multipart/form-data":
+        return error(415, "unsupported_media_type", "send multipart/form-data with one part 'file' per photo")
+    uploads = request.files.getlist("file")
+    if not uploads:
+        return error(400, "no_file", "send each photo as a multipart part named 'file'")
+    if len(uploads) > settings.max_photos:
+        return error(400, "too_many_photos", f"{len(uploads)} photos: at most {settings.max_photos} per request")
+    results, photos = [], []
+    for index, upload in enumerate(uploads):
+        results.append({"index": index, "filename": upload.filename or ""})
+        try:
+            photos.append((index, *prepare(upload.read(), model, settings)))
+        except catdog.ImageError as e:
+            results[index].update(status=ERROR_STATUS.get(e.reason, 422), error=e.reason, message=str(e))
+    if photos:
+        answers = service.predict_many(model, [(x, stats, request_id) for _, x, stats, request_id in photos])
+        for (index, _, _, request_id), answer in zip(photos, answers):
+            results[index].update(status=200, **answer_fields(*answer), request_id=request_id)
+    return jsonify(request_id=g.request_id, **model.identity, count=len(results), results=results)
+
+
+def prepare(data, model, settings):
+    """(preprocessed image, image stats, a new request id) of one photo of a batch; ImageError
+    when it is not usable. The decoded image is dropped here: a batch holds only model inputs."""
+    if len(data) > settings.max_upload_bytes:
+        raise catdog.ImageError("too_large", f"the photo exceeds the {settings.max_upload_mb:g} MB limit")
+    img = decode(data, model.meta["preprocess"]["resize"], settings.max_pixels)
+    return catdog.preprocess(img, model.meta["preprocess"]), catdog.image_stats(img), uuid.uuid4().hex
 
 
 @api.post("/feedback")
@@ -723,8 +825,7 @@ def health():
     if model is None:
         status = "no_model" if not os.path.exists(path) else "load_failed" if service.load_error else "loading"
         return jsonify(status=status, model_path=path, error=service.load_error), 503
-    return jsonify(status="ok", model_version=model.version, arch=model.meta.get("arch"),
-                   pet_threshold=model.pet_threshold)
+    return jsonify(status="ok", **model.identity, arch=model.meta.get("arch"), pet_threshold=model.pet_threshold)
 
 
 @api.get("/live")
@@ -744,9 +845,32 @@ def stats():
     return jsonify(current_service().stats())
 
 
+@api.get("/openapi.json")
+def openapi():
+    """The API's OpenAPI 3.1 description, kept beside this file."""
+    return send_from_directory(catdog.ROOT, "openapi.json", mimetype="application/json")
+
+
 @api.get("/")
 def index():
-    return send_from_directory(current_app.static_folder, "index.html")
+    response = send_from_directory(current_app.static_folder, "index.html")
+    response.headers["Content-Security-Policy"] = page_policy(os.path.join(current_app.static_folder, "index.html"))
+    return response
+
+
+@functools.cache
+def page_policy(path):
+    """A Content-Security-Policy that allows the page's own inline <script> and <style> blocks
+    (by hash) and nothing else: no other script, no other origin."""
+    page = read_text(path)
+
+    def digest(tag):
+        found = re.search(rf"<{tag}>(.*?)</{tag}>", page, re.S)
+        return "'sha256-" + base64.b64encode(hashlib.sha256(found.group(1).encode()).digest()).decode() + "'"
+
+    return (f"default-src 'none'; script-src {digest('script')}; style-src {digest('style')}; "
+            "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'")
 
 
 # ---------------------------------------------------------------- process: start, reload, stop

@@ -137,8 +137,8 @@ def test_predicts_real_photos_through_the_api(app):
         r = predict(client, synthetic_photo(rng, kind))
         assert r.status_code == 200, r.text
         body = r.json
-        assert set(body) == {"label", "confidence", "pet_probability", "probabilities", "model_version", "request_id",
-                             "latency_ms"}
+        assert set(body) == {"label", "confidence", "pet_probability", "probabilities", "model_version",
+                             "registry_version", "run_id", "request_id", "latency_ms"}
         assert body["label"] == kind
         assert body["probabilities"][kind] == body["confidence"] > 0.5
         assert abs(sum(body["probabilities"].values()) - 1) < 1e-5
@@ -168,6 +168,7 @@ def test_health_live_metrics_stats_and_page(app):
     assert client.get("/live").json == {"status": "alive"}
     health = client.get("/health")
     assert health.status_code == 200 and health.json == {"status": "ok", "model_version": "tiny-1", "arch": "baseline",
+                                                            "registry_version": None, "run_id": None,
                                                             "pet_threshold": 0.5}
     confidence = predict(client, synthetic_photo(np.random.default_rng(3), "dog")).json["confidence"]
     r = client.get("/metrics")
@@ -257,6 +258,7 @@ def test_a_failed_load_reports_and_a_failed_reload_keeps_the_old_model(tmp_path)
         (model_dir / "model.onnx").write_bytes(b"not a model")
         assert service.load("test") is False
         assert client.get("/health").json == {"status": "ok", "model_version": "tiny-1", "arch": "baseline",
+                                                            "registry_version": None, "run_id": None,
                                                             "pet_threshold": 0.5}
         assert predict(client, synthetic_photo(np.random.default_rng(5), "dog")).json["label"] == "dog"
         service.model = None  # as before the first successful load
@@ -494,3 +496,106 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path):
     assert s.proc.wait(15) == 0
     assert '"event": "stopped"' in s.logs()
     s.stop()
+
+
+# ---------------------------------------------------------------- several photos, HEIC, identity, CORS, headers
+def batch(client, photos, **kw):
+    """POST /predict/batch with one `file` part per (bytes, name)."""
+    return client.post("/predict/batch", data={"file": [(io.BytesIO(data), name) for data, name in photos]},
+                       content_type="multipart/form-data", **kw)
+
+
+def png(colour, size=(300, 200)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_batch_answers_each_photo_in_order_as_its_own_prediction(app):
+    client, service = app
+    rng = np.random.default_rng(20)
+    photos = [(synthetic_photo(rng, "cat"), "a.jpg"), (b"not an image", "b.txt"), (synthetic_photo(rng, "dog"), "c.jpg"),
+              (png((20, 250, 30)), "d.png")]
+    r = batch(client, photos)
+    assert r.status_code == 200, r.json
+    body = r.json
+    assert body["count"] == 4 and body["model_version"] == "tiny-1" and body["registry_version"] is None
+    assert [(x["index"], x["filename"], x["status"]) for x in body["results"]] == [
+        (0, "a.jpg", 200), (1, "b.txt", 422), (2, "c.jpg", 200), (3, "d.png", 200)]
+    assert [x.get("label") for x in body["results"]] == ["cat", None, "dog", "other"]
+    assert body["results"][1]["error"] == "not_an_image" and body["results"][1]["message"]
+    ids = [x["request_id"] for x in body["results"] if x["status"] == 200]
+    assert len(set(ids)) == 3 and body["request_id"] not in ids
+    for request_id, truth in zip(ids, ("cat", "cat", "other")):  # each photo takes its own feedback
+        assert client.post("/feedback", json={"request_id": request_id, "label": truth}).status_code == 200
+    text = client.get("/metrics").text
+    assert sample(text, "catdog_predictions_total", label="cat") == 1 == sample(text, "catdog_predictions_total",
+                                                                                   label="other")
+    # The three usable photos ran as one ONNX Runtime run.
+    assert sample(text, "catdog_inference_batch_size_count") == 1 and sample(text, "catdog_inference_batch_size_sum") == 3
+    assert client.get("/stats").json["feedback_count"] == 3
+
+
+def test_batch_limits_and_errors_are_json(app, monkeypatch):
+    client, service = app
+    rng = np.random.default_rng(21)
+    photo = synthetic_photo(rng)
+    too_many = batch(client, [(photo, f"{i}.jpg") for i in range(service.settings.max_photos + 1)])
+    assert too_many.status_code == 400 and too_many.json["error"] == "too_many_photos"
+    assert client.post("/predict/batch", data={}, content_type="multipart/form-data").json["error"] == "no_file"
+    raw = client.post("/predict/batch", data=photo, content_type="image/jpeg")
+    assert raw.status_code == 415 and raw.json["error"] == "unsupported_media_type"
+    big = service.settings.max_upload_bytes + 1
+    one_too_big = batch(client, [(photo, "ok.jpg"), (b"\xff" * big, "big.jpg")])
+    assert [x["status"] for x in one_too_big.json["results"]] == [200, 413]
+    whole = batch(client, [(b"\xff" * (big - 2), f"{i}.jpg") for i in range(5)])  # over 4 x MAX_UPLOAD_MB
+    assert whole.status_code == 413 and whole.json["error"] == "too_large"
+    two = client.post("/predict", data={"file": [(io.BytesIO(photo), "1.jpg"), (io.BytesIO(photo), "2.jpg")]},
+                      content_type="multipart/form-data")
+    assert two.status_code == 400 and two.json["error"] == "too_many_files" and "/predict/batch" in two.json["message"]
+
+
+def test_heic_from_an_iphone_is_accepted(app):
+    import pillow_heif
+
+    client, _ = app
+    rng = np.random.default_rng(22)
+    photo = Image.open(io.BytesIO(synthetic_photo(rng, "dog", size=(640, 480))))
+    heif = pillow_heif.from_pillow(photo)
+    buf = io.BytesIO()
+    heif.save(buf, quality=85)
+    assert buf.getvalue()[4:12] == b"ftypheic"  # what an iPhone writes
+    r = predict(client, buf.getvalue())
+    assert r.status_code == 200 and r.json["label"] == "dog", r.json
+
+
+def test_cors_only_for_the_configured_origins(tmp_path):
+    closed, service = in_process(tiny_model(), str(tmp_path / "a.db"))
+    assert "Access-Control-Allow-Origin" not in closed.get("/health", headers={"Origin": "https://x.example"}).headers
+    service.close()
+    client, service = in_process(tiny_model(), str(tmp_path / "b.db"), cors_origins="https://shelter.example, https://b.example")
+    allowed = client.get("/health", headers={"Origin": "https://shelter.example"})
+    assert allowed.headers["Access-Control-Allow-Origin"] == "https://shelter.example"
+    assert "X-Request-ID" in allowed.headers["Access-Control-Expose-Headers"] and "Origin" in allowed.headers["Vary"]
+    assert "Access-Control-Allow-Origin" not in client.get("/health", headers={"Origin": "https://evil.example"}).headers
+    preflight = client.options("/predict", headers={"Origin": "https://b.example", "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code == 200 and "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    assert "Content-Type" in preflight.headers["Access-Control-Allow-Headers"]
+    service.close()
+
+
+def test_page_has_a_strict_content_security_policy_and_every_answer_nosniff(app):
+    import base64
+    import hashlib
+    import re
+
+    client, _ = app
+    page = client.get("/")
+    policy = page.headers["Content-Security-Policy"]
+    for tag in ("script", "style"):
+        block = re.search(rf"<{tag}>(.*?)</{tag}>", page.get_data(as_text=True), re.S).group(1)
+        digest = base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()
+        assert f"{tag}-src 'sha256-{digest}'" in policy, policy
+    assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy and "unsafe" not in policy
+    for path in ("/", "/health", "/metrics", "/nope"):
+        assert client.get(path).headers["X-Content-Type-Options"] == "nosniff", path
