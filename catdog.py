@@ -66,7 +66,14 @@ def preprocess_settings(arch, backbone=BACKBONE):
 
 
 # Limits for images from the outside world (uploads, raw datasets).
-MAX_PIXELS = 40_000_000  # beyond this Pillow's decompression-bomb guard refuses
+MAX_PIXELS = 40_000_000  # JPEG: beyond this Pillow's decompression-bomb guard refuses; big ones decode at 1/2-1/8 scale
+# Every other format decodes at full size, and mode conversions copy it: 16 MP of RGBA is 64 MB.
+LOSSLESS_MAX_PIXELS = 16_000_000
+# A file cannot hold a whole image in fewer bytes than these bounds: deflate (PNG) never
+# compresses more than 1032:1, and a baseline or progressive JPEG spends at least a bit per
+# 8x8 block (here with a 4x margin). Less data is a truncated file or a lying header.
+DEFLATE_MAX_RATIO = 1032
+JPEG_MIN_BYTES_PER_PIXEL = 1 / 2048
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "MPO", "HEIF")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".heic", ".heif")
 
@@ -187,8 +194,12 @@ def open_image(source, max_pixels=MAX_PIXELS, min_side=None):
     if img.format not in ACCEPTED_FORMATS:
         raise ImageError("unsupported_format", f"image format {img.format} is not supported")
     width, height = img.size
-    if width * height > max_pixels:
-        raise ImageError("too_many_pixels", f"{width}x{height} exceeds the {max_pixels} pixel limit")
+    limit = pixel_limit(img.format, max_pixels)
+    if width * height > limit:
+        raise ImageError("too_many_pixels", f"{width}x{height} exceeds the {limit} pixel limit of {img.format}")
+    if min(width, height) < MIN_SIDE:  # before decoding: a 1 x 40,000,000 PNG is refused at once
+        raise ImageError("too_small", f"{width}x{height} is smaller than {MIN_SIDE} px on a side")
+    check_enough_data(img, len(data))
     if min_side and img.format == "JPEG":
         img.draft(None, (min_side, min_side))
     decoded_size = img.size
@@ -198,21 +209,41 @@ def open_image(source, max_pixels=MAX_PIXELS, min_side=None):
             img.load()
     except Exception as e:
         raise ImageError("corrupt", f"the image could not be decoded ({type(e).__name__})") from None
-    if min(width, height) < MIN_SIDE:
-        raise ImageError("too_small", f"{width}x{height} is smaller than {MIN_SIDE} px on a side")
     ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to turn
     img = to_rgb(img)
     img.info["original_size"] = (width, height) if img.size == decoded_size else (height, width)
     return img
 
 
+def pixel_limit(fmt, max_pixels=MAX_PIXELS):
+    """The most pixels a file of this format may declare: JPEG max_pixels, others LOSSLESS_MAX_PIXELS at most."""
+    return max_pixels if fmt in ("JPEG", "MPO") else min(max_pixels, LOSSLESS_MAX_PIXELS)
+
+
+def check_enough_data(img, size):
+    """ImageError "truncated" when a PNG or JPEG file of `size` bytes is too small to hold the
+    image its header declares: Pillow would fill the missing rows and answer for them."""
+    width, height = img.size
+    if img.format == "PNG":
+        raw = height * (1 + width * len(img.getbands()))  # at least a byte per sample, one filter byte per row
+        enough = size * DEFLATE_MAX_RATIO >= raw
+    elif img.format in ("JPEG", "MPO"):
+        enough = size >= width * height * JPEG_MIN_BYTES_PER_PIXEL
+    else:
+        return
+    if not enough:
+        raise ImageError("truncated", f"{size} bytes cannot hold the {width}x{height} image the header declares "
+                                      "(a truncated file or a lying header)")
+
+
 def to_rgb(img):
     """Any Pillow mode (L, P, CMYK, RGBA, 16-bit, ...) to 8-bit RGB; transparency over white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # Pillow would clip 16-bit values to 255 (a white image); scale them instead.
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr * 255.0 / top, 0, 255).astype(np.uint8), "L")
+        # Integers, not float64: a 16 MP image would take 128 MB as float64.
+        arr = np.asarray(img)
+        shift = 8 if arr.max() > 255 else 0
+        img = Image.fromarray(np.clip(arr >> shift, 0, 255).astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):

@@ -51,7 +51,7 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 ERROR_STATUS = {"no_file": 400, "empty": 400, "too_large": 413, "unsupported_media_type": 415, "unsupported_format": 415,
-                "not_an_image": 422, "corrupt": 422, "too_many_pixels": 422, "too_small": 422}
+                "not_an_image": 422, "corrupt": 422, "truncated": 422, "too_many_pixels": 422, "too_small": 422}
 
 
 # ---------------------------------------------------------------- settings (env vars)
@@ -468,6 +468,10 @@ class Metrics:
         registry.register(ScrapeTimeMetrics(service))
         Gauge("catdog_model_ready", "1 when the model is loaded and warmed up.",
               registry=registry).set_function(lambda: service.ready)
+        self.load_failures = Counter("catdog_model_load_failures", "Model loads (start or SIGHUP reload) that failed.",
+                                     registry=registry)
+        Gauge("catdog_model_load_failed", "1 while the latest model load failed (a reload keeps the old model).",
+              registry=registry).set_function(lambda: service.load_error is not None)
         Gauge("catdog_in_flight_requests", "Requests being handled now.",
               registry=registry).set_function(lambda: service.in_flight)
         Gauge("catdog_start_time_seconds", "Process start, Unix time.", registry=registry).set(service.started_at)
@@ -541,6 +545,7 @@ class Service:
                                  settings.reference_profile_path)
             except Exception as e:  # noqa: BLE001 (keep serving the old model rather than none)
                 self.load_error = f"{type(e).__name__}: {e}"
+                self.metrics.load_failures.inc()
                 log(event="model_load_failed", reason=reason, path=settings.model_path, error=self.load_error)
                 return False
             if self.model is not None and self.model.version != new.version:
@@ -797,7 +802,10 @@ def prepare(data, model, settings):
 
 @api.post("/feedback")
 def feedback():
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # '[' * 100000: Python's JSON parser recurses once per level
+        return error(400, "bad_json", "the JSON is nested too deeply")
     if not isinstance(body, dict):
         return error(400, "bad_json", 'send JSON {"request_id": ..., "label": "cat", "dog" or "other"}')
     request_id, truth = body.get("request_id"), body.get("label")
@@ -825,7 +833,10 @@ def health():
     if model is None:
         status = "no_model" if not os.path.exists(path) else "load_failed" if service.load_error else "loading"
         return jsonify(status=status, model_path=path, error=service.load_error), 503
-    return jsonify(status="ok", **model.identity, arch=model.meta.get("arch"), pet_threshold=model.pet_threshold)
+    # Still ready after a failed reload (the old model serves), but say so: the new file is broken.
+    failed = {"reload_error": service.load_error} if service.load_error else {}
+    return jsonify(status="ok", **model.identity, arch=model.meta.get("arch"), pet_threshold=model.pet_threshold,
+                   **failed)
 
 
 @api.get("/live")

@@ -91,7 +91,26 @@ def corpus():
         "webp_named_png": ({"files": {"file": ("a.png", encode(Image.new("RGB", (64, 64), RED), "WEBP"))}}, 200, "cat"),
         "grayscale_jpeg_raw_body": ({"data": encode(Image.new("L", (64, 64), 128), "JPEG"),
                                  "headers": {"Content-Type": "image/jpeg"}}, 200, None),
+        # The audit's lying files: a header declaring far more than the data holds.
+        "png_with_5_of_3000_rows": ({"files": {"file": ("a.png", png_rows(3000, 3000, 5))}}, 422, None),
+        "jpeg_header_claims_6300x6300_over_64x64": ({"files": {"file": ("a.jpg", jpeg_lying_size(6300))}}, 422, None),
+        "lossless_webp_6300x6300": ({"files": {"file": ("a.webp", encode(Image.new("RGBA", (6300, 6300)), "WEBP",
+                                                                         lossless=True))}}, 422, None),
+        "png_1x16000000": ({"files": {"file": ("a.png", png_chunks(1, 16_000_000, 8, 0, b""))}}, 422, None),
     }
+
+
+def png_rows(width, height, rows):
+    """An RGB PNG declaring width x height whose data ends after `rows` rows (a complete zlib stream)."""
+    return png_chunks(width, height, 8, 2, zlib.compress((b"\x00" + b"\x80" * (3 * width)) * rows))
+
+
+def jpeg_lying_size(side):
+    """A 64x64 JPEG whose frame header says side x side."""
+    data = bytearray(encode(Image.new("RGB", (64, 64), RED), "JPEG"))
+    frame = data.find(b"\xff\xc0")
+    struct.pack_into(">HH", data, frame + 5, side, side)
+    return bytes(data)
 
 
 def post(client, files=None, **kwargs):
@@ -110,7 +129,12 @@ def client(tmp_path_factory):
 NAMES = ("zero_bytes", "no_body", "wrong_field_name", "truncated_jpeg", "text_named_jpg", "pdf_as_raw_image",
          "png_bomb_over_pillow_guard", "png_bomb_over_pixel_limit", "upload_50_mb", "json_body", "icon_format",
          "tiny_image", "animated_gif", "png_16bit_rgb", "png_16bit_gray", "cmyk_jpeg", "rgba_png_transparent",
-         "exif_rotated_jpeg", "phone_size_rotated_jpeg", "webp_named_png", "grayscale_jpeg_raw_body")
+         "exif_rotated_jpeg", "phone_size_rotated_jpeg", "webp_named_png", "grayscale_jpeg_raw_body",
+         "png_with_5_of_3000_rows", "jpeg_header_claims_6300x6300_over_64x64", "lossless_webp_6300x6300",
+         "png_1x16000000")
+# The reason each lying file is refused with: refused for what it is, before decoding.
+REASONS = {"png_with_5_of_3000_rows": "truncated", "jpeg_header_claims_6300x6300_over_64x64": "truncated",
+           "lossless_webp_6300x6300": "too_many_pixels", "png_1x16000000": "too_small"}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -125,6 +149,7 @@ def test_hostile_upload_gets_a_4xx_or_a_correct_prediction(client, name):
     else:
         assert set(body) == {"error", "message", "request_id"} and body["error"] and body["message"]
         assert body["request_id"] == r.headers["X-Request-ID"]
+        assert body["error"] == REASONS.get(name, body["error"]), body
 
 
 def test_service_is_healthy_after_the_corpus(tmp_path):

@@ -255,18 +255,35 @@ def test_a_failed_load_reports_and_a_failed_reload_keeps_the_old_model(tmp_path)
     shutil.copytree(os.path.dirname(tiny_model()), model_dir)
     client, service = in_process(str(model_dir / "model.onnx"), str(tmp_path / "catdog.db"))
     try:
+        assert sample(client.get("/metrics").text, "catdog_model_load_failed") == 0
         (model_dir / "model.onnx").write_bytes(b"not a model")
         assert service.load("test") is False
+        # Still serving the old model, and saying that the new one failed (health, metrics).
         assert client.get("/health").json == {"status": "ok", "model_version": "tiny-1", "arch": "baseline",
-                                                            "registry_version": None, "run_id": None,
-                                                            "pet_threshold": 0.5}
+                                              "registry_version": None, "run_id": None, "pet_threshold": 0.5,
+                                              "reload_error": service.load_error}
+        text = client.get("/metrics").text
+        assert sample(text, "catdog_model_load_failed") == 1 and sample(text, "catdog_model_load_failures_total") == 1
         assert predict(client, synthetic_photo(np.random.default_rng(5), "dog")).json["label"] == "dog"
+        shutil.copy(tiny_model(), model_dir / "model.onnx")
+        assert service.load("test") is True and "reload_error" not in client.get("/health").json
+        assert sample(client.get("/metrics").text, "catdog_model_load_failed") == 0
+        (model_dir / "model.onnx").write_bytes(b"not a model")
+        assert service.load("test") is False
         service.model = None  # as before the first successful load
         health = client.get("/health")
         assert health.status_code == 503 and health.json["status"] == "load_failed"
         assert health.json["error"] == service.load_error and service.load_error
     finally:
         service.close()
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(app):
+    client, _ = app
+    r = client.post("/feedback", data="[" * 100_000 + "]" * 100_000, content_type="application/json")
+    assert r.status_code == 400 and r.json["error"] == "bad_json" and "nested" in r.json["message"], r.json
+    r = client.post("/feedback", data='{"a":' * 50_000 + "1" + "}" * 50_000, content_type="application/json")
+    assert r.status_code == 400 and r.json["error"] == "bad_json"
 
 
 def test_feedback_drives_live_accuracy(tmp_path):
