@@ -6,6 +6,7 @@ ONNX export are in nets.py.
 """
 import argparse
 import ast
+import contextlib
 import csv
 import hashlib
 import io
@@ -172,7 +173,7 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-def open_image(source, max_pixels=MAX_PIXELS, min_side=None):
+def open_image(source, max_pixels=MAX_PIXELS, min_side=None, reserve=None):
     """Decode a path or bytes fully into an upright RGB PIL image, or raise ImageError.
 
     The whole image is decoded here (not lazily), so truncated files fail now and
@@ -180,7 +181,9 @@ def open_image(source, max_pixels=MAX_PIXELS, min_side=None):
     on both sides is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), both sides
     staying >= min_side: a 12 MP phone photo then costs about 3x less CPU, for a picture
     that is resized to a few hundred pixels anyway. img.info["original_size"] keeps the
-    upright size of the file, which is what the drift statistics compare.
+    upright size of the file, which is what the drift statistics compare. `reserve`, when
+    given, is called with the bytes decoding will take (decoding_bytes) and returns a context
+    manager held while they are in use: the service's budget across request threads.
     """
     data = source if isinstance(source, (bytes, bytearray)) else open(source, "rb").read()
     if not data:
@@ -203,16 +206,24 @@ def open_image(source, max_pixels=MAX_PIXELS, min_side=None):
     if min_side and img.format == "JPEG":
         img.draft(None, (min_side, min_side))
     decoded_size = img.size
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.load()
-    except Exception as e:
-        raise ImageError("corrupt", f"the image could not be decoded ({type(e).__name__})") from None
-    ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to turn
-    img = to_rgb(img)
+    with reserve(decoding_bytes(img)) if reserve else contextlib.nullcontext():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img.load()
+        except Exception as e:
+            raise ImageError("corrupt", f"the image could not be decoded ({type(e).__name__})") from None
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to turn
+        img = to_rgb(img)
     img.info["original_size"] = (width, height) if img.size == decoded_size else (height, width)
     return img
+
+
+def decoding_bytes(img):
+    """Memory that decoding `img` (its size after any draft) and converting it to RGB takes at
+    the peak: the decoded image, at up to 4 bytes per sample for 16- and 32-bit modes, plus the RGB copy."""
+    sample = 4 if img.mode in ("I", "F", "I;16", "I;16B", "I;16L") else 1
+    return img.width * img.height * (len(img.getbands()) * sample + 3)
 
 
 def pixel_limit(fmt, max_pixels=MAX_PIXELS):

@@ -20,6 +20,8 @@ instead. Every prediction and every piece of staff feedback goes to a small SQLi
 Signals: SIGTERM/SIGINT drain in-flight requests then exit; SIGHUP reloads the model.
 """
 import base64
+import contextlib
+import ctypes
 import dataclasses
 import functools
 import hashlib
@@ -50,7 +52,7 @@ import catdog
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-ERROR_STATUS = {"no_file": 400, "empty": 400, "too_large": 413, "unsupported_media_type": 415, "unsupported_format": 415,
+ERROR_STATUS = {"busy": 503, "no_file": 400, "empty": 400, "too_large": 413, "unsupported_media_type": 415, "unsupported_format": 415,
                 "not_an_image": 422, "corrupt": 422, "truncated": 422, "too_many_pixels": 422, "too_small": 422}
 
 
@@ -75,6 +77,8 @@ class Settings:
     drift_min_samples: int = 100  # PSI of a handful of images is noise
     shutdown_timeout: float = 20.0  # seconds to let in-flight requests finish
     max_photos: int = 32  # photos per POST /predict/batch
+    decode_budget_mb: float = 256.0  # memory for images being decoded at once, across request threads
+    decode_wait_s: float = 2.0  # how long a decode waits for that memory before a 503
     cors_origins: str = ""  # comma-separated origins a browser front end may call the API from; "": none
 
     @classmethod
@@ -522,6 +526,7 @@ class Service:
         self._load_lock = threading.Lock()  # one load at a time
         self.store = Store(settings.db_path)
         self.drift = DriftWindow(settings.drift_window, settings.drift_min_samples)
+        self.decode_budget = DecodeBudget(int(settings.decode_budget_mb * 1024 * 1024), settings.decode_wait_s)
         self.metrics = Metrics(self)
         self.batcher = Batcher(settings.batch_max, settings.batch_wait_ms,
                                settings.infer_threads or available_cpus(), self.metrics.batch_size.observe)
@@ -690,7 +695,8 @@ def add_security_headers(response):
 def error(status, reason, message):
     g.reason = reason
     g.request_id = g.get("request_id") or uuid.uuid4().hex
-    return jsonify(error=reason, message=message, request_id=g.request_id), status
+    retry = {"Retry-After": "1"} if status == 503 else {}  # busy or not ready yet: soon
+    return jsonify(error=reason, message=message, request_id=g.request_id), status, retry
 
 
 @api.app_errorhandler(HTTPException)
@@ -728,11 +734,60 @@ def read_upload():
                             "send multipart/form-data or an image/* body")
 
 
-def decode(data, min_side, max_pixels):
+class DecodeBudget:
+    """Bytes of images being decoded at once, across request threads: a decode waits until its
+    bytes fit (or nothing else is decoding), at most `wait_s`, else ImageError "busy" (503).
+    Bounds the service's memory whatever several worst-case uploads arrive together."""
+
+    def __init__(self, limit_bytes, wait_s):
+        self.limit, self.wait_s, self.used = limit_bytes, wait_s, 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, cost):
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.used == 0 or self.used + cost <= self.limit, self.wait_s):
+                raise catdog.ImageError("busy", "the service is decoding other large images: retry in a second")
+            self.used += cost
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= cost
+                self._cond.notify_all()
+            if cost > 32 << 20:
+                release_memory()
+
+
+@functools.cache
+def glibc():
+    """The C library when it is glibc (malloc_trim, mallopt), else None. Loaded on first use:
+    importing serve opens nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+def release_memory():
+    """Give freed heap back to the system after a large decode (glibc keeps it otherwise)."""
+    if glibc():
+        glibc().malloc_trim(0)
+
+
+def tune_malloc():
+    """Blocks of 1 MB and more come from mmap and go back to the system when freed: glibc's
+    default threshold grows with use, after which a decoded 16 MP image stays in the heap."""
+    if glibc():
+        glibc().mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (a fixed one also stops the growth)
+
+
+def decode(data, min_side, max_pixels, budget=None):
     """RGB image from untrusted bytes; the format is sniffed from the bytes, never the name.
     Big JPEGs decode at a reduced scale that still covers min_side (catdog.open_image)."""
     try:
-        return catdog.open_image(data, max_pixels, min_side)
+        return catdog.open_image(data, max_pixels, min_side, reserve=budget and budget.reserve)
     except catdog.ImageError:
         raise
     except Exception as e:  # noqa: BLE001 (any other failure inside a decoder is still a bad file)
@@ -746,7 +801,8 @@ def predict():
     if model is None:
         return error(503, "not_ready", "the model is not loaded yet")
     try:
-        img = decode(read_upload(), model.meta["preprocess"]["resize"], service.settings.max_pixels)
+        img = decode(read_upload(), model.meta["preprocess"]["resize"], service.settings.max_pixels,
+                     service.decode_budget)
     except catdog.ImageError as e:
         return error(ERROR_STATUS.get(e.reason, 422), e.reason, str(e))
     except TooManyFiles:
@@ -781,7 +837,7 @@ def predict_batch():
     for index, upload in enumerate(uploads):
         results.append({"index": index, "filename": upload.filename or ""})
         try:
-            photos.append((index, *prepare(upload.read(), model, settings)))
+            photos.append((index, *prepare(upload.read(), model, settings, service.decode_budget)))
         except catdog.ImageError as e:
             results[index].update(status=ERROR_STATUS.get(e.reason, 422), error=e.reason, message=str(e))
     if photos:
@@ -791,12 +847,12 @@ def predict_batch():
     return jsonify(request_id=g.request_id, **model.identity, count=len(results), results=results)
 
 
-def prepare(data, model, settings):
+def prepare(data, model, settings, budget):
     """(preprocessed image, image stats, a new request id) of one photo of a batch; ImageError
     when it is not usable. The decoded image is dropped here: a batch holds only model inputs."""
     if len(data) > settings.max_upload_bytes:
         raise catdog.ImageError("too_large", f"the photo exceeds the {settings.max_upload_mb:g} MB limit")
-    img = decode(data, model.meta["preprocess"]["resize"], settings.max_pixels)
+    img = decode(data, model.meta["preprocess"]["resize"], settings.max_pixels, budget)
     return catdog.preprocess(img, model.meta["preprocess"]), catdog.image_stats(img), uuid.uuid4().hex
 
 
@@ -894,9 +950,10 @@ def make_server(app, settings):
         app, host=settings.host, port=settings.port, threads=settings.threads or 2 * available_cpus(),
         ident="catdog",
         # The app answers oversize uploads with a JSON 413; waitress's own (plain-text) cap
-        # only guards memory against absurd bodies. Bodies stay in memory: no temp files on
-        # a read-only file system.
-        max_request_body_size=settings.body_hard_limit, inbuf_overflow=settings.body_hard_limit)
+        # only guards against absurd bodies. Bodies over MAX_UPLOAD_MB (a batch, or an upload
+        # about to be refused) wait in a temporary file (TMPDIR, a volume in the deployments),
+        # not in memory: 16 slow 60 MB uploads would otherwise hold 1 GB.
+        max_request_body_size=settings.body_hard_limit, inbuf_overflow=settings.max_upload_bytes)
 
 
 def handle_signals(server, service):
@@ -925,6 +982,7 @@ def handle_signals(server, service):
 
 
 def main():
+    tune_malloc()
     settings = Settings.from_env()
     service = Service(settings)
     server = make_server(create_app(settings, service), settings)

@@ -616,3 +616,27 @@ def test_page_has_a_strict_content_security_policy_and_every_answer_nosniff(app)
     assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy and "unsafe" not in policy
     for path in ("/", "/health", "/metrics", "/nope"):
         assert client.get(path).headers["X-Content-Type-Options"] == "nosniff", path
+
+
+def test_decodes_wait_for_the_memory_budget_then_get_a_503(tmp_path):
+    """While other decodes hold the budget, a photo waits up to DECODE_WAIT_S, then gets 503
+    busy with Retry-After; once the budget is free it is answered."""
+    client, service = in_process(tiny_model(), str(tmp_path / "catdog.db"), decode_budget_mb=1, decode_wait_s=0.2)
+    photo = synthetic_photo(np.random.default_rng(23), "cat", size=(640, 480))  # 1.8 MB to decode
+    budget = service.decode_budget
+    with budget.reserve(1 << 20):  # another request decoding
+        r = predict(client, photo)
+    assert r.status_code == 503 and r.json["error"] == "busy" and r.headers["Retry-After"] == "1", r.json
+    assert budget.used == 0 and predict(client, photo).status_code == 200  # alone, even over the budget
+    held, release = threading.Event(), threading.Event()
+
+    def other_request():
+        with budget.reserve(1 << 20):
+            held.set()
+            release.wait(5)
+
+    threading.Thread(target=other_request).start()
+    held.wait(5)
+    threading.Timer(0.05, release.set).start()  # frees the budget while this photo waits
+    assert predict(client, photo).status_code == 200
+    service.close()
