@@ -93,8 +93,16 @@ serve: setup  ## the service on :8000
 bench: setup  ## speed figures: serve.py against a naive Flask + PyTorch peer
 	$(PY) bench.py
 
-test: setup system-deps lint  ## lint, then the whole test suite
+test: setup system-deps lint node_modules/axe-core/axe.min.js  ## lint, then the whole test suite
 	$(PY) -m pytest
+
+# axe-core, the accessibility checker tests/test_browser.py injects into the staff page; from
+# the npm registry, pinned, into ./node_modules (git-ignored). Without npm that test skips.
+AXE_CORE_VERSION := 4.14.1
+node_modules/axe-core/axe.min.js:
+	@if command -v npm >/dev/null; then \
+	  npm install --prefix . --no-save --no-audit --no-fund --no-package-lock axe-core@$(AXE_CORE_VERSION); \
+	else echo "no npm: the accessibility test will skip (apt-get install npm)"; fi
 
 # Pyflakes, pycodestyle errors, import order, bugbear and pyupgrade; zip() without strict= and
 # constant path defaults are fine here.

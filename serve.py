@@ -310,15 +310,34 @@ class Batcher:
 # ---------------------------------------------------------------- storage: predictions and feedback
 class Store:
     """The SQLite file of predictions and staff feedback. No image bytes, file names or client
-    addresses: only what monitoring needs."""
-    SCHEMA = """
-    CREATE TABLE IF NOT EXISTS predictions (
-        request_id TEXT PRIMARY KEY, time REAL NOT NULL, model_version TEXT NOT NULL,
-        label TEXT NOT NULL, confidence REAL NOT NULL, width INTEGER, height INTEGER, brightness REAL);
-    CREATE TABLE IF NOT EXISTS feedback (
-        request_id TEXT PRIMARY KEY REFERENCES predictions(request_id), time REAL NOT NULL, label TEXT NOT NULL);
-    CREATE INDEX IF NOT EXISTS predictions_time ON predictions(time);
-    """
+    addresses: only what monitoring needs. A prediction's key is made by the server; the
+    client's X-Request-ID is kept beside it for correlation and never overwrites anything.
+    Feedback for a prediction is recorded once."""
+    # Each migration takes the schema from the previous version; schema_version says where a
+    # file is, so opening an old file upgrades it and opening a current one changes nothing.
+    MIGRATIONS = (
+        """CREATE TABLE IF NOT EXISTS predictions (
+            request_id TEXT PRIMARY KEY, time REAL NOT NULL, model_version TEXT NOT NULL,
+            label TEXT NOT NULL, confidence REAL NOT NULL, width INTEGER, height INTEGER, brightness REAL);
+        CREATE TABLE IF NOT EXISTS feedback (
+            request_id TEXT PRIMARY KEY REFERENCES predictions(request_id), time REAL NOT NULL, label TEXT NOT NULL);
+        CREATE INDEX IF NOT EXISTS predictions_time ON predictions(time);""",
+        """ALTER TABLE predictions RENAME TO predictions_v1;
+        ALTER TABLE feedback RENAME TO feedback_v1;
+        CREATE TABLE predictions (
+            id TEXT PRIMARY KEY, request_id TEXT NOT NULL, time REAL NOT NULL, model_version TEXT NOT NULL,
+            label TEXT NOT NULL, confidence REAL NOT NULL, width INTEGER, height INTEGER, brightness REAL);
+        CREATE TABLE feedback (
+            prediction_id TEXT PRIMARY KEY REFERENCES predictions(id), time REAL NOT NULL, label TEXT NOT NULL);
+        INSERT INTO predictions SELECT request_id, request_id, time, model_version, label, confidence, width,
+            height, brightness FROM predictions_v1;
+        INSERT INTO feedback SELECT request_id, time, label FROM feedback_v1;
+        DROP TABLE feedback_v1;
+        DROP TABLE predictions_v1;
+        CREATE INDEX predictions_time ON predictions(time);
+        CREATE INDEX predictions_request_id ON predictions(request_id);
+        CREATE INDEX feedback_time ON feedback(time);""",
+    )
 
     def __init__(self, path):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -328,34 +347,96 @@ class Store:
         # process being killed (kill -9, OOM); only a power cut can lose the last few.
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(self.SCHEMA)
+        self.migrate()
+        self._feedback_count = self._query("SELECT COUNT(*) FROM feedback")[0][0]  # a running total from here
+
+    @property
+    def version(self):
+        with self._lock:
+            return self._version_locked()
+
+    def migrate(self):
+        """Bring the file to the latest schema, one migration at a time, each in a transaction."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see it done
+            try:
+                version = self._version_locked()
+                for number, script in enumerate(self.MIGRATIONS[version:], start=version + 1):
+                    for statement in (part.strip() for part in script.split(";")):
+                        if statement:
+                            self._conn.execute(statement)
+                    self._conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+                    self._conn.execute("DELETE FROM schema_version")
+                    self._conn.execute("INSERT INTO schema_version VALUES (?)", (number,))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def _version_locked(self):
+        """schema_version's, or 1 for a file from before it had one, 0 for an empty file."""
+        tables = {row[0] for row in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "schema_version" in tables:
+            return self._conn.execute("SELECT version FROM schema_version").fetchone()[0]
+        return 1 if "predictions" in tables else 0
 
     def _query(self, sql, params=()):
         with self._lock:
             return self._conn.execute(sql, params).fetchall()
 
-    def record_prediction(self, request_id, model_version, label, confidence, stats):
-        self._query("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (request_id, time.time(), model_version, label, confidence,
+    def record_prediction(self, prediction_id, request_id, model_version, label, confidence, stats):
+        self._query("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (prediction_id, request_id, time.time(), model_version, label, confidence,
                      stats["width"], stats["height"], stats["brightness"]))
 
-    def record_feedback(self, request_id, truth):
-        """Store the staff's label for a prediction; the predicted label, or None if there is no such prediction."""
+    def find_prediction(self, key):
+        """(prediction id, predicted label) of the prediction with this id, else of the one with
+        this request id when exactly one has it; None when none, "ambiguous" when several do."""
+        rows = (self._query("SELECT id, label FROM predictions WHERE id = ?", (key,))
+                or self._query("SELECT id, label FROM predictions WHERE request_id = ? LIMIT 2", (key,)))
+        return "ambiguous" if len(rows) > 1 else rows[0] if rows else None
+
+    def record_feedback(self, prediction_id, truth):
+        """Store the staff's label for a prediction, once: (stored now?, the label on record)."""
         with self._lock:
-            row = self._conn.execute("SELECT label FROM predictions WHERE request_id = ?", (request_id,)).fetchone()
-            if row is not None:
-                self._conn.execute("INSERT OR REPLACE INTO feedback VALUES (?, ?, ?)", (request_id, time.time(), truth))
-        return None if row is None else row[0]
+            stored = self._conn.execute("INSERT INTO feedback VALUES (?, ?, ?) ON CONFLICT (prediction_id) DO NOTHING",
+                                        (prediction_id, time.time(), truth)).rowcount == 1
+            self._feedback_count += stored
+            if stored:
+                return True, truth
+            return False, self._conn.execute("SELECT label FROM feedback WHERE prediction_id = ?",
+                                             (prediction_id,)).fetchone()[0]
 
     def live_accuracy(self, window):
-        """(accuracy or None, n) over the last `window` predictions that received feedback."""
+        """(accuracy or None, n) over the latest `window` feedback answers (the feedback_time index)."""
         n, right = self._query(
             "SELECT COUNT(*), SUM(label = truth) FROM (SELECT p.label AS label, f.label AS truth "
-            "FROM feedback f JOIN predictions p USING (request_id) ORDER BY p.time DESC LIMIT ?)", (window,))[0]
+            "FROM feedback f JOIN predictions p ON p.id = f.prediction_id ORDER BY f.time DESC LIMIT ?)", (window,))[0]
         return (right / n if n else None), n
 
     def feedback_count(self):
-        return self._query("SELECT COUNT(*) FROM feedback")[0][0]
+        return self._feedback_count
+
+    def prune(self, older_than, keep_rows, chunk=2000):
+        """Delete predictions (and their feedback) older than `older_than` (Unix time) or beyond
+        the newest `keep_rows`, `chunk` rows per transaction so requests wait at most one chunk.
+        The number of predictions deleted."""
+        surplus = self._query("SELECT time FROM predictions ORDER BY time DESC LIMIT 1 OFFSET ?", (keep_rows,))
+        newest_surplus = surplus[0][0] if surplus else float("-inf")  # this one and older ones go
+        deleted = 0
+        while True:
+            with self._lock:
+                ids = [row[0] for row in self._conn.execute(
+                    "SELECT id FROM predictions WHERE time < ? OR time <= ? LIMIT ?", (older_than, newest_surplus, chunk))]
+                if not ids:
+                    return deleted
+                marks = ",".join("?" * len(ids))
+                self._conn.execute("BEGIN")
+                gone = self._conn.execute(f"DELETE FROM feedback WHERE prediction_id IN ({marks})", ids).rowcount
+                self._conn.execute(f"DELETE FROM predictions WHERE id IN ({marks})", ids)
+                self._conn.execute("COMMIT")
+                self._feedback_count -= gone
+            deleted += len(ids)
 
     def close(self):
         with self._lock:
@@ -511,6 +592,21 @@ class Metrics:
 
 
 # ---------------------------------------------------------------- the service
+@dataclasses.dataclass
+class Answer:
+    prediction_id: str  # the server's key of the stored prediction: what /feedback names
+    label: str
+    confidence: float
+    probabilities: dict
+    pet_probability: float
+
+    def fields(self):
+        return {"label": self.label, "confidence": round(self.confidence, 6),
+                "pet_probability": round(self.pet_probability, 6),
+                "probabilities": {c: round(p, 6) for c, p in self.probabilities.items()},
+                "prediction_id": self.prediction_id}
+
+
 class Service:
     """One serving instance: the model (swapped whole on reload), the store, the drift window,
     the metrics and the batcher. Nothing runs in the background until start()."""
@@ -578,7 +674,7 @@ class Service:
             self._in_flight -= 1
 
     def predict(self, model, img, request_id):
-        """(label, confidence, {class: probability}, pet probability) of a decoded photo, recorded for monitoring."""
+        """The Answer for a decoded photo, recorded for monitoring."""
         x = catdog.preprocess(img, model.meta["preprocess"])
         return self.record(model, catdog.image_stats(img), request_id, self.batcher.infer(model, x))
 
@@ -588,13 +684,15 @@ class Service:
         return [self.record(model, stats, request_id, out) for (_, stats, request_id), out in zip(photos, outputs)]
 
     def record(self, model, stats, request_id, outputs):
+        """The Answer of one image's outputs, stored under a new prediction id and counted."""
         label, confidence, probabilities, pet_probability, distance = model.answer(outputs)
+        answer = Answer(uuid.uuid4().hex, label, confidence, probabilities, pet_probability)
         stats = {**stats, "pet_distance": distance, catdog.OTHER: float(label == catdog.OTHER)}
-        self.store.record_prediction(request_id, model.version, label, confidence, stats)
+        self.store.record_prediction(answer.prediction_id, request_id, model.version, label, confidence, stats)
         # The reference confidences are of cat/dog answers; an "other" answer's is another quantity.
         self.drift.add(stats, confidence if label != catdog.OTHER else None)
         self.metrics.count_prediction(label, confidence)
-        return label, confidence, probabilities, pet_probability
+        return answer
 
     def drift_report(self):
         model = self.model
@@ -702,7 +800,9 @@ def error(status, reason, message):
 @api.app_errorhandler(HTTPException)
 def http_error(e):
     if e.code == 413:
-        return error(413, "too_large", f"the upload exceeds the {current_service().settings.max_upload_mb:g} MB limit")
+        settings = current_service().settings
+        limit = settings.max_batch_bytes if request.endpoint == "catdog.predict_batch" else settings.max_upload_bytes
+        return error(413, "too_large", f"the upload exceeds the {limit / (1 << 20):g} MB limit")
     return error(e.code, re.sub(r"\W+", "_", e.name.lower()), e.description)
 
 
@@ -807,15 +907,10 @@ def predict():
         return error(ERROR_STATUS.get(e.reason, 422), e.reason, str(e))
     except TooManyFiles:
         return error(400, "too_many_files", "one photo per POST /predict: send several to POST /predict/batch")
-    label, confidence, probabilities, pet_probability = service.predict(model, img, g.request_id)
-    g.label = label
-    return jsonify(**answer_fields(label, confidence, probabilities, pet_probability), **model.identity,
-                   request_id=g.request_id, latency_ms=round((time.perf_counter() - g.started) * 1000, 2))
-
-
-def answer_fields(label, confidence, probabilities, pet_probability):
-    return {"label": label, "confidence": round(confidence, 6), "pet_probability": round(pet_probability, 6),
-            "probabilities": {c: round(p, 6) for c, p in probabilities.items()}}
+    answer = service.predict(model, img, g.request_id)
+    g.label = answer.label
+    return jsonify(**answer.fields(), **model.identity, request_id=g.request_id,
+                   latency_ms=round((time.perf_counter() - g.started) * 1000, 2))
 
 
 @api.post("/predict/batch")
@@ -841,19 +936,20 @@ def predict_batch():
         except catdog.ImageError as e:
             results[index].update(status=ERROR_STATUS.get(e.reason, 422), error=e.reason, message=str(e))
     if photos:
-        answers = service.predict_many(model, [(x, stats, request_id) for _, x, stats, request_id in photos])
-        for (index, _, _, request_id), answer in zip(photos, answers):
-            results[index].update(status=200, **answer_fields(*answer), request_id=request_id)
+        answers = service.predict_many(model, [(x, stats, g.request_id) for _, x, stats in photos])
+        for (index, _, _), answer in zip(photos, answers):
+            # request_id: the photo's own id for its feedback, as clients of /predict use it.
+            results[index].update(status=200, **answer.fields(), request_id=answer.prediction_id)
     return jsonify(request_id=g.request_id, **model.identity, count=len(results), results=results)
 
 
 def prepare(data, model, settings, budget):
-    """(preprocessed image, image stats, a new request id) of one photo of a batch; ImageError
-    when it is not usable. The decoded image is dropped here: a batch holds only model inputs."""
+    """(preprocessed image, image stats) of one photo of a batch; ImageError when it is not
+    usable. The decoded image is dropped here: a batch holds only model inputs."""
     if len(data) > settings.max_upload_bytes:
         raise catdog.ImageError("too_large", f"the photo exceeds the {settings.max_upload_mb:g} MB limit")
     img = decode(data, model.meta["preprocess"]["resize"], settings.max_pixels, budget)
-    return catdog.preprocess(img, model.meta["preprocess"]), catdog.image_stats(img), uuid.uuid4().hex
+    return catdog.preprocess(img, model.meta["preprocess"]), catdog.image_stats(img)
 
 
 @api.post("/feedback")
@@ -863,21 +959,28 @@ def feedback():
     except RecursionError:  # '[' * 100000: Python's JSON parser recurses once per level
         return error(400, "bad_json", "the JSON is nested too deeply")
     if not isinstance(body, dict):
-        return error(400, "bad_json", 'send JSON {"request_id": ..., "label": "cat", "dog" or "other"}')
-    request_id, truth = body.get("request_id"), body.get("label")
+        return error(400, "bad_json", 'send JSON {"prediction_id": ..., "label": "cat", "dog" or "other"}')
+    key, truth = body.get("prediction_id") or body.get("request_id"), body.get("label")
     if not isinstance(truth, str) or truth.lower() not in catdog.ANSWERS:
         return error(400, "bad_label", f"label must be one of {', '.join(catdog.ANSWERS)} (other: neither)")
-    if not isinstance(request_id, str) or not REQUEST_ID.match(request_id):
-        return error(400, "bad_request_id", "request_id must be the id a /predict answer returned")
+    if not isinstance(key, str) or not REQUEST_ID.match(key):
+        return error(400, "bad_request_id", "prediction_id must be the id a /predict answer returned")
     truth = truth.lower()
     service = current_service()
-    predicted = service.store.record_feedback(request_id, truth)
-    if predicted is None:
-        return error(404, "unknown_request_id", "no prediction has this request_id")
-    correct = predicted == truth
-    service.metrics.feedback.labels("true" if correct else "false").inc()
+    found = service.store.find_prediction(key)
+    if found is None:
+        return error(404, "unknown_request_id", "no prediction has this id")
+    if found == "ambiguous":
+        return error(409, "ambiguous_request_id", "several predictions have this request_id: send their prediction_id")
+    prediction_id, predicted = found
+    stored, on_record = service.store.record_feedback(prediction_id, truth)
+    if on_record != truth:
+        return error(409, "feedback_exists", f"this prediction's feedback is already recorded ({on_record}); it is kept")
+    if stored:  # the metric counts stored feedback, as the database does
+        service.metrics.feedback.labels("true" if predicted == truth else "false").inc()
     g.label = truth
-    return jsonify(request_id=request_id, label=truth, predicted=predicted, correct=correct)
+    return jsonify(request_id=key, prediction_id=prediction_id, label=truth, predicted=predicted,
+                   correct=predicted == truth, recorded=stored)
 
 
 @api.get("/health")

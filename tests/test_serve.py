@@ -5,6 +5,7 @@ in-process on Flask's test client (serve.create_app); what needs a real serve.py
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -55,7 +56,8 @@ def test_serving_never_imports_torch():
 IMPORT_WATCH = r"""
 import os, sys, threading
 # serve's own imports first: what is left is what importing serve.py itself does
-import dataclasses, io, json, math, queue, re, signal, sqlite3, time, uuid, collections
+import base64, contextlib, ctypes, dataclasses, functools, hashlib, io, json, math, queue, re, signal, sqlite3, time
+import uuid, collections
 import numpy, onnxruntime, waitress, flask, prometheus_client, prometheus_client.core, werkzeug.exceptions, catdog
 def no_cpu_probe(pid):
     raise AssertionError("import read the CPU affinity")
@@ -77,7 +79,10 @@ def test_importing_serve_starts_no_thread_and_opens_nothing():
     events = json.loads(events)
     opened = [path for event, path in events if event == "open"]
     assert opened and all(path.endswith((".py", ".pyc")) for path in opened), opened  # module files only
-    assert {event for event, _ in events} <= {"import", "open", "exec", "compile", "marshal.loads", "os.listdir"}, events
+    # Besides loading its own code, only what decorators (functools.cache, contextmanager) do to functions.
+    allowed = {"import", "open", "exec", "compile", "marshal.loads", "os.listdir", "builtins.id", "object.__setattr__",
+               "object.__getattr__"}
+    assert {event for event, _ in events} <= allowed, events
 
 
 def test_settings_come_from_the_environment_in_one_place():
@@ -138,7 +143,7 @@ def test_predicts_real_photos_through_the_api(app):
         assert r.status_code == 200, r.text
         body = r.json
         assert set(body) == {"label", "confidence", "pet_probability", "probabilities", "model_version",
-                             "registry_version", "run_id", "request_id", "latency_ms"}
+                             "registry_version", "run_id", "request_id", "prediction_id", "latency_ms"}
         assert body["label"] == kind
         assert body["probabilities"][kind] == body["confidence"] > 0.5
         assert abs(sum(body["probabilities"].values()) - 1) < 1e-5
@@ -206,7 +211,7 @@ def test_health_live_metrics_stats_and_page(app):
         "drift": {"samples": 1, "psi": {}, "share_rise": {}, "drifted": []}}
     page = client.get("/")
     assert page.status_code == 200 and "/predict" not in page.text.split("<script>")[0]
-    assert 'fetch("predict"' in page.text and 'fetch("feedback"' in page.text
+    assert 'send("predict/batch"' in page.text and 'send("feedback"' in page.text  # relative URLs
 
 
 def test_errors_are_json_with_a_request_id_and_counted(app, monkeypatch):
@@ -293,8 +298,9 @@ def test_feedback_drives_live_accuracy(tmp_path):
     # the oldest prediction is judged wrong, the three newest right: the window of 3 sees 100 %
     for request_id, truth, predicted in zip(ids, ("dog", "dog", "CAT", "dog"), ("cat", "dog", "cat", "dog")):
         r = client.post("/feedback", json={"request_id": request_id, "label": truth})
-        assert r.status_code == 200 and r.json == {"request_id": request_id, "label": truth.lower(),
-                                                   "predicted": predicted, "correct": request_id != ids[0]}
+        assert r.status_code == 200 and r.json == {"request_id": request_id, "prediction_id": r.json["prediction_id"],
+                                                   "label": truth.lower(), "predicted": predicted,
+                                                   "correct": request_id != ids[0], "recorded": True}
     for body, status, reason in (({"request_id": "nope", "label": "cat"}, 404, "unknown_request_id"),
                                  ({"request_id": ids[0], "label": "horse"}, 400, "bad_label"),
                                  ({"request_id": "<bad id>", "label": "cat"}, 400, "bad_request_id"),
@@ -309,9 +315,64 @@ def test_feedback_drives_live_accuracy(tmp_path):
     assert sample(text, "catdog_feedback_total", correct="false") == 1
     assert sample(text, "catdog_feedback_total", correct="true") == 3
     # a wrong answer among the newest three: 2/3
-    client.post("/feedback", json={"request_id": ids[3], "label": "cat"})
+    newest = predict(client, synthetic_photo(rng, "dog")).json["prediction_id"]
+    assert client.post("/feedback", json={"prediction_id": newest, "label": "cat"}).json["correct"] is False
     assert abs(client.get("/stats").json["live_accuracy"] - 2 / 3) < 1e-9
     assert abs(sample(client.get("/metrics").text, "catdog_live_accuracy") - 2 / 3) < 1e-9
+
+
+def test_feedback_is_recorded_once_and_predictions_are_never_overwritten(app):
+    """The audit's rewrite: a second /predict with the same X-Request-ID made a new prediction
+    replace the judged one. Now each prediction has its own server id; the same feedback again
+    stores nothing (and counts nothing), a different one is refused."""
+    client, _ = app
+    rng = np.random.default_rng(24)
+    first = predict(client, synthetic_photo(rng, "cat"), headers={"X-Request-ID": "shelter-42"}).json
+    assert first["request_id"] == "shelter-42" and first["prediction_id"] != "shelter-42"
+    assert client.post("/feedback", json={"prediction_id": first["prediction_id"], "label": "cat"}).json["recorded"]
+    again = client.post("/feedback", json={"prediction_id": first["prediction_id"], "label": "cat"})
+    assert again.status_code == 200 and again.json["recorded"] is False
+    changed = client.post("/feedback", json={"prediction_id": first["prediction_id"], "label": "dog"})
+    assert changed.status_code == 409 and changed.json["error"] == "feedback_exists"
+    second = predict(client, synthetic_photo(rng, "dog"), headers={"X-Request-ID": "shelter-42"}).json
+    assert second["prediction_id"] != first["prediction_id"]
+    ambiguous = client.post("/feedback", json={"request_id": "shelter-42", "label": "dog"})
+    assert ambiguous.status_code == 409 and ambiguous.json["error"] == "ambiguous_request_id"
+    for _ in range(100):  # the audit's 100 repeats
+        client.post("/feedback", json={"prediction_id": first["prediction_id"], "label": "cat"})
+    text = client.get("/metrics").text
+    assert sample(text, "catdog_feedback_total", correct="true") == 1 == client.get("/stats").json["feedback_count"]
+    assert client.get("/stats").json["live_accuracy"] == 1.0  # still "predicted cat, truth cat"
+
+
+def test_old_databases_are_migrated_and_migrations_are_idempotent(tmp_path):
+    path = str(tmp_path / "old.db")
+    with sqlite3.connect(path) as conn:  # a file of the first schema, without schema_version
+        conn.executescript(serve.Store.MIGRATIONS[0])
+        conn.execute("INSERT INTO predictions VALUES ('r1', 1.0, 'v1', 'cat', 0.9, 100, 80, 0.5)")
+        conn.execute("INSERT INTO feedback VALUES ('r1', 2.0, 'dog')")
+    store = serve.Store(path)
+    assert store.version == len(serve.Store.MIGRATIONS) and store.feedback_count() == 1
+    assert store.find_prediction("r1") == ("r1", "cat") and store.live_accuracy(10) == (0.0, 1)
+    store.close()
+    store = serve.Store(path)  # opening a current file changes nothing
+    assert store.version == len(serve.Store.MIGRATIONS) and store.feedback_count() == 1
+    store.close()
+
+
+def test_retention_prunes_old_and_surplus_predictions_with_their_feedback(tmp_path):
+    store = serve.Store(str(tmp_path / "catdog.db"))
+    stats = {"width": 1, "height": 1, "brightness": 0.5}
+    for i in range(50):
+        store.record_prediction(f"p{i}", f"r{i}", "v", "cat", 0.9, stats)
+    store._query("UPDATE predictions SET time = ? WHERE id IN ('p0', 'p1', 'p2')", (time.time() - 100 * 86400,))
+    store.record_feedback("p0", "cat")
+    store.record_feedback("p40", "cat")
+    assert store.prune(older_than=time.time() - 90 * 86400, keep_rows=1000, chunk=2) == 3
+    assert store.find_prediction("p0") is None and store.feedback_count() == 1
+    assert store.prune(older_than=0, keep_rows=10) == 37  # the newest 10 stay
+    assert store._query("SELECT COUNT(*) FROM predictions")[0][0] == 10 and store.feedback_count() == 1
+    store.close()
 
 
 def test_drift_rises_on_dark_and_grayscale_inputs_and_stays_low_in_distribution(tmp_path):
@@ -373,17 +434,17 @@ def test_acknowledged_feedback_survives_kill_9(tmp_path):
     db_path = str(tmp_path / "db" / "catdog.db")
     s = Server(tiny_model(), db_path, LIVE_WINDOW=3)
     rng = np.random.default_rng(5)
-    ids = [s.predict(synthetic_photo(rng, kind), name="Whiskers-7.jpg").json()["request_id"]
+    ids = [s.predict(synthetic_photo(rng, kind), name="Whiskers-7.jpg").json()["prediction_id"]
            for kind in ("cat", "dog", "cat", "dog")]
     for request_id, truth in zip(ids, ("dog", "dog", "cat", "cat")):  # 2 of the newest 3 right
-        assert s.post("/feedback", json={"request_id": request_id, "label": truth}).status_code == 200
+        assert s.post("/feedback", json={"prediction_id": request_id, "label": truth}).status_code == 200
 
     s.stop(signal.SIGKILL)  # no clean shutdown: what was acknowledged must still be there
     with sqlite3.connect(db_path) as conn:
-        rows = dict(conn.execute("SELECT request_id, label FROM feedback").fetchall())
+        rows = dict(conn.execute("SELECT prediction_id, label FROM feedback").fetchall())
         assert rows == {ids[0]: "dog", ids[1]: "dog", ids[2]: "cat", ids[3]: "cat"}
         columns = [row[1] for row in conn.execute("PRAGMA table_info(predictions)")]
-        assert columns == ["request_id", "time", "model_version", "label", "confidence", "width", "height",
+        assert columns == ["id", "request_id", "time", "model_version", "label", "confidence", "width", "height",
                            "brightness"]
         predicted = conn.execute("SELECT model_version, label FROM predictions ORDER BY time").fetchall()
         assert predicted == [("tiny-1", kind) for kind in ("cat", "dog", "cat", "dog")]
