@@ -665,7 +665,6 @@ def test_cors_only_for_the_configured_origins(tmp_path):
 def test_page_has_a_strict_content_security_policy_and_every_answer_nosniff(app):
     import base64
     import hashlib
-    import re
 
     client, _ = app
     page = client.get("/")
