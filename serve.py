@@ -79,6 +79,9 @@ class Settings:
     max_photos: int = 32  # photos per POST /predict/batch
     decode_budget_mb: float = 256.0  # memory for images being decoded at once, across request threads
     decode_wait_s: float = 2.0  # how long a decode waits for that memory before a 503
+    retention_days: float = 90.0  # predictions (and their feedback) older than this are deleted
+    retention_rows: int = 1_000_000  # and beyond the newest this many
+    retention_interval_s: float = 600.0  # how often the pruning runs (in the background)
     cors_origins: str = ""  # comma-separated origins a browser front end may call the API from; "": none
 
     @classmethod
@@ -632,6 +635,19 @@ class Service:
         once, /health once the model is warm."""
         self.batcher.start()
         self.load_in_background("start")
+        threading.Thread(target=self.keep_pruning, daemon=True, name="retention").start()
+
+    def keep_pruning(self):
+        """Retention: every RETENTION_INTERVAL_S, a chunked prune (requests wait one chunk at most)."""
+        settings = self.settings
+        while not self.stopping.wait(settings.retention_interval_s):
+            try:
+                deleted = self.store.prune(time.time() - settings.retention_days * 86400, settings.retention_rows)
+            except sqlite3.Error as e:  # a busy or full disk: try again next time
+                log(event="prune_failed", error=str(e))
+                continue
+            if deleted:
+                log(event="pruned", predictions=deleted)
 
     def load_in_background(self, reason):
         threading.Thread(target=self.load, args=(reason,), daemon=True, name="model-loader").start()

@@ -460,6 +460,27 @@ def test_acknowledged_feedback_survives_kill_9(tmp_path):
         again.stop()
 
 
+def test_retention_runs_in_the_background(tmp_path):
+    db_path = str(tmp_path / "catdog.db")
+    s = Server(tiny_model(), db_path, RETENTION_ROWS=2, RETENTION_INTERVAL_S=0.2)
+    try:
+        rng = np.random.default_rng(25)
+        for _ in range(5):
+            assert s.predict(synthetic_photo(rng)).status_code == 200
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with sqlite3.connect(db_path) as conn:
+                if conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 2:
+                    break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the newest 2 predictions were not all that was left")
+    finally:
+        s.stop()
+    pruned = [json.loads(line) for line in s.logs().splitlines() if '"pruned"' in line]
+    assert sum(event["predictions"] for event in pruned) == 3, pruned
+
+
 def test_logs_are_json_lines_without_images_names_or_addresses(tmp_path):
     s = Server(tiny_model(), str(tmp_path / "catdog.db"))
     try:
