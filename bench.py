@@ -218,6 +218,30 @@ def batch_cost(port, pid, photos, repeats=5):
     return {"single": one_by_one, "batch": batched, "photos": len(photos)}
 
 
+def store_costs(rows=2_000_000, judged=20_000):
+    """ms of the store's part of /stats (live accuracy over 500 feedback, feedback count) with
+    `rows` predictions, `judged` of them with feedback: retention's worst case."""
+    from serve import Store
+
+    with tempfile.TemporaryDirectory(prefix="catdog-bench-store-") as folder:
+        store = Store(os.path.join(folder, "catdog.db"))
+        conn, now = store._conn, time.time()
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO predictions VALUES (?, ?, ?, 'v', 'cat', 0.9, 500, 375, 0.5)",
+                         ((f"p{i}", f"r{i}", now - rows + i) for i in range(rows)))
+        conn.executemany("INSERT INTO feedback VALUES (?, ?, 'cat')",
+                         ((f"p{i}", now - judged + i) for i in range(rows - judged, rows)))
+        conn.execute("COMMIT")
+        store = Store(os.path.join(folder, "catdog.db"))  # as after a restart: the running total from COUNT(*)
+        timings = []
+        for _ in range(20):
+            started = time.perf_counter()
+            store.live_accuracy(500), store.feedback_count()
+            timings.append((time.perf_counter() - started) * 1000)
+        store.close()
+    return float(np.median(timings))
+
+
 def start(command, env, bodies):
     """Start `command(port)` on a free port and warm it up; (process, port, start -> ready s)."""
     port = catdog.free_port()
@@ -330,6 +354,8 @@ def main(argv=None):
     check_inputs(cfg)
     photos, where = pick_photos(cfg.photos, cfg.n_photos)
     stage_costs(photos, os.path.join(cfg.models, "model.onnx"))
+    print(f"  /stats' store queries at 2,000,000 predictions (20,000 with feedback): {store_costs():.2f} ms "
+          "(target <= 5 ms)", flush=True)
     # (body, content type) of each upload in field `file`, as a browser or curl -F sends it
     bodies = [(body, headers["Content-Type"]) for body, headers in
               (post_eval.multipart("file", "photo.jpg", p, "image/jpeg") for p in photos)]
