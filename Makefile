@@ -35,7 +35,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 4294967296
 
-.PHONY: all help setup system-deps lock data train serve test lint bench image push deploy rollback \
+.PHONY: all help setup system-deps lock data train serve test lint bench fuzz image push deploy rollback \
         smoke post-eval monitor-check mlflow-ui clean
 
 all:  ## setup -> data -> train: the champion in models/, ready to serve (each stage's time printed)
@@ -93,8 +93,16 @@ serve: setup  ## the service on :8000
 bench: setup  ## speed figures: serve.py against a naive Flask + PyTorch peer
 	$(PY) bench.py
 
-test: setup system-deps lint node_modules/axe-core/axe.min.js  ## lint, then the whole test suite
+# Hostile inputs against a real serve.py (the champion, else a tiny model), about a minute: mutated
+# and lying files, protocol abuse, worst-case uploads. Fails on a 5xx or a dead process; prints
+# peak RSS and latency against their targets (FUZZ_ARGS="--strict-memory" fails on those too).
+FUZZ_ARGS ?=
+fuzz: setup  ## hostile inputs against a real server: 0 5xx, 0 deaths; peak RSS figures
+	$(PY) fuzz.py $(FUZZ_ARGS)
+
+test: setup system-deps lint node_modules/axe-core/axe.min.js  ## lint, the whole test suite, then make fuzz
 	$(PY) -m pytest
+	$(MAKE) --no-print-directory fuzz
 
 # axe-core, the accessibility checker tests/test_browser.py injects into the staff page; from
 # the npm registry, pinned, into ./node_modules (git-ignored). Without npm that test skips.

@@ -42,6 +42,7 @@ from collections import deque
 import numpy as np
 import onnxruntime as ort
 import waitress
+import waitress.channel
 from flask import Blueprint, Flask, Request, current_app, g, jsonify, request, send_from_directory
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -1075,23 +1076,59 @@ def make_server(app, settings):
         max_request_body_size=settings.body_hard_limit, inbuf_overflow=settings.max_upload_bytes)
 
 
+def stop_listening(server):
+    """Refuse new connections from now on: a closed socket, not a backlog nobody answers.
+    Runs in the event loop's thread, between two select() calls."""
+    server.accepting = False
+    server.del_channel()
+    server.socket.close()
+
+
+def connections(server):
+    return [channel for channel in list(server._map.values()) if isinstance(channel, waitress.channel.HTTPChannel)]
+
+
+def open_connections(server):
+    return len(connections(server))
+
+
+IDLE_BEFORE_CLOSE_S = 0.25  # a keep-alive client still sending sends its next request sooner
+
+
+def finish_connections(server):
+    """Wind down every open connection, in the event loop's thread: the requests it holds are
+    answered with Connection: close (waitress then closes it); one idle for IDLE_BEFORE_CLOSE_S
+    is closed. Closing a connection the moment it falls idle would drop the request its client
+    is sending right then."""
+    for channel in connections(server):
+        for pending in channel.requests:
+            pending.headers["CONNECTION"] = "close"  # as if the client had asked: waitress closes after it
+        idle = not channel.requests and channel.request is None and not channel.total_outbufs_len
+        if idle and time.time() - channel.last_activity > IDLE_BEFORE_CLOSE_S:
+            channel.handle_close()
+
+
 def handle_signals(server, service):
     """SIGTERM/SIGINT: stop accepting, let in-flight requests finish, exit. SIGHUP: reload the model."""
     def drain():
         # Let in-flight requests, and those queued for a thread, finish and their answers
-        # leave, then stop the event loop.
+        # leave, winding down keep-alive connections (finish_connections); then stop the event loop.
         deadline = time.monotonic() + service.settings.shutdown_timeout
         tasks = server.task_dispatcher
-        while (service.in_flight or tasks.queue or tasks.active_count) and time.monotonic() < deadline:
+        while ((service.in_flight or tasks.queue or tasks.active_count or open_connections(server))
+               and time.monotonic() < deadline):
+            server.trigger.pull_trigger(lambda: finish_connections(server))  # in the event loop's thread
             time.sleep(0.02)
-        time.sleep(0.2)  # the event loop thread writes the last responses to their sockets
         os.kill(os.getpid(), signal.SIGTERM)
 
     def on_stop(signum, frame):
         if service.stopping.is_set():  # the drain is done (or a second Ctrl-C): leave now
             raise SystemExit(0)
         service.stopping.set()
-        server.accepting = False  # no new connections; /health says 503 meanwhile
+        server.accepting = False
+        # Closed by the event loop itself: closing it here, inside the loop's select(), would
+        # make the retried select fail on the closed descriptor.
+        server.trigger.pull_trigger(lambda: stop_listening(server))  # /health on open connections: 503
         log(event="stopping", signal=signal.Signals(signum).name, in_flight=service.in_flight)
         threading.Thread(target=drain, daemon=True).start()
 

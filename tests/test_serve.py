@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 import catdog
+import post_eval
 import serve
 from service_helpers import (
     ROOT,
@@ -595,6 +596,57 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path):
     assert s.proc.wait(15) == 0
     assert '"event": "stopped"' in s.logs()
     s.stop()
+
+
+def test_sigterm_under_keep_alive_load_refuses_new_connections_and_exits_once_answered(tmp_path):
+    """The audit: under keep-alive load the drain waited the full SHUTDOWN_TIMEOUT and new
+    connections hung. Now: refused at once, every request sent before the signal answered
+    (the last one on each connection with Connection: close), exit soon after."""
+    import http.client
+
+    s = Server(tiny_model(), str(tmp_path / "catdog.db"), THREADS=2)
+    body, headers = post_eval.multipart("file", "a.jpg", synthetic_photo(np.random.default_rng(26), "cat"))
+    failures, last_answer, closed = [], [0.0], []
+
+    def keep_alive_client():
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+        while True:
+            try:
+                conn.request("POST", "/predict", body, headers)
+                response = conn.getresponse()
+                response.read()
+            except OSError as e:  # refused or dropped while a request was in flight
+                failures.append(repr(e))
+                return
+            last_answer[0] = time.monotonic()
+            if response.status != 200:
+                failures.append(response.status)
+            if response.getheader("Connection") == "close":  # the server's last answer on it
+                closed.append(True)
+                return
+
+    clients = [threading.Thread(target=keep_alive_client) for _ in range(3)]
+    for c in clients:
+        c.start()
+    time.sleep(1.0)
+    s.send(signal.SIGTERM)
+    refused_after = None
+    started = time.monotonic()
+    while time.monotonic() - started < 2:
+        try:
+            http.client.HTTPConnection("127.0.0.1", s.port, timeout=1).connect()
+        except ConnectionRefusedError:
+            refused_after = time.monotonic() - started
+            break
+        time.sleep(0.01)
+    for c in clients:
+        c.join(15)
+    exit_code = s.proc.wait(15)
+    exited_after = time.monotonic() - last_answer[0]
+    s.stop()
+    assert failures == [] and len(closed) == 3, (failures, closed)
+    assert refused_after is not None and refused_after < 0.5, refused_after
+    assert exit_code == 0 and exited_after < 2, exited_after
 
 
 # ---------------------------------------------------------------- several photos, HEIC, identity, CORS, headers
