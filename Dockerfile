@@ -10,10 +10,11 @@ FROM ${BASE_IMAGE} AS builder
 ARG PIP_OPTS=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 COPY requirements-serve.txt /tmp/
+# --require-hashes: every file must match the sha256 requirements-serve.txt holds for it.
 # The runtime never installs anything, so pip and setuptools go, and so do the packages'
 # own test suites (~30 MB of the image).
 RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir $PIP_OPTS -r /tmp/requirements-serve.txt \
+ && /opt/venv/bin/pip install --no-cache-dir --require-hashes $PIP_OPTS -r /tmp/requirements-serve.txt \
  && /opt/venv/bin/pip uninstall --yes --quiet pip setuptools \
  && find /opt/venv -depth -type d -name tests -exec rm -rf {} +
 

@@ -71,6 +71,8 @@ system-deps:  ## the Debian packages the tests drive (as root, when missing)
 lock: setup  ## re-pin requirements.txt from requirements.in
 	$(VENV)/bin/pip-compile --quiet --strip-extras --no-emit-find-links --no-emit-index-url \
 	  -o requirements.txt requirements.in
+	$(VENV)/bin/pip-compile --quiet --strip-extras --no-emit-find-links --no-emit-index-url --generate-hashes \
+	  -o requirements-serve.txt requirements-serve.in
 
 # ------------------------------------------------------------------ pipeline
 # preprocess.py writes data/processed/, data/manifest.csv, data/quality_report.*, and

@@ -101,4 +101,4 @@ def test_make_help_lists_every_target_with_its_comment():
     listed = dict(re.findall(r"^  make (\S+) +(.+)$", out, re.M))
     assert code == 0, out
     assert len(phony) >= 20 and sorted(listed) == sorted(phony)
-    assert listed["test"] == "lint, then the whole test suite"
+    assert listed["test"] == "lint, the whole test suite, then make fuzz"

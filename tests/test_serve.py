@@ -106,8 +106,11 @@ def test_settings_come_from_the_environment_in_one_place():
 def test_serving_requirements_are_a_subset_of_the_project_pins():
     def pins(name):
         with open(os.path.join(ROOT, name)) as f:
-            return {line.split("#")[0].strip() for line in f if "==" in line.split("#")[0]}
+            return {line.split("#")[0].strip().rstrip("\\").strip() for line in f if "==" in line.split("#")[0]}
     serving, project = pins("requirements-serve.txt"), pins("requirements.txt")
+    with open(os.path.join(ROOT, "requirements-serve.txt")) as f:
+        text = f.read()
+    assert text.count("==") <= text.count("--hash=sha256:")  # every pin with its hashes: pip --require-hashes
     assert {"onnxruntime", "numpy", "pillow", "flask", "waitress", "prometheus-client"} <= {
         p.split("==")[0] for p in serving}
     assert serving <= project, f"not pinned the same in requirements.txt: {sorted(serving - project)}"
