@@ -43,6 +43,7 @@ out = os.path.join(catdog.ROOT, "reports", "post_eval")  # folder of the report,
 experiment = "catdog-post-deploy"  # MLflow experiment of the run
 tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", catdog.TRACKING_URI)  # MLflow tracking URI
 feedback = True         # post the true labels to /feedback (feeds the service's live accuracy)
+token = os.environ.get("API_TOKEN", "")  # the service's API_TOKEN, for /feedback and /stats ($API_TOKEN)
 manifest = ""           # preprocess.py's manifest CSV: evaluate one split of it instead of IMAGES
 split = "test"          # the manifest split to evaluate
 not_pets = ""           # also send photos of this folder as "other" (subfolders are kinds: bird, object, ...)
@@ -186,10 +187,16 @@ def predict(url, path, label, timeout):
             "model_version": answer.get("model_version"), "error": answer.get("error")}
 
 
-def send_feedback(url, result, timeout):
+def send_feedback(url, result, timeout, token=""):
     body = json.dumps({"request_id": result["request_id"], "label": result["label"]}).encode()
-    status, _ = http_json(f"{url}/feedback", body, {"Content-Type": "application/json"}, "POST", timeout)
+    status, _ = http_json(f"{url}/feedback", body, {"Content-Type": "application/json", **bearer(token)}, "POST",
+                          timeout)
     return 200 <= status < 300
+
+
+def bearer(token):
+    """The Authorization header a service started with API_TOKEN asks of /feedback and /stats."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 # ---------------------------------------------------------------- metrics (numpy)
@@ -373,7 +380,8 @@ def main(argv=None):
         results = list(pool.map(lambda pair: predict(url, *pair, cfg.timeout), pairs))
         wall_s = time.perf_counter() - started
         answered = [r for r in results if r["request_id"]]
-        delivered = sum(pool.map(lambda r: send_feedback(url, r, cfg.timeout), answered)) if cfg.feedback else 0
+        delivered = (sum(pool.map(lambda r: send_feedback(url, r, cfg.timeout, cfg.token), answered))
+                     if cfg.feedback else 0)
     versions = {r["model_version"] for r in results if r["model_version"]} or {health.get("model_version")}
     version = ",".join(sorted(map(str, versions)))
 
@@ -381,7 +389,7 @@ def main(argv=None):
     by_kind = kind_metrics(results, kinds) if kinds else {}
     metrics.update(latency_metrics(results, wall_s))
     metrics["feedback_posted"] = delivered
-    _, stats = http_json(f"{url}/stats", timeout=cfg.timeout)  # the service's live accuracy after our feedback, if it has /stats
+    _, stats = http_json(f"{url}/stats", headers=bearer(cfg.token), timeout=cfg.timeout)  # its live accuracy after our feedback
 
     passed = metrics["accuracy"] >= cfg.min_accuracy
     feedback_ok = not cfg.feedback or delivered == len(answered)

@@ -25,6 +25,7 @@ import ctypes
 import dataclasses
 import functools
 import hashlib
+import hmac
 import io
 import json
 import math
@@ -84,6 +85,7 @@ class Settings:
     retention_rows: int = 1_000_000  # and beyond the newest this many
     retention_interval_s: float = 600.0  # how often the pruning runs (in the background)
     cors_origins: str = ""  # comma-separated origins a browser front end may call the API from; "": none
+    api_token: str = ""  # when set, /feedback, /stats and /metrics need "Authorization: Bearer <it>"
 
     @classmethod
     def from_env(cls, environ=os.environ):
@@ -772,6 +774,18 @@ def start_request():
     g.label = g.reason = None
     current_service().enter()
     g.counted = True
+    token = current_service().settings.api_token
+    if token and request.endpoint in TOKEN_ENDPOINTS and not authorized(token):
+        return error(401, "unauthorized", "this endpoint needs the service's token: Authorization: Bearer <API_TOKEN>")
+
+
+# What staff and operators use; the public rest (predict, health, page, OpenAPI) needs no token.
+TOKEN_ENDPOINTS = {"catdog.feedback", "catdog.stats", "catdog.metrics"}
+
+
+def authorized(token):
+    given = request.headers.get("Authorization", "")
+    return given.startswith("Bearer ") and hmac.compare_digest(given[len("Bearer "):].encode(), token.encode())
 
 
 @api.after_app_request
@@ -810,8 +824,10 @@ def add_security_headers(response):
 def error(status, reason, message):
     g.reason = reason
     g.request_id = g.get("request_id") or uuid.uuid4().hex
-    retry = {"Retry-After": "1"} if status == 503 else {}  # busy or not ready yet: soon
-    return jsonify(error=reason, message=message, request_id=g.request_id), status, retry
+    extra = {"Retry-After": "1"} if status == 503 else {}  # busy or not ready yet: soon
+    if status == 401:
+        extra["WWW-Authenticate"] = "Bearer"
+    return jsonify(error=reason, message=message, request_id=g.request_id), status, extra
 
 
 @api.app_errorhandler(HTTPException)

@@ -31,7 +31,9 @@ trap 'rm -f "$body" "$corrupt"' EXIT
 call() {
   local method="$1" path="$2"
   shift 2
-  curl -sS -o "$body" -w '%{http_code}' --max-time 30 -X "$method" "$@" "$url$path" \
+  # With API_TOKEN set (the service's), /metrics and the others that need it get it.
+  curl -sS -o "$body" -w '%{http_code}' --max-time 30 -X "$method" \
+    ${API_TOKEN:+-H "Authorization: Bearer $API_TOKEN"} "$@" "$url$path" \
     || fail "$method $path: no answer from $url"
 }
 

@@ -405,3 +405,32 @@ def test_page_works_under_its_content_security_policy(server, browser, tmp_path)
         assert say(cards(page).nth(1), "Cat") == (answer["results"][1]["request_id"], "cat", "cat")
         assert page.evaluate("window.violations") == []
     assert not [m for m in messages if "content security policy" in m.lower()], messages
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory):
+    yield from served(tmp_path_factory, API_TOKEN="shelter-s3cret")
+
+
+def test_page_sends_the_staff_token_from_its_link(token_server, browser, tmp_path):
+    """With API_TOKEN set, feedback needs the token: the page opened with #token=... sends it
+    (and drops it from the address bar); opened without, it says what is missing."""
+    with new_page(browser) as page:
+        page.goto(token_server.url + "/#token=shelter-s3cret")
+        assert "token" not in page.url
+        with page.expect_response("**/predict/batch"):
+            page.set_input_files("#file", [str(p) for p in write_photos(tmp_path, ["cat"])])
+        wait_checked(page)
+        with page.expect_request("**/feedback") as sent:
+            say(cards(page).first, "Cat")
+        assert sent.value.headers["authorization"] == "Bearer shelter-s3cret"
+    with new_page(browser) as page:  # another browser, without the link's token
+        page.goto(token_server.url + "/")
+        with page.expect_response("**/predict/batch"):
+            page.set_input_files("#file", [str(p) for p in write_photos(tmp_path, ["dog"], seed=1)])
+        wait_checked(page)
+        card = cards(page).first
+        with page.expect_response("**/feedback") as refused:
+            card.get_by_role("button", name="Dog", exact=True).click()
+        assert refused.value.status == 401
+        card.locator(".saved", has_text="only from staff").wait_for(timeout=WAIT)

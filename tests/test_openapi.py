@@ -92,6 +92,8 @@ def test_the_document_is_openapi_3_1_in_one_style():
     operation_ids = [op["operationId"] for item in spec["paths"].values() for m, op in item.items() if m in METHODS]
     assert len(operation_ids) == len(set(operation_ids))
     refs = set(re.findall(r'"\$ref": "#/components/(\w+)/(\w+)"', json.dumps(spec)))
+    refs |= {("securitySchemes", name) for item in spec["paths"].values() for m, op in item.items() if m in METHODS
+             for requirement in op.get("security", ()) for name in requirement}
     assert refs and all(name in spec["components"].get(kind, {}) for kind, name in refs), refs
     for kind, defined in spec["components"].items():
         assert set(defined) <= {name for k, name in refs if k == kind}, f"unused components/{kind}"

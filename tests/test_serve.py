@@ -776,3 +776,22 @@ def test_decodes_wait_for_the_memory_budget_then_get_a_503(tmp_path):
     threading.Timer(0.05, release.set).start()  # frees the budget while this photo waits
     assert predict(client, photo).status_code == 200
     service.close()
+
+
+def test_api_token_guards_feedback_stats_and_metrics_only(tmp_path):
+    client, service = in_process(tiny_model(), str(tmp_path / "catdog.db"), api_token="s3cret")
+    answer = predict(client, synthetic_photo(np.random.default_rng(27), "cat")).json  # public
+    feedback = {"prediction_id": answer["prediction_id"], "label": "cat"}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        r = client.post("/feedback", json=feedback, headers=headers)
+        assert r.status_code == 401 and r.json["error"] == "unauthorized" and r.headers["WWW-Authenticate"] == "Bearer"
+        assert client.get("/stats", headers=headers).status_code == 401
+        assert client.get("/metrics", headers=headers).status_code == 401
+    good = {"Authorization": "Bearer s3cret"}
+    assert client.post("/feedback", json=feedback, headers=good).status_code == 200
+    assert client.get("/stats", headers=good).json["feedback_count"] == 1
+    text = client.get("/metrics", headers=good).text
+    assert sample(text, "catdog_requests_total", endpoint="/feedback", status="401") == 3
+    for path in ("/health", "/live", "/", "/openapi.json"):
+        assert client.get(path).status_code == 200, path
+    service.close()
