@@ -80,7 +80,7 @@ class Settings:
     shutdown_timeout: float = 20.0  # seconds to let in-flight requests finish
     max_photos: int = 32  # photos per POST /predict/batch
     decode_budget_mb: float = 256.0  # memory for images being decoded at once, across request threads
-    decode_wait_s: float = 2.0  # how long a decode waits for that memory before a 503
+    decode_wait_s: float = 0.25  # how long a decode waits for that memory before a 503 (it holds a request thread meanwhile)
     retention_days: float = 90.0  # predictions (and their feedback) older than this are deleted
     retention_rows: int = 1_000_000  # and beyond the newest this many
     retention_interval_s: float = 600.0  # how often the pruning runs (in the background)
