@@ -102,3 +102,14 @@ def test_make_help_lists_every_target_with_its_comment():
     assert code == 0, out
     assert len(phony) >= 20 and sorted(listed) == sorted(phony)
     assert listed["test"] == "lint, the whole test suite, then make fuzz"
+
+
+def test_workflow_actions_are_pinned_by_commit_and_audited():
+    """A tag can be moved to other code; a commit cannot. And known vulnerabilities fail a run."""
+    for path in WORKFLOWS:
+        with open(path) as f:
+            text = f.read()
+        uses = re.findall(r"uses:\s*(\S+)", text)
+        assert uses and all(re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", u) for u in uses), uses
+    with open(os.path.join(ROOT, ".github", "workflows", "ci.yml")) as f:
+        assert "pip-audit --strict --require-hashes" in f.read()
