@@ -6,7 +6,6 @@ ONNX export are in nets.py.
 """
 import argparse
 import ast
-import contextlib
 import csv
 import hashlib
 import io
@@ -173,7 +172,7 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-def open_image(source, max_pixels=MAX_PIXELS, min_side=None, reserve=None):
+def open_image(source, max_pixels=MAX_PIXELS, min_side=None):
     """Decode a path or bytes fully into an upright RGB PIL image, or raise ImageError.
 
     The whole image is decoded here (not lazily), so truncated files fail now and
@@ -181,10 +180,15 @@ def open_image(source, max_pixels=MAX_PIXELS, min_side=None, reserve=None):
     on both sides is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), both sides
     staying >= min_side: a 12 MP phone photo then costs about 3x less CPU, for a picture
     that is resized to a few hundred pixels anyway. img.info["original_size"] keeps the
-    upright size of the file, which is what the drift statistics compare. `reserve`, when
-    given, is called with the bytes decoding will take (decoding_bytes) and returns a context
-    manager held while they are in use: the service's budget across request threads.
+    upright size of the file, which is what the drift statistics compare.
     """
+    return decode_header_checked(open_checked(source, max_pixels, min_side))
+
+
+def open_checked(source, max_pixels=MAX_PIXELS, min_side=None):
+    """The image of a path or bytes with its header checked and nothing decoded yet (its
+    size is the decoded one: a big JPEG's draft scale is set); ImageError when refused.
+    decoding_bytes tells what decoding it will take, decode_header_checked decodes it."""
     data = source if isinstance(source, (bytes, bytearray)) else open(source, "rb").read()
     if not data:
         raise ImageError("empty", "the file is empty (0 bytes)")
@@ -205,16 +209,22 @@ def open_image(source, max_pixels=MAX_PIXELS, min_side=None, reserve=None):
     check_enough_data(img, len(data))
     if min_side and img.format == "JPEG":
         img.draft(None, (min_side, min_side))
+    img.info["original_size"] = (width, height)
+    return img
+
+
+def decode_header_checked(img):
+    """open_checked's image decoded, upright and RGB."""
+    width, height = img.info["original_size"]
     decoded_size = img.size
-    with reserve(decoding_bytes(img)) if reserve else contextlib.nullcontext():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img.load()
-        except Exception as e:
-            raise ImageError("corrupt", f"the image could not be decoded ({type(e).__name__})") from None
-        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to turn
-        img = to_rgb(img)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+    except Exception as e:
+        raise ImageError("corrupt", f"the image could not be decoded ({type(e).__name__})") from None
+    ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to turn
+    img = to_rgb(img)
     img.info["original_size"] = (width, height) if img.size == decoded_size else (height, width)
     return img
 

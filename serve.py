@@ -12,7 +12,8 @@ app.extensions["catdog"]; service.load("why") loads the model, service.start() s
 threads as main() does. Importing this module only defines things: no threads, no files.
 
 Serving imports numpy, Pillow, onnxruntime, Flask and prometheus_client only, never torch:
-decoding and preprocessing are catdog.open_image + catdog.preprocess, the functions
+decoding and preprocessing are catdog.open_image (open_checked, then decode_header_checked) +
+catdog.preprocess, the functions
 training uses. Waitress threads decode uploads in parallel and run the model, at most one
 ONNX Runtime run per usable CPU at a time; an optional batcher groups concurrent requests
 instead. Every prediction and every piece of staff feedback goes to a small SQLite file
@@ -276,11 +277,15 @@ class Batcher:
             raise job.error
         return job.outputs
 
-    def infer_many(self, model, xs):
-        """Outputs for several images of one request, as one ONNX Runtime run (in one slot)."""
-        with self._slots:
-            outputs = model.run(np.stack(xs))
-        self.on_run(len(xs))
+    def infer_many(self, model, xs, chunk=4):
+        """Outputs for several images of one request, in ONNX Runtime runs of up to `chunk`
+        images (each in one slot). Measured with int8 Lite2 on one thread: 7.1 ms per image
+        alone, 6.2 in runs of 2-4, 7.7 in runs of 8, 8.8 in one run of 32 (cache)."""
+        outputs = []
+        for start in range(0, len(xs), chunk):
+            with self._slots:
+                outputs += model.run(np.stack(xs[start:start + chunk]))
+            self.on_run(min(chunk, len(xs) - start))
         return outputs
 
     def _loop(self):
@@ -692,13 +697,12 @@ class Service:
         with self._in_flight_lock:
             self._in_flight -= 1
 
-    def predict(self, model, img, request_id):
-        """The Answer for a decoded photo, recorded for monitoring."""
-        x = catdog.preprocess(img, model.meta["preprocess"])
-        return self.record(model, catdog.image_stats(img), request_id, self.batcher.infer(model, x))
+    def predict(self, model, x, stats, request_id):
+        """The Answer for a preprocessed photo (and its image stats), recorded for monitoring."""
+        return self.record(model, stats, request_id, self.batcher.infer(model, x))
 
     def predict_many(self, model, photos):
-        """predict for [(preprocessed image, image stats, request id)], run as one ONNX batch."""
+        """predict for [(preprocessed image, image stats, request id)], in a few ONNX Runtime runs (infer_many)."""
         outputs = self.batcher.infer_many(model, [x for x, _, _ in photos])
         return [self.record(model, stats, request_id, out) for (_, stats, request_id), out in zip(photos, outputs)]
 
@@ -916,11 +920,18 @@ def tune_malloc():
         glibc().mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (a fixed one also stops the growth)
 
 
-def decode(data, min_side, max_pixels, budget=None):
-    """RGB image from untrusted bytes; the format is sniffed from the bytes, never the name.
-    Big JPEGs decode at a reduced scale that still covers min_side (catdog.open_image)."""
+def prepare(data, model, settings, budget):
+    """(preprocessed image, image stats) of untrusted bytes; ImageError when they are not a
+    usable photo. The format is sniffed from the bytes, never the name; big JPEGs decode at
+    a reduced scale that still covers the model's input (catdog.open_checked). The decode
+    budget is held from decoding until only the small model input is left."""
+    if len(data) > settings.max_upload_bytes:
+        raise catdog.ImageError("too_large", f"the photo exceeds the {settings.max_upload_mb:g} MB limit")
     try:
-        return catdog.open_image(data, max_pixels, min_side, reserve=budget and budget.reserve)
+        img = catdog.open_checked(data, settings.max_pixels, model.meta["preprocess"]["resize"])
+        with budget.reserve(catdog.decoding_bytes(img)):
+            img = catdog.decode_header_checked(img)
+            return catdog.preprocess(img, model.meta["preprocess"]), catdog.image_stats(img)
     except catdog.ImageError:
         raise
     except Exception as e:  # noqa: BLE001 (any other failure inside a decoder is still a bad file)
@@ -934,13 +945,12 @@ def predict():
     if model is None:
         return error(503, "not_ready", "the model is not loaded yet")
     try:
-        img = decode(read_upload(), model.meta["preprocess"]["resize"], service.settings.max_pixels,
-                     service.decode_budget)
+        x, stats = prepare(read_upload(), model, service.settings, service.decode_budget)
     except catdog.ImageError as e:
         return error(ERROR_STATUS.get(e.reason, 422), e.reason, str(e))
     except TooManyFiles:
         return error(400, "too_many_files", "one photo per POST /predict: send several to POST /predict/batch")
-    answer = service.predict(model, img, g.request_id)
+    answer = service.predict(model, x, stats, g.request_id)
     g.label = answer.label
     return jsonify(**answer.fields(), **model.identity, request_id=g.request_id,
                    latency_ms=round((time.perf_counter() - g.started) * 1000, 2))
@@ -974,15 +984,6 @@ def predict_batch():
             # request_id: the photo's own id for its feedback, as clients of /predict use it.
             results[index].update(status=200, **answer.fields(), request_id=answer.prediction_id)
     return jsonify(request_id=g.request_id, **model.identity, count=len(results), results=results)
-
-
-def prepare(data, model, settings, budget):
-    """(preprocessed image, image stats) of one photo of a batch; ImageError when it is not
-    usable. The decoded image is dropped here: a batch holds only model inputs."""
-    if len(data) > settings.max_upload_bytes:
-        raise catdog.ImageError("too_large", f"the photo exceeds the {settings.max_upload_mb:g} MB limit")
-    img = decode(data, model.meta["preprocess"]["resize"], settings.max_pixels, budget)
-    return catdog.preprocess(img, model.meta["preprocess"]), catdog.image_stats(img)
 
 
 @api.post("/feedback")
