@@ -355,11 +355,11 @@ def mcnemar_p(only_a_right, only_b_right):
     return float(sum(math.comb(n, k) for k in range(only_b_right + 1)) / 2 ** n) if n else 1.0
 
 
-def label_from_name(path):
-    """'cat.12.jpg' or '.../cat/12.jpg' or '.../Cat/12.jpg' -> 'cat'; None when unknown."""
+def label_from_name(path, labels=CLASSES):
+    """'cat.12.jpg' or '.../cat/12.jpg' or '.../Cat/12.jpg' -> 'cat'; None when not one of `labels`."""
     parts = os.path.normpath(path).split(os.sep)
     for candidate in (parts[-1].split(".")[0], parts[-2] if len(parts) > 1 else ""):
-        if candidate.lower() in CLASSES:
+        if candidate.lower() in labels:
             return candidate.lower()
     return None
 

@@ -22,10 +22,10 @@ def build_model(arch, pretrained=True, backbone=catdog.BACKBONE):
         features, width = simple_cnn_features()
         imagenet = None
     elif arch == "transfer":
-        features, width = efficientnet_lite_features(backbone, pretrained)
+        checkpoint = lite_checkpoint(backbone) if pretrained else None  # read once: features and classifier
+        features, width = efficientnet_lite_features(backbone, checkpoint)
         imagenet = nn.Linear(width, 1000)
-        if pretrained:
-            checkpoint = lite_checkpoint(backbone)
+        if checkpoint:
             imagenet.load_state_dict({"weight": checkpoint["_fc.weight"], "bias": checkpoint["_fc.bias"]})
     else:
         raise ValueError(f"unknown architecture {arch!r} (baseline or transfer)")
@@ -203,11 +203,12 @@ def lite_checkpoint(backbone):
     return torch.load(path, map_location="cpu")
 
 
-def efficientnet_lite_features(backbone=catdog.BACKBONE, pretrained=True):
-    """(LiteNet of `backbone`, LITE_WIDTH), with the ImageNet weights unless `pretrained` is False."""
+def efficientnet_lite_features(backbone=catdog.BACKBONE, checkpoint=None):
+    """(LiteNet of `backbone`, LITE_WIDTH), with the ImageNet weights of `checkpoint`
+    (lite_checkpoint's state dict) when given, else random ones."""
     model = LiteNet(lite_stages(*LITE_SCALING[backbone]))
-    if pretrained:
-        state = {lite_key(k): v for k, v in lite_checkpoint(backbone).items() if not k.startswith("_fc.")}
+    if checkpoint:
+        state = {lite_key(k): v for k, v in checkpoint.items() if not k.startswith("_fc.")}
         model.load_state_dict(state, strict=True)
     return model, LITE_WIDTH
 

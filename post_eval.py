@@ -50,9 +50,7 @@ not_pets = ""           # also send photos of this folder as "other" (subfolders
 not_pets_part = "test"  # which part of catdog.not_pet_photos to send: test (never trained or tuned on), val, train or all
 not_pets_seed = catdog.SEED  # the seed train.py split the not-pets folder with (its --seed)
 
-OTHER = "other"  # the service's answer for a photo of neither a cat nor a dog
-PETS = tuple(c for c in catdog.CLASSES if c != OTHER)
-ANSWERS = (*PETS, OTHER)
+OTHER, PETS, ANSWERS = catdog.OTHER, catdog.CLASSES, catdog.ANSWERS  # "other": neither a cat nor a dog
 NOT_PETS_PARTS = (*(part for part, _ in catdog.NOT_PETS_SPLIT), "all")
 
 
@@ -74,15 +72,6 @@ def manifest_files(path, split):
     return [(row["photo"], row["label"]) for row in rows if row["photo"]]
 
 
-def label_from_name(path):
-    """catdog.label_from_name with the third answer: 'other.7.jpg' or '.../other/7.jpg' -> 'other'."""
-    parts = os.path.normpath(path).split(os.sep)
-    for candidate in (parts[-1].split(".")[0], parts[-2] if len(parts) > 1 else ""):
-        if candidate.lower() in ANSWERS:
-            return candidate.lower()
-    return None
-
-
 def image_files(paths):
     """The image files among the given files and the files under the given folders, sorted."""
     found = []
@@ -97,7 +86,7 @@ def image_files(paths):
 
 def labelled_photos(paths):
     """[(path, label)] labelled by name or folder, cat, dog or other; unlabelled files are left out."""
-    return [(p, label) for p in image_files(paths) if (label := label_from_name(p))]
+    return [(p, label) for p in image_files(paths) if (label := catdog.label_from_name(p, ANSWERS))]
 
 
 def not_pet_photos(folder, part="test", seed=catdog.SEED):
