@@ -45,7 +45,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 WORKDIR /app
 # Owned by root and read-only to the service: code and model cannot change at run time.
-COPY catdog.py serve.py openapi.json ./
+COPY catdog.py serve.py store.py openapi.json ./
 COPY static/ static/
 COPY models/model.onnx models/model.json models/reference_profile.json models/
 # Byte-code compiled now, since nothing can be written at run time.

@@ -221,18 +221,19 @@ def batch_cost(port, pid, photos, repeats=5):
 def store_costs(rows=2_000_000, judged=20_000):
     """ms of the store's part of /stats (live accuracy over 500 feedback, feedback count) with
     `rows` predictions, `judged` of them with feedback: retention's worst case."""
-    from serve import Store
+    from store import SQLiteStore
 
     with tempfile.TemporaryDirectory(prefix="catdog-bench-store-") as folder:
-        store = Store(os.path.join(folder, "catdog.db"))
-        conn, now = store._conn, time.time()
-        conn.execute("BEGIN")
-        conn.executemany("INSERT INTO predictions VALUES (?, ?, ?, 'v', 'cat', 0.9, 500, 375, 0.5)",
-                         ((f"p{i}", f"r{i}", now - rows + i) for i in range(rows)))
-        conn.executemany("INSERT INTO feedback VALUES (?, ?, 'cat')",
-                         ((f"p{i}", now - judged + i) for i in range(rows - judged, rows)))
-        conn.execute("COMMIT")
-        store = Store(os.path.join(folder, "catdog.db"))  # as after a restart: the running total from COUNT(*)
+        store = SQLiteStore(os.path.join(folder, "catdog.db"))
+        with store._transaction() as conn:
+            now = time.time()
+            conn.executemany("INSERT INTO predictions VALUES (?, ?, ?, 'v', 'cat', 0.9, 500, 375, 0.5)",
+                             ((f"p{i}", f"r{i}", now - rows + i) for i in range(rows)))
+            conn.executemany("INSERT INTO feedback VALUES (?, ?, 'cat')",
+                             ((f"p{i}", now - judged + i) for i in range(rows - judged, rows)))
+            conn.execute("UPDATE counters SET value = ? WHERE name = 'feedback'", (judged,))
+        store.close()
+        store = SQLiteStore(os.path.join(folder, "catdog.db"))  # as after a restart
         timings = []
         for _ in range(20):
             started = time.perf_counter()

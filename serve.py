@@ -16,8 +16,9 @@ decoding and preprocessing are catdog.open_image (open_checked, then decode_head
 catdog.preprocess, the functions
 training uses. Waitress threads decode uploads in parallel and run the model, at most one
 ONNX Runtime run per usable CPU at a time; an optional batcher groups concurrent requests
-instead. Every prediction and every piece of staff feedback goes to a small SQLite file
-(DB_PATH), the only thing the service writes.
+instead. Every prediction and every piece of staff feedback goes to the store (store.py): a
+small SQLite file (DB_PATH), the only thing the service writes, or PostgreSQL when
+DATABASE_URL is set, shared by every replica.
 Signals: SIGTERM/SIGINT drain in-flight requests then exit; SIGHUP reloads the model.
 """
 import base64
@@ -29,12 +30,12 @@ import hashlib
 import hmac
 import io
 import json
+import logging
 import math
 import os
 import queue
 import re
 import signal
-import sqlite3
 import sys
 import threading
 import time
@@ -51,6 +52,7 @@ from prometheus_client.core import GaugeMetricFamily
 from werkzeug.exceptions import HTTPException
 
 import catdog
+import store as stores
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -68,6 +70,7 @@ class Settings:
     model_path: str = os.path.join(catdog.MODELS_DIR, "model.onnx")
     profile_path: str = ""  # the drift reference; "": reference_profile.json beside the model
     db_path: str = os.path.join(catdog.ROOT, "var", "catdog.db")
+    database_url: str = ""  # postgresql://user:password@host/db: the store every replica shares; "": DB_PATH
     max_upload_mb: float = 10.0
     max_pixels: int = catdog.MAX_PIXELS
     batch_max: int = 1  # >1 turns the batcher on (see Batcher)
@@ -115,6 +118,14 @@ class Settings:
         return {origin.strip() for origin in self.cors_origins.split(",") if origin.strip()}
 
     @property
+    def request_threads(self):
+        # Two request threads per CPU: one decodes while the other runs the model. Waitress
+        # reads uploads and writes answers in its own loop, so a slow client holds no thread;
+        # more threads only made requests share the CPUs longer (8 on 2 cores: -9 % req/s and
+        # +30 % p99 at 8 clients against 4, interleaved runs).
+        return self.threads or 2 * available_cpus()
+
+    @property
     def body_hard_limit(self):
         """Waitress's own cap on a request body (see make_server)."""
         return max(4 * self.max_upload_bytes, 64 << 20)
@@ -156,6 +167,20 @@ def log(**fields):
     with LOG_LOCK:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
+
+
+class LibraryLogs(logging.Handler):
+    """Libraries' warnings (the PostgreSQL pool retrying its connections) as JSON lines too."""
+
+    def emit(self, record):
+        log(event="library_log", logger=record.name, level=record.levelname.lower(), message=record.getMessage())
+
+
+def log_libraries_as_json(*names):
+    for name in names:
+        logger = logging.getLogger(name)
+        logger.addHandler(LibraryLogs(logging.WARNING))
+        logger.propagate = False
 
 
 # ---------------------------------------------------------------- the model
@@ -316,142 +341,6 @@ class Batcher:
                 self.on_run(len(group))
                 for job in group:
                     job.done.set()
-
-
-# ---------------------------------------------------------------- storage: predictions and feedback
-class Store:
-    """The SQLite file of predictions and staff feedback. No image bytes, file names or client
-    addresses: only what monitoring needs. A prediction's key is made by the server; the
-    client's X-Request-ID is kept beside it for correlation and never overwrites anything.
-    Feedback for a prediction is recorded once."""
-    # Each migration takes the schema from the previous version; schema_version says where a
-    # file is, so opening an old file upgrades it and opening a current one changes nothing.
-    MIGRATIONS = (
-        """CREATE TABLE IF NOT EXISTS predictions (
-            request_id TEXT PRIMARY KEY, time REAL NOT NULL, model_version TEXT NOT NULL,
-            label TEXT NOT NULL, confidence REAL NOT NULL, width INTEGER, height INTEGER, brightness REAL);
-        CREATE TABLE IF NOT EXISTS feedback (
-            request_id TEXT PRIMARY KEY REFERENCES predictions(request_id), time REAL NOT NULL, label TEXT NOT NULL);
-        CREATE INDEX IF NOT EXISTS predictions_time ON predictions(time);""",
-        """ALTER TABLE predictions RENAME TO predictions_v1;
-        ALTER TABLE feedback RENAME TO feedback_v1;
-        CREATE TABLE predictions (
-            id TEXT PRIMARY KEY, request_id TEXT NOT NULL, time REAL NOT NULL, model_version TEXT NOT NULL,
-            label TEXT NOT NULL, confidence REAL NOT NULL, width INTEGER, height INTEGER, brightness REAL);
-        CREATE TABLE feedback (
-            prediction_id TEXT PRIMARY KEY REFERENCES predictions(id), time REAL NOT NULL, label TEXT NOT NULL);
-        INSERT INTO predictions SELECT request_id, request_id, time, model_version, label, confidence, width,
-            height, brightness FROM predictions_v1;
-        INSERT INTO feedback SELECT request_id, time, label FROM feedback_v1;
-        DROP TABLE feedback_v1;
-        DROP TABLE predictions_v1;
-        CREATE INDEX predictions_time ON predictions(time);
-        CREATE INDEX predictions_request_id ON predictions(request_id);
-        CREATE INDEX feedback_time ON feedback(time);""",
-    )
-
-    def __init__(self, path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._lock = threading.Lock()
-        # WAL: readers never block the writer. synchronous=NORMAL: a commit survives the
-        # process being killed (kill -9, OOM); only a power cut can lose the last few.
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self.migrate()
-        self._feedback_count = self._query("SELECT COUNT(*) FROM feedback")[0][0]  # a running total from here
-
-    @property
-    def version(self):
-        with self._lock:
-            return self._version_locked()
-
-    def migrate(self):
-        """Bring the file to the latest schema, one migration at a time, each in a transaction."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see it done
-            try:
-                version = self._version_locked()
-                for number, script in enumerate(self.MIGRATIONS[version:], start=version + 1):
-                    for statement in (part.strip() for part in script.split(";")):
-                        if statement:
-                            self._conn.execute(statement)
-                    self._conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-                    self._conn.execute("DELETE FROM schema_version")
-                    self._conn.execute("INSERT INTO schema_version VALUES (?)", (number,))
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-
-    def _version_locked(self):
-        """schema_version's, or 1 for a file from before it had one, 0 for an empty file."""
-        tables = {row[0] for row in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "schema_version" in tables:
-            return self._conn.execute("SELECT version FROM schema_version").fetchone()[0]
-        return 1 if "predictions" in tables else 0
-
-    def _query(self, sql, params=()):
-        with self._lock:
-            return self._conn.execute(sql, params).fetchall()
-
-    def record_prediction(self, prediction_id, request_id, model_version, label, confidence, stats):
-        self._query("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (prediction_id, request_id, time.time(), model_version, label, confidence,
-                     stats["width"], stats["height"], stats["brightness"]))
-
-    def find_prediction(self, key):
-        """(prediction id, predicted label) of the prediction with this id, else of the one with
-        this request id when exactly one has it; None when none, "ambiguous" when several do."""
-        rows = (self._query("SELECT id, label FROM predictions WHERE id = ?", (key,))
-                or self._query("SELECT id, label FROM predictions WHERE request_id = ? LIMIT 2", (key,)))
-        return "ambiguous" if len(rows) > 1 else rows[0] if rows else None
-
-    def record_feedback(self, prediction_id, truth):
-        """Store the staff's label for a prediction, once: (stored now?, the label on record)."""
-        with self._lock:
-            stored = self._conn.execute("INSERT INTO feedback VALUES (?, ?, ?) ON CONFLICT (prediction_id) DO NOTHING",
-                                        (prediction_id, time.time(), truth)).rowcount == 1
-            self._feedback_count += stored
-            if stored:
-                return True, truth
-            return False, self._conn.execute("SELECT label FROM feedback WHERE prediction_id = ?",
-                                             (prediction_id,)).fetchone()[0]
-
-    def live_accuracy(self, window):
-        """(accuracy or None, n) over the latest `window` feedback answers (the feedback_time index)."""
-        n, right = self._query(
-            "SELECT COUNT(*), SUM(label = truth) FROM (SELECT p.label AS label, f.label AS truth "
-            "FROM feedback f JOIN predictions p ON p.id = f.prediction_id ORDER BY f.time DESC LIMIT ?)", (window,))[0]
-        return (right / n if n else None), n
-
-    def feedback_count(self):
-        return self._feedback_count
-
-    def prune(self, older_than, keep_rows, chunk=2000):
-        """Delete predictions (and their feedback) older than `older_than` (Unix time) or beyond
-        the newest `keep_rows`, `chunk` rows per transaction so requests wait at most one chunk.
-        The number of predictions deleted."""
-        surplus = self._query("SELECT time FROM predictions ORDER BY time DESC LIMIT 1 OFFSET ?", (keep_rows,))
-        newest_surplus = surplus[0][0] if surplus else float("-inf")  # this one and older ones go
-        deleted = 0
-        while True:
-            with self._lock:
-                ids = [row[0] for row in self._conn.execute(
-                    "SELECT id FROM predictions WHERE time < ? OR time <= ? LIMIT ?", (older_than, newest_surplus, chunk))]
-                if not ids:
-                    return deleted
-                marks = ",".join("?" * len(ids))
-                self._conn.execute("BEGIN")
-                gone = self._conn.execute(f"DELETE FROM feedback WHERE prediction_id IN ({marks})", ids).rowcount
-                self._conn.execute(f"DELETE FROM predictions WHERE id IN ({marks})", ids)
-                self._conn.execute("COMMIT")
-                self._feedback_count -= gone
-            deleted += len(ids)
-
-    def close(self):
-        with self._lock:
-            self._conn.close()
 
 
 # ---------------------------------------------------------------- drift
@@ -631,7 +520,8 @@ class Service:
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
         self._load_lock = threading.Lock()  # one load at a time
-        self.store = Store(settings.db_path)
+        # A connection per request thread, and one for the retention thread.
+        self.store = stores.open_store(settings.database_url, settings.db_path, settings.request_threads + 1)
         self.drift = DriftWindow(settings.drift_window, settings.drift_min_samples)
         self.decode_budget = DecodeBudget(int(settings.decode_budget_mb * 1024 * 1024), settings.decode_wait_s)
         self.metrics = Metrics(self)
@@ -651,7 +541,7 @@ class Service:
         while not self.stopping.wait(settings.retention_interval_s):
             try:
                 deleted = self.store.prune(time.time() - settings.retention_days * 86400, settings.retention_rows)
-            except sqlite3.Error as e:  # a busy or full disk: try again next time
+            except self.store.unavailable as e:  # a busy or full disk, the database away: next time
                 log(event="prune_failed", error=str(e))
                 continue
             if deleted:
@@ -845,6 +735,9 @@ def http_error(e):
 
 @api.app_errorhandler(Exception)
 def server_error(e):
+    if isinstance(e, current_service().store.unavailable):  # the database is away, not a bug: retry soon
+        log(event="store_unavailable", error=f"{type(e).__name__}: {e}")
+        return error(503, "store_unavailable", "the prediction store cannot be reached; try again shortly")
     current_app.logger.exception("unhandled error")  # stderr, with traceback
     return error(500, "internal_error", "the server failed to handle this request")
 
@@ -1029,7 +922,7 @@ def health():
     # Still ready after a failed reload (the old model serves), but say so: the new file is broken.
     failed = {"reload_error": service.load_error} if service.load_error else {}
     return jsonify(status="ok", **model.identity, arch=model.meta.get("arch"), pet_threshold=model.pet_threshold,
-                   **failed)
+                   store=service.store.kind, **failed)
 
 
 @api.get("/live")
@@ -1079,12 +972,8 @@ def page_policy(path):
 
 # ---------------------------------------------------------------- process: start, reload, stop
 def make_server(app, settings):
-    # Two request threads per CPU: one decodes while the other runs the model. Waitress
-    # reads uploads and writes answers in its own loop, so a slow client holds no thread;
-    # more threads only made requests share the CPUs longer (8 on 2 cores: -9 % req/s and
-    # +30 % p99 at 8 clients against 4, interleaved runs).
     return waitress.create_server(
-        app, host=settings.host, port=settings.port, threads=settings.threads or 2 * available_cpus(),
+        app, host=settings.host, port=settings.port, threads=settings.request_threads,
         ident="catdog",
         # The app answers oversize uploads with a JSON 413; waitress's own (plain-text) cap
         # only guards against absurd bodies. Bodies over MAX_UPLOAD_MB (a batch, or an upload
@@ -1156,14 +1045,22 @@ def handle_signals(server, service):
 
 def main():
     tune_malloc()
+    log_libraries_as_json("psycopg")
     settings = Settings.from_env()
-    service = Service(settings)
+    try:
+        service = Service(settings)
+    except Exception as e:  # noqa: BLE001 (the database away or refusing: say so in one line, exit)
+        log(event="store_failed", store="postgresql" if settings.database_url else "sqlite",
+            database=stores.redacted(settings.database_url) if settings.database_url else settings.db_path,
+            error=f"{type(e).__name__}: {e}")
+        sys.exit(1)
     server = make_server(create_app(settings, service), settings)
     handle_signals(server, service)
     service.start()
     log(event="listening", host=settings.host, port=int(server.effective_port), threads=server.adj.threads,
         batch_max=settings.batch_max, infer_threads=service.batcher.workers if service.batcher.batching else None,
-        batch_wait_ms=settings.batch_wait_ms, model_path=settings.model_path, db_path=settings.db_path)
+        batch_wait_ms=settings.batch_wait_ms, model_path=settings.model_path, store=service.store.kind,
+        database=stores.redacted(settings.database_url) if settings.database_url else settings.db_path)
     server.run()  # returns on SystemExit after waitress stops its threads
     service.close()
     log(event="stopped")

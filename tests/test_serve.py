@@ -178,7 +178,7 @@ def test_health_live_metrics_stats_and_page(app):
     health = client.get("/health")
     assert health.status_code == 200 and health.json == {"status": "ok", "model_version": "tiny-1", "arch": "baseline",
                                                             "registry_version": None, "run_id": None,
-                                                            "pet_threshold": 0.5}
+                                                            "pet_threshold": 0.5, "store": "sqlite"}
     confidence = predict(client, synthetic_photo(np.random.default_rng(3), "dog")).json["confidence"]
     r = client.get("/metrics")
     assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
@@ -269,7 +269,7 @@ def test_a_failed_load_reports_and_a_failed_reload_keeps_the_old_model(tmp_path)
         assert service.load("test") is False
         # Still serving the old model, and saying that the new one failed (health, metrics).
         assert client.get("/health").json == {"status": "ok", "model_version": "tiny-1", "arch": "baseline",
-                                              "registry_version": None, "run_id": None, "pet_threshold": 0.5,
+                                              "registry_version": None, "run_id": None, "pet_threshold": 0.5, "store": "sqlite",
                                               "reload_error": service.load_error}
         text = client.get("/metrics").text
         assert sample(text, "catdog_model_load_failed") == 1 and sample(text, "catdog_model_load_failures_total") == 1
@@ -347,36 +347,6 @@ def test_feedback_is_recorded_once_and_predictions_are_never_overwritten(app):
     text = client.get("/metrics").text
     assert sample(text, "catdog_feedback_total", correct="true") == 1 == client.get("/stats").json["feedback_count"]
     assert client.get("/stats").json["live_accuracy"] == 1.0  # still "predicted cat, truth cat"
-
-
-def test_old_databases_are_migrated_and_migrations_are_idempotent(tmp_path):
-    path = str(tmp_path / "old.db")
-    with sqlite3.connect(path) as conn:  # a file of the first schema, without schema_version
-        conn.executescript(serve.Store.MIGRATIONS[0])
-        conn.execute("INSERT INTO predictions VALUES ('r1', 1.0, 'v1', 'cat', 0.9, 100, 80, 0.5)")
-        conn.execute("INSERT INTO feedback VALUES ('r1', 2.0, 'dog')")
-    store = serve.Store(path)
-    assert store.version == len(serve.Store.MIGRATIONS) and store.feedback_count() == 1
-    assert store.find_prediction("r1") == ("r1", "cat") and store.live_accuracy(10) == (0.0, 1)
-    store.close()
-    store = serve.Store(path)  # opening a current file changes nothing
-    assert store.version == len(serve.Store.MIGRATIONS) and store.feedback_count() == 1
-    store.close()
-
-
-def test_retention_prunes_old_and_surplus_predictions_with_their_feedback(tmp_path):
-    store = serve.Store(str(tmp_path / "catdog.db"))
-    stats = {"width": 1, "height": 1, "brightness": 0.5}
-    for i in range(50):
-        store.record_prediction(f"p{i}", f"r{i}", "v", "cat", 0.9, stats)
-    store._query("UPDATE predictions SET time = ? WHERE id IN ('p0', 'p1', 'p2')", (time.time() - 100 * 86400,))
-    store.record_feedback("p0", "cat")
-    store.record_feedback("p40", "cat")
-    assert store.prune(older_than=time.time() - 90 * 86400, keep_rows=1000, chunk=2) == 3
-    assert store.find_prediction("p0") is None and store.feedback_count() == 1
-    assert store.prune(older_than=0, keep_rows=10) == 37  # the newest 10 stay
-    assert store._query("SELECT COUNT(*) FROM predictions")[0][0] == 10 and store.feedback_count() == 1
-    store.close()
 
 
 def test_drift_rises_on_dark_and_grayscale_inputs_and_stays_low_in_distribution(tmp_path):

@@ -1,0 +1,263 @@
+"""Where the service keeps predictions and staff feedback: a SQLite file (one host, the
+default) or PostgreSQL when DATABASE_URL=postgresql://... is set (every replica shares it).
+
+Both run the same schema, migrations and SQL (written with "?" placeholders). No image
+bytes, file names or client addresses: only what monitoring needs. A prediction's key is
+made by the server; the client's X-Request-ID is kept beside it for correlation and never
+overwrites anything. Feedback for a prediction is recorded once.
+"""
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+
+# Each migration takes the schema from the previous version; schema_version says where a
+# database is, so opening an old one upgrades it and opening a current one changes nothing.
+# Types both backends read alike: DOUBLE PRECISION is SQLite's REAL and PostgreSQL's float8.
+MIGRATIONS = (
+    """CREATE TABLE IF NOT EXISTS predictions (
+        request_id TEXT PRIMARY KEY, time DOUBLE PRECISION NOT NULL, model_version TEXT NOT NULL,
+        label TEXT NOT NULL, confidence DOUBLE PRECISION NOT NULL, width INTEGER, height INTEGER,
+        brightness DOUBLE PRECISION);
+    CREATE TABLE IF NOT EXISTS feedback (
+        request_id TEXT PRIMARY KEY REFERENCES predictions(request_id), time DOUBLE PRECISION NOT NULL,
+        label TEXT NOT NULL);
+    CREATE INDEX IF NOT EXISTS predictions_time ON predictions(time)""",
+    """ALTER TABLE predictions RENAME TO predictions_v1;
+    ALTER TABLE feedback RENAME TO feedback_v1;
+    CREATE TABLE predictions (
+        id TEXT PRIMARY KEY, request_id TEXT NOT NULL, time DOUBLE PRECISION NOT NULL, model_version TEXT NOT NULL,
+        label TEXT NOT NULL, confidence DOUBLE PRECISION NOT NULL, width INTEGER, height INTEGER,
+        brightness DOUBLE PRECISION);
+    CREATE TABLE feedback (
+        prediction_id TEXT PRIMARY KEY REFERENCES predictions(id), time DOUBLE PRECISION NOT NULL,
+        label TEXT NOT NULL);
+    INSERT INTO predictions SELECT request_id, request_id, time, model_version, label, confidence, width,
+        height, brightness FROM predictions_v1;
+    INSERT INTO feedback SELECT request_id, time, label FROM feedback_v1;
+    DROP TABLE feedback_v1;
+    DROP TABLE predictions_v1;
+    CREATE INDEX predictions_time ON predictions(time);
+    CREATE INDEX predictions_request_id ON predictions(request_id);
+    CREATE INDEX feedback_time ON feedback(time)""",
+    # Running totals kept in the same transaction as the rows they count, so every replica
+    # reads the same figure without a COUNT(*) over millions of rows.
+    """CREATE TABLE counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
+    INSERT INTO counters SELECT 'feedback', COUNT(*) FROM feedback""",
+)
+LATEST = len(MIGRATIONS)
+
+
+class Store:
+    """The queries; a backend says how to reach the database (SQLiteStore, PostgresStore)."""
+    kind = ""
+    unavailable = ()  # the exceptions that mean "the database cannot answer now" (a 503, not a bug)
+
+    def _transaction(self, write=True):
+        """A context manager: a connection inside one transaction, committed on leaving
+        (write=False: a single read, which needs no write lock)."""
+        raise NotImplementedError
+
+    def _tables(self, conn):
+        raise NotImplementedError
+
+    def _lock_for_migration(self, conn):
+        """Make other processes opening the same database wait until this one has migrated."""
+
+    def _query(self, sql, params=()):
+        with self._transaction(write=False) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def _write(self, sql, params=()):
+        with self._transaction(write=True) as conn:
+            conn.execute(sql, params)
+
+    @property
+    def version(self):
+        with self._transaction(write=False) as conn:
+            return self._version(conn)
+
+    def _version(self, conn):
+        """schema_version's, or 1 for a database from before it had one, 0 for an empty one."""
+        tables = self._tables(conn)
+        if "schema_version" in tables:
+            return conn.execute("SELECT version FROM schema_version").fetchone()[0]
+        return 1 if "predictions" in tables else 0
+
+    def migrate(self):
+        """Bring the database to the latest schema in one transaction (DDL is transactional in both)."""
+        with self._transaction() as conn:
+            self._lock_for_migration(conn)
+            version = self._version(conn)
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in (part.strip() for part in script.split(";")):
+                    if statement:
+                        conn.execute(statement)
+                conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+                conn.execute("DELETE FROM schema_version")
+                conn.execute("INSERT INTO schema_version VALUES (?)", (number,))
+
+    def record_prediction(self, prediction_id, request_id, model_version, label, confidence, stats):
+        self._write("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (prediction_id, request_id, time.time(), model_version, label, confidence,
+                     stats["width"], stats["height"], stats["brightness"]))
+
+    def find_prediction(self, key):
+        """(prediction id, predicted label) of the prediction with this id, else of the one with
+        this request id when exactly one has it; None when none, "ambiguous" when several do."""
+        rows = (self._query("SELECT id, label FROM predictions WHERE id = ?", (key,))
+                or self._query("SELECT id, label FROM predictions WHERE request_id = ? LIMIT 2", (key,)))
+        return "ambiguous" if len(rows) > 1 else tuple(rows[0]) if rows else None
+
+    def record_feedback(self, prediction_id, truth):
+        """Store the staff's label for a prediction, once: (stored now?, the label on record)."""
+        with self._transaction() as conn:
+            stored = conn.execute("INSERT INTO feedback VALUES (?, ?, ?) ON CONFLICT (prediction_id) DO NOTHING",
+                                  (prediction_id, time.time(), truth)).rowcount == 1
+            if stored:
+                conn.execute("UPDATE counters SET value = value + 1 WHERE name = 'feedback'")
+                return True, truth
+            return False, conn.execute("SELECT label FROM feedback WHERE prediction_id = ?",
+                                       (prediction_id,)).fetchone()[0]
+
+    def live_accuracy(self, window):
+        """(accuracy or None, n) over the latest `window` feedback answers (the feedback_time index)."""
+        n, right = self._query(
+            "SELECT COUNT(*), SUM(CASE WHEN label = truth THEN 1 ELSE 0 END) FROM (SELECT p.label AS label, "
+            "f.label AS truth FROM feedback f JOIN predictions p ON p.id = f.prediction_id "
+            "ORDER BY f.time DESC LIMIT ?) AS latest", (window,))[0]
+        return (right / n if n else None), n
+
+    def feedback_count(self):
+        return self._query("SELECT value FROM counters WHERE name = 'feedback'")[0][0]
+
+    def prune(self, older_than, keep_rows, chunk=2000):
+        """Delete predictions (and their feedback) older than `older_than` (Unix time) or beyond
+        the newest `keep_rows`, `chunk` rows per transaction so requests wait at most one chunk.
+        The number of predictions deleted."""
+        surplus = self._query("SELECT time FROM predictions ORDER BY time DESC LIMIT 1 OFFSET ?", (keep_rows,))
+        newest_surplus = surplus[0][0] if surplus else float("-inf")  # this one and older ones go
+        deleted = 0
+        while True:
+            with self._transaction() as conn:
+                ids = [row[0] for row in conn.execute(
+                    "SELECT id FROM predictions WHERE time < ? OR time <= ? LIMIT ?",
+                    (older_than, newest_surplus, chunk)).fetchall()]
+                if not ids:
+                    return deleted
+                marks = ",".join("?" * len(ids))
+                gone = conn.execute(f"DELETE FROM feedback WHERE prediction_id IN ({marks})", ids).rowcount
+                conn.execute(f"DELETE FROM predictions WHERE id IN ({marks})", ids)
+                conn.execute("UPDATE counters SET value = value - ? WHERE name = 'feedback'", (gone,))
+            deleted += len(ids)
+
+    def close(self):
+        raise NotImplementedError
+
+
+class SQLiteStore(Store):
+    """One WAL file, one connection shared by the request threads under a lock."""
+    kind = "sqlite"
+    unavailable = (sqlite3.OperationalError,)  # locked past the timeout, disk full, file gone
+
+    def __init__(self, path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        self._lock = threading.Lock()
+        # WAL: readers never block the writer. synchronous=NORMAL: a commit survives the
+        # process being killed (kill -9, OOM); only a power cut can lose the last few.
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self.migrate()
+
+    @contextlib.contextmanager
+    def _transaction(self, write=True):
+        with self._lock:
+            if not write:  # one statement, committed on its own (autocommit)
+                yield self._conn
+                return
+            # IMMEDIATE takes the write lock at once, so a transaction that reads then writes
+            # never finds another process's write in its way (and a migrating process makes
+            # the others wait).
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _tables(self, conn):
+        return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    def close(self):
+        with self._lock:
+            self._conn.close()
+
+
+class _Placeholders:
+    """A psycopg connection that takes the "?" placeholders of the shared SQL."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def execute(self, sql, params=()):
+        return self._conn.execute(sql.replace("?", "%s"), params)
+
+
+class PostgresStore(Store):
+    """A PostgreSQL database shared by every replica, through a pool of connections per replica.
+    Each statement commits before the request is answered: an acknowledged write is on disk."""
+    kind = "postgresql"
+    MIGRATION_LOCK = 7_362_836  # pg_advisory_xact_lock key: one replica migrates, the others wait
+
+    def __init__(self, url, max_connections=10, start_timeout_s=10.0, wait_s=2.0):
+        """Connect within start_timeout_s or fail (a replica without its database must not
+        start); a request waits at most wait_s for a connection while the database is away."""
+        import psycopg
+        import psycopg_pool
+
+        self.unavailable = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
+        self._pool = psycopg_pool.ConnectionPool(
+            url, min_size=1, max_size=max_connections, timeout=wait_s, open=False, name="catdog",
+            kwargs={"connect_timeout": max(1, round(wait_s))})
+        try:
+            self._pool.open(wait=True, timeout=start_timeout_s)
+            self.migrate()
+        except BaseException:
+            self._pool.close()
+            raise
+
+    @contextlib.contextmanager
+    def _transaction(self, write=True):
+        with self._pool.connection() as conn:  # commits on leaving, rolls back on an exception
+            yield _Placeholders(conn)
+
+    def _tables(self, conn):
+        return {row[0] for row in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()").fetchall()}
+
+    def _lock_for_migration(self, conn):
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (self.MIGRATION_LOCK,))
+
+    def close(self):
+        self._pool.close()
+
+
+def open_store(database_url, db_path, max_connections=10):
+    """PostgresStore of database_url when it is set, else the SQLite file at db_path."""
+    if database_url:
+        if not database_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("DATABASE_URL must be a postgresql:// URL")
+        return PostgresStore(database_url, max_connections)
+    return SQLiteStore(db_path)
+
+
+def redacted(url):
+    """The URL without its password, for logs."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    return f"{scheme}{sep}{credentials.split(':')[0]}:***@{host}"

@@ -1,0 +1,250 @@
+"""The store on both backends (SQLite file, PostgreSQL server started by the tests), then
+several serve.py replicas on one PostgreSQL database."""
+import signal
+import sqlite3
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+import store
+from postgres_server import PostgresServer, why_unavailable
+from service_helpers import Server, in_process, sample, synthetic_photo, tiny_model, upload
+
+STATS = {"width": 320, "height": 240, "brightness": 0.5}
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL server for the whole run; each test takes a new database on it."""
+    reason = why_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def database_url(postgres):
+    return postgres.new_database(f"test_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, tmp_path):
+    """(open a store, run raw SQL statements on its database before any store opened it)."""
+    if request.param == "sqlite":
+        path = str(tmp_path / "catdog.db")
+
+        def raw(*statements):
+            with sqlite3.connect(path) as conn:
+                for statement in statements:
+                    conn.execute(statement)
+
+        return (lambda: store.SQLiteStore(path)), raw
+    import psycopg
+
+    url = request.getfixturevalue("database_url")
+
+    def raw(*statements):
+        with psycopg.connect(url) as conn:
+            for statement in statements:
+                conn.execute(statement)
+
+    return (lambda: store.PostgresStore(url, max_connections=4)), raw
+
+
+@pytest.fixture
+def opened(backend):
+    s = backend[0]()
+    yield s
+    s.close()
+
+
+def rows(s, sql, params=()):
+    return [tuple(row) for row in s._query(sql, params)]
+
+
+# ---------------------------------------------------------------- the same behaviour on both backends
+def test_feedback_is_recorded_once_and_counted_in_the_database(opened):
+    for i in range(3):
+        opened.record_prediction(f"p{i}", "shelter-1", "v1", "cat", 0.9, STATS)
+    assert opened.find_prediction("p1") == ("p1", "cat")
+    assert opened.find_prediction("shelter-1") == "ambiguous" and opened.find_prediction("nope") is None
+    assert opened.record_feedback("p1", "cat") == (True, "cat")
+    assert opened.record_feedback("p1", "cat") == (False, "cat")  # the same again stores nothing
+    assert opened.record_feedback("p1", "dog") == (False, "cat")  # a different one keeps the first
+    assert opened.record_feedback("p2", "dog") == (True, "dog")
+    assert opened.feedback_count() == 2 == rows(opened, "SELECT COUNT(*) FROM feedback")[0][0]
+    assert opened.live_accuracy(10) == (0.5, 2) and opened.live_accuracy(1) == (0.0, 1)  # the newest: p2, wrong
+
+
+def test_times_and_confidences_keep_double_precision(opened):
+    before = time.time()
+    opened.record_prediction("p", "r", "v1", "dog", 0.123456789012, STATS)
+    (stamp, confidence), = rows(opened, "SELECT time, confidence FROM predictions")
+    assert before - 1e-3 <= stamp <= time.time() + 1e-3 and confidence == 0.123456789012
+
+
+def test_old_databases_are_migrated_and_migrations_are_idempotent(backend):
+    open_store, raw = backend
+    raw(*[part for part in store.MIGRATIONS[0].split(";")],  # the first schema, without schema_version
+        "INSERT INTO predictions VALUES ('r1', 1.0, 'v1', 'cat', 0.9, 100, 80, 0.5)",
+        "INSERT INTO feedback VALUES ('r1', 2.0, 'dog')")
+    s = open_store()
+    try:
+        assert s.version == store.LATEST and s.feedback_count() == 1
+        assert s.find_prediction("r1") == ("r1", "cat") and s.live_accuracy(10) == (0.0, 1)
+    finally:
+        s.close()
+    s = open_store()  # opening a current database changes nothing
+    try:
+        assert s.version == store.LATEST and s.feedback_count() == 1
+        assert rows(s, "SELECT version FROM schema_version") == [(store.LATEST,)]
+    finally:
+        s.close()
+
+
+def test_replicas_starting_at_once_migrate_a_new_database_once(backend):
+    open_store = backend[0]
+    opened, failures = [], []
+
+    def start():
+        try:
+            opened.append(open_store())
+        except Exception as e:  # noqa: BLE001 (reported below)
+            failures.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert not failures and len(opened) == 4
+        assert rows(opened[0], "SELECT version FROM schema_version") == [(store.LATEST,)]
+        assert rows(opened[0], "SELECT value FROM counters") == [(0,)]
+    finally:
+        for s in opened:
+            s.close()
+
+
+def test_retention_prunes_old_and_surplus_predictions_with_their_feedback(opened):
+    for i in range(50):
+        opened.record_prediction(f"p{i}", f"r{i}", "v", "cat", 0.9, STATS)
+    opened._write("UPDATE predictions SET time = ? WHERE id IN ('p0', 'p1', 'p2')", (time.time() - 100 * 86400,))
+    opened.record_feedback("p0", "cat")
+    opened.record_feedback("p40", "cat")
+    assert opened.prune(older_than=time.time() - 90 * 86400, keep_rows=1000, chunk=2) == 3
+    assert opened.find_prediction("p0") is None and opened.feedback_count() == 1
+    assert opened.prune(older_than=0, keep_rows=10) == 37  # the newest 10 stay
+    assert rows(opened, "SELECT COUNT(*) FROM predictions") == [(10,)] and opened.feedback_count() == 1
+
+
+def test_database_urls_are_checked_and_passwords_never_logged():
+    with pytest.raises(ValueError, match="postgresql://"):
+        store.open_store("mysql://db/catdog", "unused.db")
+    assert store.redacted("postgresql://catdog:s3cret@db:5432/catdog") == "postgresql://catdog:***@db:5432/catdog"
+    assert store.redacted("postgresql://db/catdog") == "postgresql://db/catdog"
+
+
+# ---------------------------------------------------------------- PostgreSQL: replicas and outages
+def predict(replica, rng, kind="cat"):
+    r = replica.predict(synthetic_photo(rng, kind))
+    assert r.status_code == 200, r.text
+    return r.json()["prediction_id"]
+
+
+def test_two_replicas_share_predictions_feedback_and_live_accuracy(tmp_path, database_url):
+    """The audit's failure: a prediction made on one pod, its feedback sent to the other -> 404."""
+    replicas = [Server(tiny_model(), str(tmp_path / f"unused-{i}.db"), DATABASE_URL=database_url) for i in (1, 2)]
+    try:
+        one, two = replicas
+        rng = np.random.default_rng(40)
+        ids = [predict(one, rng, "cat") for _ in range(3)] + [predict(two, rng, "dog")]
+        for prediction_id, truth, replica in zip(ids, ("cat", "cat", "dog", "dog"), (two, two, two, one)):
+            r = replica.post("/feedback", json={"prediction_id": prediction_id, "label": truth})
+            assert r.status_code == 200 and r.json()["recorded"], r.text
+        again = one.post("/feedback", json={"prediction_id": ids[2], "label": "cat"})
+        assert again.status_code == 409 and again.json()["error"] == "feedback_exists"  # recorded on the other
+        stats = [replica.get("/stats").json() for replica in replicas]
+        for s in stats:
+            assert s["feedback_count"] == 4 and s["live_accuracy"] == 0.75 and s["live_accuracy_samples"] == 4, s
+        texts = [replica.get("/metrics").text for replica in replicas]
+        assert {sample(text, "catdog_live_accuracy") for text in texts} == {0.75}  # the shared figure
+        # Counters stay per replica (Prometheus sums them): 3 stored on two, 1 on one.
+        assert [sum(sample(text, "catdog_feedback_total", correct=c) or 0 for c in ("true", "false"))
+                for text in texts] == [1, 3]
+        assert all(replica.get("/health").json()["store"] == "postgresql" for replica in replicas)
+    finally:
+        for replica in replicas:
+            replica.stop()
+    assert not any(line for replica in replicas for line in replica.logs().splitlines()
+                   if "Traceback" in line), "a replica logged a traceback"
+
+
+def test_killing_a_replica_under_load_loses_no_acknowledged_prediction(tmp_path, database_url):
+    import psycopg
+
+    doomed = Server(tiny_model(), str(tmp_path / "a.db"), DATABASE_URL=database_url)
+    survivor = Server(tiny_model(), str(tmp_path / "b.db"), DATABASE_URL=database_url)
+    acknowledged, lock, stop = [], threading.Lock(), threading.Event()
+
+    def client(seed):
+        rng = np.random.default_rng(seed)
+        while not stop.is_set():
+            try:
+                r = doomed.predict(synthetic_photo(rng, "cat", size=(64, 64)))
+            except OSError:  # the connection died with the process: not acknowledged
+                continue
+            if r.status_code == 200:
+                with lock:
+                    acknowledged.append(r.json()["prediction_id"])
+
+    clients = [threading.Thread(target=client, args=(seed,)) for seed in range(4)]
+    try:
+        for t in clients:
+            t.start()
+        time.sleep(2.0)
+        doomed.stop(signal.SIGKILL)
+        stop.set()
+        for t in clients:
+            t.join(30)
+        assert len(acknowledged) >= 10, "too few predictions before the kill to tell anything"
+        with psycopg.connect(database_url) as conn:
+            stored = {row[0] for row in conn.execute("SELECT id FROM predictions")}
+        assert set(acknowledged) <= stored, f"{len(set(acknowledged) - stored)} acknowledged predictions lost"
+        # The other replica judges the last one acknowledged before the kill.
+        r = survivor.post("/feedback", json={"prediction_id": acknowledged[-1], "label": "cat"})
+        assert r.status_code == 200 and r.json()["recorded"], r.text
+    finally:
+        stop.set()
+        doomed.stop(signal.SIGKILL)
+        survivor.stop()
+
+
+def test_a_database_outage_answers_503_and_the_replica_recovers(tmp_path):
+    """No 500 and no hang while PostgreSQL is away; answers again once it is back."""
+    if why_unavailable():
+        pytest.skip(why_unavailable())
+    server = PostgresServer().start()
+    try:
+        url = server.new_database("outage")
+        client, service = in_process(tiny_model(), str(tmp_path / "unused.db"), database_url=url)
+        rng = np.random.default_rng(41)
+        assert client.post("/predict", **upload(synthetic_photo(rng))).status_code == 200
+        server.stop_server()
+        for _ in range(2):  # the broken pooled connection, then a new one that cannot connect
+            r = client.post("/predict", **upload(synthetic_photo(rng)))
+            assert r.status_code == 503 and r.json["error"] == "store_unavailable", r.json
+            assert r.headers["Retry-After"]
+        assert client.get("/stats").status_code == 503
+        server.restart()
+        deadline = time.monotonic() + 30
+        while client.post("/predict", **upload(synthetic_photo(rng))).status_code != 200:
+            assert time.monotonic() < deadline, "no 200 within 30 s of the database's return"
+            time.sleep(0.2)
+        service.close()
+    finally:
+        server.stop()
