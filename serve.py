@@ -729,6 +729,8 @@ def http_error(e):
     if e.code == 413:
         settings = current_service().settings
         limit = settings.max_batch_bytes if request.endpoint == "catdog.predict_batch" else settings.max_upload_bytes
+        if request.content_length is not None and request.content_length <= limit:  # small, but in too many parts
+            return error(413, "too_many_parts", f"the form has more than {request.max_form_parts} parts")
         return error(413, "too_large", f"the upload exceeds the {limit / (1 << 20):g} MB limit")
     return error(e.code, re.sub(r"\W+", "_", e.name.lower()), e.description)
 

@@ -181,3 +181,13 @@ def test_waitress_passes_an_oversize_upload_to_the_app_for_a_json_413(server):
     assert "10 MB" in r.json()["message"]
     assert server.predict(synthetic_photo(np.random.default_rng(2), "cat")).json()["label"] == "cat"
     assert sample(server.get("/metrics").text, "catdog_requests_total", endpoint="/predict", status="413") == 1
+
+
+def test_a_small_form_in_too_many_parts_is_told_so_not_called_too_large(tmp_path):
+    """The audit's 10,000-part multipart got "exceeds the 10 MB limit" although it is ~1 MB."""
+    client, service = in_process(tiny_model(), str(tmp_path / "catdog.db"))
+    parts = {f"file{k}": (io.BytesIO(b"x"), f"{k}.jpg") for k in range(10_000)}
+    r = client.post("/predict", data=parts, content_type="multipart/form-data")
+    service.close()
+    assert r.status_code == 413 and r.json["error"] == "too_many_parts", r.json
+    assert "1000 parts" in r.json["message"]
