@@ -57,6 +57,7 @@ import store as stores
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+HEAVY_DECODE_BYTES = 16 << 20  # a decode over this (about 4 MP of RGBA) is heavy: see DecodeBudget
 ERROR_STATUS = {"busy": 503, "no_file": 400, "empty": 400, "too_large": 413, "unsupported_media_type": 415, "unsupported_format": 415,
                 "not_an_image": 422, "corrupt": 422, "truncated": 422, "too_many_pixels": 422, "too_small": 422}
 
@@ -523,7 +524,8 @@ class Service:
         # A connection per request thread, and one for the retention thread.
         self.store = stores.open_store(settings.database_url, settings.db_path, settings.request_threads + 1)
         self.drift = DriftWindow(settings.drift_window, settings.drift_min_samples)
-        self.decode_budget = DecodeBudget(int(settings.decode_budget_mb * 1024 * 1024), settings.decode_wait_s)
+        self.decode_budget = DecodeBudget(int(settings.decode_budget_mb * 1024 * 1024), settings.decode_wait_s,
+                                          heavy_lanes=max(1, available_cpus() - 1))
         self.metrics = Metrics(self)
         self.batcher = Batcher(settings.batch_max, settings.batch_wait_ms,
                                settings.infer_threads or available_cpus(), self.metrics.batch_size.observe)
@@ -769,23 +771,34 @@ def read_upload():
 class DecodeBudget:
     """Bytes of images being decoded at once, across request threads: a decode waits until its
     bytes fit (or nothing else is decoding), at most `wait_s`, else ImageError "busy" (503).
-    Bounds the service's memory whatever several worst-case uploads arrive together."""
+    Bounds the service's memory whatever several worst-case uploads arrive together.
+    A heavy decode (over `heavy_bytes`: a 16 MP PNG takes a CPU for a second) also needs one of
+    `heavy_lanes`, fewer than the CPUs, so that ordinary photos always have a CPU left."""
 
-    def __init__(self, limit_bytes, wait_s):
+    def __init__(self, limit_bytes, wait_s, heavy_bytes=HEAVY_DECODE_BYTES, heavy_lanes=1):
         self.limit, self.wait_s, self.used = limit_bytes, wait_s, 0
+        self.heavy_bytes, self.heavy_lanes, self.heavy = heavy_bytes, heavy_lanes, 0
         self._cond = threading.Condition()
+
+    def _fits(self, cost, heavy):
+        if heavy and self.heavy >= self.heavy_lanes:
+            return False
+        return self.used == 0 or self.used + cost <= self.limit
 
     @contextlib.contextmanager
     def reserve(self, cost):
+        heavy = cost > self.heavy_bytes
         with self._cond:
-            if not self._cond.wait_for(lambda: self.used == 0 or self.used + cost <= self.limit, self.wait_s):
+            if not self._cond.wait_for(lambda: self._fits(cost, heavy), self.wait_s):
                 raise catdog.ImageError("busy", "the service is decoding other large images: retry in a second")
             self.used += cost
+            self.heavy += heavy
         try:
             yield
         finally:
             with self._cond:
                 self.used -= cost
+                self.heavy -= heavy
                 self._cond.notify_all()
             if cost > 32 << 20:
                 release_memory()

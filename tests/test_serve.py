@@ -748,6 +748,24 @@ def test_decodes_wait_for_the_memory_budget_then_get_a_503(tmp_path):
     service.close()
 
 
+def test_heavy_decodes_leave_a_cpu_to_ordinary_photos(tmp_path):
+    """With 2 CPUs one heavy decode runs at a time: a second heavy one waits (then 503) even
+    though the memory budget has room, while an ordinary photo is answered at once."""
+    client, service = in_process(tiny_model(), str(tmp_path / "catdog.db"), decode_wait_s=0.2)
+    budget = service.decode_budget
+    budget.heavy_lanes, budget.heavy_bytes = 1, 1 << 20
+    ordinary = synthetic_photo(np.random.default_rng(28), "cat", size=(320, 240))  # 0.3 MB to decode
+    heavy = synthetic_photo(np.random.default_rng(29), "cat", fmt="PNG", size=(1200, 900))  # 3.2 MB, no draft
+    with budget.reserve(2 << 20):  # another request's heavy decode
+        assert budget.used + (5 << 20) <= budget.limit  # memory is not what stops it
+        refused = predict(client, heavy)
+        answered = predict(client, ordinary)
+    assert refused.status_code == 503 and refused.json["error"] == "busy", refused.json
+    assert answered.status_code == 200
+    assert budget.heavy == 0 and predict(client, heavy).status_code == 200
+    service.close()
+
+
 def test_api_token_guards_feedback_stats_and_metrics_only(tmp_path):
     client, service = in_process(tiny_model(), str(tmp_path / "catdog.db"), api_token="s3cret")
     answer = predict(client, synthetic_photo(np.random.default_rng(27), "cat")).json  # public
