@@ -8,9 +8,13 @@ SHELL := bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Extra pip options, e.g. the CPU torch index on a machine without /opt/wheels:
-#   PIP_OPTS="--extra-index-url https://download.pytorch.org/whl/cpu"
+# PyPI's torch==2.13.0 is the CUDA build (several GB of nvidia-* wheels). CPU_TORCH=1 takes
+# the same release's CPU build from PyTorch's own index (it satisfies the same ==2.13.0 pin):
+#   make all CPU_TORCH=1
+# PIP_OPTS: more pip options (a mirror: PIP_OPTS="--index-url https://pypi.example/simple").
+CPU_TORCH ?=
 PIP_OPTS ?=
+PIP_INSTALL_OPTS = $(PIP_OPTS) $(if $(CPU_TORCH),--extra-index-url https://download.pytorch.org/whl/cpu)
 
 # Where the photos come from: a Kaggle-style folder or zip, Microsoft's PetImages
 # folder or zip, or an http(s) URL of such a zip. The shared 3k sample wins when present.
@@ -52,12 +56,12 @@ setup: $(VENV)/.installed  ## .venv with the pinned packages of requirements.txt
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q $(PIP_OPTS) -r requirements.txt
+	$(VENV)/bin/pip install -q $(PIP_INSTALL_OPTS) -r requirements.txt
 	touch $@
 
 # Debian packages the tests and the container chain use (browser test, promtool, load
 # generator, shell lint). Installed only when missing and only where apt-get can run as root.
-APT_PACKAGES ?= chromium prometheus wrk shellcheck
+APT_PACKAGES ?= chromium prometheus wrk shellcheck postgresql
 system-deps:  ## the Debian packages the tests drive (as root, when missing)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -71,6 +75,9 @@ system-deps:  ## the Debian packages the tests drive (as root, when missing)
 lock: setup  ## re-pin requirements.txt from requirements.in
 	$(VENV)/bin/pip-compile --quiet --strip-extras --no-emit-find-links --no-emit-index-url \
 	  -o requirements.txt requirements.in
+	@# A local label (torch==2.13.0+cpu, from the wheel installed here) is on no index but the
+	@# one that built it; the plain version matches that build and PyPI's alike.
+	sed -i -E 's/^([A-Za-z0-9._-]+==[^ +]+)\+[A-Za-z0-9.]+/\1/' requirements.txt
 	$(VENV)/bin/pip-compile --quiet --strip-extras --no-emit-find-links --no-emit-index-url --generate-hashes \
 	  -o requirements-serve.txt requirements-serve.in
 

@@ -47,5 +47,13 @@ def test_requirements_txt_satisfies_requirements_in():
 
 def test_torch_is_pinned_and_torchvision_is_not_there():
     pinned = pins()
-    assert pinned["torch"].public == "2.13.0"  # the CPU build may carry a +cpu local tag
+    assert pinned["torch"] == Version("2.13.0")
     assert "torchvision" not in pinned
+
+
+def test_no_pin_carries_a_local_label():
+    """torch==2.13.0+cpu exists only on PyTorch's own index: on PyPI the install fails. The
+    plain pin matches the CPU build (CPU_TORCH=1) and PyPI's alike."""
+    for path in ("requirements.txt", "requirements-serve.txt"):
+        local = [line for line in requirement_lines(path) if PIN.match(line) and Version(PIN.match(line).group(2)).local]
+        assert not local, f"{path}: pins with a local label, on no public index: {local}"
