@@ -22,13 +22,20 @@ RUN python3 -m venv /opt/venv \
 FROM ${BASE_IMAGE}
 ARG REVISION=unknown
 ARG MODEL_VERSION=unknown
+# Where the model files come from: models/ (make all), or build/model/ (make image
+# MODEL_URI=models:/catdog@champion: from the MLflow registry, with its version and run).
+ARG MODEL_DIR=models
+ARG REGISTRY_VERSION=none
+ARG RUN_ID=none
 ARG SOURCE=https://github.com/catdog/catdog
 LABEL org.opencontainers.image.title="catdog" \
       org.opencontainers.image.description="Cat or dog? Photo classifier API (ONNX Runtime, Flask, waitress)" \
       org.opencontainers.image.source="${SOURCE}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.version="${MODEL_VERSION}" \
-      org.catdog.model.version="${MODEL_VERSION}"
+      org.catdog.model.version="${MODEL_VERSION}" \
+      org.catdog.model.registry_version="${REGISTRY_VERSION}" \
+      org.catdog.model.run_id="${RUN_ID}"
 
 # A fixed numeric uid so Kubernetes can check runAsNonRoot; the feedback DB is the only
 # thing the service writes, into a volume (the root file system stays read-only).
@@ -47,7 +54,7 @@ WORKDIR /app
 # Owned by root and read-only to the service: code and model cannot change at run time.
 COPY catdog.py serve.py store.py openapi.json ./
 COPY static/ static/
-COPY models/model.onnx models/model.json models/reference_profile.json models/
+COPY ${MODEL_DIR}/model.onnx ${MODEL_DIR}/model.json ${MODEL_DIR}/reference_profile.json models/
 # Byte-code compiled now, since nothing can be written at run time.
 RUN python3 -m compileall -q /app
 

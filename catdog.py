@@ -454,6 +454,24 @@ def wait_ready(url, proc=None, timeout=30):
 # cat/dog logits (n, 2), the pet logit (n,) of the "other" decision, and pet_distance (n,),
 # how far the image's features are from the training pets (drift).
 ONNX_OUTPUTS = ("logits", "pet_logit", "pet_distance")
+SERVED_FILES = ("model.onnx", "model.json", "reference_profile.json")  # what the service needs of a model
+
+
+def answer(outputs, meta):
+    """(label, confidence, cat/dog probabilities, pet probability, pet_distance) of one image's
+    ONNX outputs: "other" below the model's pet threshold (confidence 1 - pet probability), else
+    the likelier of cat and dog (its probability). The service and the registry's model both
+    answer with it."""
+    logits, pet_logit, distance = outputs
+    probabilities = softmax(logits)
+    pet_probability = float(1 / (1 + np.exp(-float(pet_logit))))
+    if pet_probability < float(meta["other"]["threshold"]):
+        label, confidence = OTHER, 1 - pet_probability
+    else:
+        best = int(np.argmax(probabilities))
+        label, confidence = meta["classes"][best], float(probabilities[best])
+    return (label, confidence, {c: float(p) for c, p in zip(meta["classes"], probabilities)},
+            pet_probability, float(distance))
 
 
 def model_meta(arch, metrics=None, temperature=1.0, version=None, backbone=BACKBONE, **extra):

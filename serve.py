@@ -213,19 +213,8 @@ class Model:
                 "run_id": self.meta.get("run_id")}
 
     def answer(self, outputs):
-        """(label, confidence, cat/dog probabilities, pet probability, pet_distance) of one image's
-        outputs: "other" below the pet threshold (confidence 1 - pet probability), else the likelier
-        of cat and dog (its probability)."""
-        logits, pet_logit, distance = outputs
-        probabilities = catdog.softmax(logits)
-        pet_probability = float(1 / (1 + np.exp(-float(pet_logit))))
-        if pet_probability < self.pet_threshold:
-            label, confidence = catdog.OTHER, 1 - pet_probability
-        else:
-            best = int(np.argmax(probabilities))
-            label, confidence = self.meta["classes"][best], float(probabilities[best])
-        return (label, confidence, {c: float(p) for c, p in zip(self.meta["classes"], probabilities)},
-                pet_probability, float(distance))
+        """catdog.answer of one image's outputs."""
+        return catdog.answer(outputs, self.meta)
 
 
 def load_model(path, ort_threads=1, batch_sizes=(1,), profile_path=None):

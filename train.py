@@ -450,8 +450,11 @@ def fit_platt(scores, y):
 
 
 def pet_threshold(pet_probs):
-    """The pet probability below which catdog.PETS_REJECTED of these (held-out) pets fall."""
-    return float(np.quantile(np.asarray(pet_probs, dtype=np.float64), catdog.PETS_REJECTED))
+    """The pet probability below which catdog.PETS_REJECTED of these (held-out) pets fall, and
+    never above 0.5: the probabilities are calibrated, so a photo more likely a pet than not
+    stays a pet. With few pets the quantile is their very least score, which a new pet falls
+    under as often as not."""
+    return min(0.5, float(np.quantile(np.asarray(pet_probs, dtype=np.float64), catdog.PETS_REJECTED)))
 
 
 def other_rates(pet_probs_of_pets, pet_probs_of_others, kinds, threshold):
@@ -982,7 +985,7 @@ def export_served_model(model, meta, path, test_set, torch_test_probs, train_ite
 def write_champion(folder, out):
     """Copy a promoted model's files into `out`, each replaced atomically."""
     os.makedirs(out, exist_ok=True)
-    for name in ("model.pt", "model.onnx", "model.json", "reference_profile.json"):
+    for name in ("model.pt", *catdog.SERVED_FILES):
         shutil.copyfile(os.path.join(folder, name), os.path.join(out, name + ".tmp"))
         os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
 
@@ -1060,9 +1063,10 @@ def run_one(which, cfg, splits, others, evaluation, lineage, train_stats, client
                            "parameters": sum(p.numel() for p in trained.model.parameters()),
                            "temperature": calibrated.temperature, "served_as": meta["served_as"],
                        "pet_decision": trained.model.pet.score_name, "pet_threshold": trained.pet_threshold}
-        log_run(folder, trained, meta, calibrated, served, cfg, splits, evaluation, lineage, train_stats, others)
+        logged = log_run(folder, trained, meta, calibrated, served, cfg, splits, evaluation, lineage, train_stats,
+                         others)
         promoted, version = register_and_gate(client, cfg, run, trained, meta, folder, evaluation, served,
-                                              lineage["eval_set_sha256"])
+                                              lineage["eval_set_sha256"], logged)
         return {**meta["metrics"], "promoted": promoted, "version": version}
 
 
@@ -1173,6 +1177,25 @@ def log_run(folder, trained, meta, calibrated, served, cfg, splits, evaluation, 
     reports = os.path.join(folder, "reports")  # made after model/ is logged, so not part of it
     write_reports(reports, trained, meta, served, cfg, splits, evaluation, lineage)
     mlflow.log_artifacts(reports, "reports")
+    return log_registry_model(folder)
+
+
+def log_registry_model(folder):
+    """The served files as an MLflow model (registry_model.py): what the registry releases and
+    mlflow.pyfunc.load_model loads. Its requirements are the serving pins of requirements.txt."""
+    import mlflow
+
+    return mlflow.pyfunc.log_model(
+        name="catdog", python_model=os.path.join(catdog.ROOT, "registry_model.py"),
+        artifacts={name: os.path.join(folder, name) for name in catdog.SERVED_FILES},
+        code_paths=[os.path.join(catdog.ROOT, "catdog.py")], pip_requirements=serving_pins())
+
+
+def serving_pins(names=("onnxruntime", "numpy", "pillow", "pillow-heif", "pandas")):
+    """The requirements.txt lines (name==version) of what registry_model.py imports."""
+    with open(os.path.join(catdog.ROOT, "requirements.txt")) as f:
+        pins = dict(line.strip().split("==", 1) for line in f if "==" in line and not line.startswith("#"))
+    return [f"{name}=={pins[name]}" for name in names if name in pins]
 
 
 def write_reports(reports, trained, meta, served, cfg, splits, evaluation, lineage):
@@ -1188,13 +1211,13 @@ def write_reports(reports, trained, meta, served, cfg, splits, evaluation, linea
         f.write(model_card(trained.which, meta["metrics"], splits, lineage, cfg))
 
 
-def register_and_gate(client, cfg, run, trained, meta, folder, evaluation, served, eval_hash):
-    """A new registry version of the run's model/, promoted to champion (and written to
-    cfg.out) when it passes the gate, else challenger; (promoted?, version)."""
+def register_and_gate(client, cfg, run, trained, meta, folder, evaluation, served, eval_hash, logged):
+    """A new registry version of the run's logged MLflow model, promoted to champion (and
+    written to cfg.out) when it passes the gate, else challenger; (promoted?, version)."""
     import mlflow
 
-    version = client.create_model_version(cfg.registered_name, f"{run.info.artifact_uri}/model",
-                                          run_id=run.info.run_id, tags={"arch": trained.which}).version
+    version = client.create_model_version(cfg.registered_name, logged.model_uri, run_id=run.info.run_id,
+                                          tags={"arch": trained.which}, model_id=logged.model_id).version
     champion, against = compare_with_champion(client, cfg, evaluation, eval_hash, served.eval_probs)
     promoted, reasons = gate(meta["metrics"], champion)
     verdict = "promoted" if promoted else "refused: " + "; ".join(reasons)

@@ -179,6 +179,36 @@ def test_mlflow_runs_hold_params_metrics_artifacts_and_lineage(trained):
     assert len(client.get_metric_history(transfer.info.run_id, "train_accuracy")) == 5
 
 
+def test_the_registry_champion_is_an_mlflow_model_that_answers_as_the_service(trained, tmp_path, monkeypatch):
+    """models:/catdog@champion loads with mlflow.pyfunc and answers photos as serve.py does;
+    registry_model.download gives the files `make image MODEL_URI=...` builds from."""
+    import registry_model
+    import serve
+
+    tracking = f"sqlite:///{trained['tmp']}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    mlflow.set_tracking_uri(tracking)
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("catdog", "champion")
+    assert champion.source.startswith("models:/m-")  # a logged MLflow model, not a folder of files
+    photos = [path for path, _ in train.list_split(str(trained["tmp"] / "processed"), "test")][::4]
+    answers = mlflow.pyfunc.load_model("models:/catdog@champion").predict([open(p, "rb").read() for p in photos])
+    served = serve.load_model(str(trained["tmp"] / "models" / "model.onnx"))
+    for path, row in zip(photos, answers.itertuples()):
+        x = catdog.preprocess(catdog.open_image(path, min_side=served.meta["preprocess"]["resize"]),
+                              served.meta["preprocess"])
+        label, confidence, probabilities, pet_probability, _ = served.answer(served.run(x[None])[0])
+        assert (row.label, row.confidence, row.pet_probability) == (label, pytest.approx(confidence),
+                                                                   pytest.approx(pet_probability)), path
+        assert (row.cat, row.dog) == (pytest.approx(probabilities["cat"]), pytest.approx(probabilities["dog"]))
+    found = registry_model.download("models:/catdog@champion", str(tmp_path / "build"))
+    assert found.version == champion.version
+    for name in ("model.onnx", "reference_profile.json"):
+        assert (tmp_path / "build" / name).read_bytes() == (trained["tmp"] / "models" / name).read_bytes()
+    meta = catdog.read_json(tmp_path / "build" / "model.json")
+    assert (meta["registry_version"], meta["run_id"]) == (champion.version, champion.run_id)
+
+
 def test_saved_champion_loads_and_its_served_int8_file_is_what_was_measured(trained):
     import onnx
     import onnxruntime
