@@ -22,6 +22,7 @@ import pandas as pd
 
 import catdog
 
+
 class CatdogModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self.meta = catdog.read_json(context.artifacts["model.json"])
