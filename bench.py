@@ -12,10 +12,13 @@ each a keep-alive connection posting multipart uploads back to back: --rounds ro
 --seconds per level, services taking turns, the median round reported. Prints requests/s,
 p50/p95/p99 and server CPU per request for each service, the speed-up and start -> ready.
 serve.py runs twice: as configured (the batcher off by default) and with the batcher
-flipped (BATCH_MAX=16, or 1 when it is on), to show what batching buys on this machine.
+flipped (BATCH_MAX=16, or 1 when it is on), to show what batching buys on this machine, and
+a third time storing into PostgreSQL (a server of its own on this machine, started like the
+tests' one) instead of its SQLite file, to show what the shared store costs.
 Settings of serve.py come from the environment as usual (e.g. BATCH_MAX=8 BATCH_WAIT_MS=5).
 This prints figures; it is not a test.
 """
+import contextlib
 import http.client
 import io
 import os
@@ -280,6 +283,21 @@ def measure(services, bodies, levels, rounds, seconds):
     return results
 
 
+@contextlib.contextmanager
+def postgres_database():
+    """A URL of a database on a PostgreSQL server of its own (tests/postgres_server.py), or
+    None with the reason printed where none can run here."""
+    from tests.postgres_server import PostgresServer, why_unavailable
+
+    reason = why_unavailable()
+    if reason:
+        print(f"  no PostgreSQL run: {reason}")
+        yield None
+        return
+    with PostgresServer() as server:
+        yield server.new_database("bench")
+
+
 def check_inputs(cfg):
     for needed in ("model.onnx", "model.json") + (() if cfg.skip_baseline else ("model.pt",)):
         if not os.path.exists(os.path.join(cfg.models, needed)):
@@ -288,11 +306,12 @@ def check_inputs(cfg):
         sys.exit(f"no photos at {cfg.photos}")
 
 
-# The services driven; the second is serve.py with the batcher flipped.
-SERVICES = ("serve.py (ONNX Runtime)", "serve.py, BATCH_MAX={}", "baseline (Flask + eager)")
+# The services driven; the second is serve.py with the batcher flipped, the fourth serve.py
+# storing into PostgreSQL instead of its SQLite file.
+SERVICES = ("serve.py (ONNX Runtime)", "serve.py, BATCH_MAX={}", "baseline (Flask + eager)", "serve.py, PostgreSQL store")
 
 
-def run_services(cfg, photos, bodies, levels, serve_env, flipped):
+def run_services(cfg, photos, bodies, levels, serve_env, flipped, database_url=None):
     """Start every service, drive them all (measure), stop them; (results, serve.py start -> ready s,
     batch_cost of serve.py)."""
     serve = lambda port: [sys.executable, "serve.py"]  # noqa: E731 (port comes from the PORT env var)
@@ -306,6 +325,8 @@ def run_services(cfg, photos, bodies, levels, serve_env, flipped):
         commands = [(SERVICES[1].format(flipped), serve, {**serve_env, "BATCH_MAX": flipped})]
         if not cfg.skip_baseline:
             commands.append((SERVICES[2], peer, dict(os.environ)))
+        if database_url:
+            commands.append((SERVICES[3], serve, {**serve_env, "DATABASE_URL": database_url}))
         for name, command, env in commands:
             proc, port, _ = start(command, env, bodies)
             procs.append(proc)
@@ -346,6 +367,12 @@ def print_summary(results, levels, flipped, ready_s):
     if 8 in ours:
         print(f"  p99 at 8 clients: {ours[8]['p99']:.1f} ms (target <= 100 ms) {'PASS' if ours[8]['p99'] <= 100 else 'MISS'}")
     print(f"  start -> ready: {ready_s:.2f} s (target <= 3 s) {'PASS' if ready_s <= 3 else 'MISS'}")
+    postgres = results.get(SERVICES[3])
+    if postgres and 8 in ours:
+        cost = 1 - postgres[8]["rps"] / ours[8]["rps"]
+        print(f"  PostgreSQL store at 8 clients: {postgres[8]['rps']:.1f} req/s (p99 {postgres[8]['p99']:.1f} ms) "
+              f"against SQLite's {ours[8]['rps']:.1f}: {cost:+.1%} throughput cost (target <= 10 %) "
+              f"{'PASS' if cost <= 0.10 else 'MISS'}")
 
 
 def main(argv=None):
@@ -373,7 +400,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="catdog-bench-") as db_dir:
         serve_env = {**os.environ, "HOST": "127.0.0.1", "MODEL_PATH": os.path.join(cfg.models, "model.onnx"),
                      "DB_PATH": os.path.join(db_dir, "bench.db")}
-        results, ready_s, album = run_services(cfg, photos, bodies, levels, serve_env, flipped)
+        with postgres_database() as database_url:
+            results, ready_s, album = run_services(cfg, photos, bodies, levels, serve_env, flipped, database_url)
     print_summary(results, levels, flipped, ready_s)
     (single_ms, single_cpu), (batch_ms, batch_cpu) = album["single"], album["batch"]
     print(f"\n{album['photos']} photos, one client: one POST /predict/batch (runs of 4) {batch_ms:.1f} ms "

@@ -17,6 +17,10 @@ from service_helpers import ROOT
 BIN = os.path.dirname(sys.executable)
 WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, ".github", "workflows", "*.yml")))
 K8S = sorted(glob.glob(os.path.join(ROOT, "k8s", "*.yaml")))
+# The database for clusters without a managed one; the example Secret is not *.yaml, so that
+# `kubectl apply -f k8s/postgres/` never applies its placeholder password.
+POSTGRES_K8S = sorted(glob.glob(os.path.join(ROOT, "k8s", "postgres", "*.yaml")))
+POSTGRES_SECRET = os.path.join(ROOT, "k8s", "postgres", "secret.yaml.example")
 
 
 def tool(name):
@@ -61,7 +65,8 @@ def test_workflows_match_the_schema_and_pass_actionlint():
 
 def test_kubernetes_manifests_validate_strictly(tmp_path):
     validate = tool("kubernetes-validate")
-    code, out = run(validate, "--strict", "--quiet", *K8S)
+    assert POSTGRES_K8S
+    code, out = run(validate, "--strict", "--quiet", *K8S, *POSTGRES_K8S, POSTGRES_SECRET)
     assert code == 0, out
     # The validator really rejects a misspelt field (readinesProbe), so the pass above means something.
     deployment = load("k8s/deployment.yaml")[0]
@@ -89,8 +94,89 @@ def test_deployment_rolls_out_safely_and_runs_locked_down():
     assert docs["Service"]["spec"]["selector"] == spec["selector"]["matchLabels"]
 
 
+def test_deployment_reads_database_url_from_a_secret():
+    """Every replica must share one store: DATABASE_URL comes from a Secret, and a missing Secret
+    stops the pods (no silent per-pod SQLite)."""
+    container = load("k8s/deployment.yaml")[0]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    ref = env["DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == "catdog-database" and ref["key"] == "url" and not ref.get("optional", False)
+    assert "value" not in env["DATABASE_URL"]
+
+
+def test_kubernetes_postgres_is_persistent_probed_and_locked_down():
+    docs = {doc["kind"]: doc for name in POSTGRES_K8S for doc in load(os.path.relpath(name, ROOT))}
+    (secret,) = load(os.path.relpath(POSTGRES_SECRET, ROOT))
+    sts, service = docs["StatefulSet"], docs["Service"]
+    spec = sts["spec"]
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert spec["replicas"] == 1 and spec["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["selector"] == spec["selector"]["matchLabels"]
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    assert service["spec"]["ports"][0]["port"] == 5432
+    (claim,) = spec["volumeClaimTemplates"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts["/var/lib/postgresql/data"] == claim["metadata"]["name"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["resources"]["requests"]["storage"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["PGDATA"]["value"].startswith("/var/lib/postgresql/data/")  # not the volume's root
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["exec"]["command"][0] == "pg_isready", probe
+    assert {"cpu", "memory"} <= container["resources"]["requests"].keys() & container["resources"]["limits"].keys()
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 999
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    # The example Secret has the keys the two workloads read, a placeholder, and a url that
+    # names this Service, user and database.
+    password = env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert password["name"] == secret["metadata"]["name"] == "catdog-database"
+    assert set(secret["stringData"]) == {password["key"], "url"}
+    assert "REPLACE-ME" in secret["stringData"]["password"]
+    user, db = env["POSTGRES_USER"]["value"], env["POSTGRES_DB"]["value"]
+    assert secret["stringData"]["url"] == (f"postgresql://{user}:{secret['stringData']['password']}"
+                                           f"@{service['metadata']['name']}:5432/{db}")
+    policy = docs["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    api_labels = load("k8s/deployment.yaml")[0]["spec"]["selector"]["matchLabels"]
+    assert policy["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == api_labels
+
+
+def test_compose_postgres_profile_and_its_env_file():
+    """The api stores in SQLite unless postgres.env (git-ignored) gives it DATABASE_URL; the opt-in
+    postgres profile runs the official image (or POSTGRES_IMAGE) on a named volume, healthchecked."""
+    services = load("docker-compose.yml")[0]["services"]
+    api, postgres = services["api"], services["postgres"]
+    assert "profiles" not in api and postgres["profiles"] == ["postgres"]
+    assert api["env_file"] == [{"path": "postgres.env", "required": False}]
+    assert "DATABASE_URL" not in api["environment"]
+    assert postgres["image"].startswith("${POSTGRES_IMAGE:-postgres:")
+    assert [e["path"] for e in postgres["env_file"]] == ["postgres.env"]
+    assert "POSTGRES_PASSWORD" not in postgres.get("environment", {})
+    (volume,) = postgres["volumes"]
+    name, path = volume.split(":")
+    assert path == "/var/lib/postgresql/data" and name in load("docker-compose.yml")[0]["volumes"]
+    assert postgres["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    assert "ports" not in postgres  # on the Compose network only
+    # The example's URL reaches this service as its user, into its database, with its password.
+    with open(os.path.join(ROOT, "postgres.env.example")) as f:
+        example = dict(line.split("=", 1) for line in f.read().splitlines() if line and not line.startswith("#"))
+    env = postgres["environment"]
+    assert example["DATABASE_URL"] == (f"postgresql://{env['POSTGRES_USER']}:{example['POSTGRES_PASSWORD']}"
+                                       f"@postgres:5432/{env['POSTGRES_DB']}")
+    if shutil.which("git") and os.path.isdir(os.path.join(ROOT, ".git")):
+        assert subprocess.run(["git", "check-ignore", "-q", "postgres.env"], cwd=ROOT).returncode == 0
+        assert subprocess.run(["git", "check-ignore", "-q", "postgres.env.example"], cwd=ROOT).returncode == 1
+
+
+def test_ci_postgres_stand_in_passes_hadolint():
+    code, out = run(tool("hadolint"), ".ci/postgres/Dockerfile")
+    assert code == 0, out
+
+
 def test_deploy_scripts_pass_shellcheck():
-    code, out = run(tool("shellcheck"), "smoke.sh", "deploy.sh", ".ci/run")
+    code, out = run(tool("shellcheck"), "smoke.sh", "deploy.sh", ".ci/run", ".ci/postgres/docker-entrypoint.sh")
     assert code == 0, out
 
 
