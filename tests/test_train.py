@@ -7,6 +7,7 @@ run. No test changes directory: train.py's paths are anchored, MLflow's artifact
 each test's database."""
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -207,6 +208,45 @@ def test_the_registry_champion_is_an_mlflow_model_that_answers_as_the_service(tr
         assert (tmp_path / "build" / name).read_bytes() == (trained["tmp"] / "models" / name).read_bytes()
     meta = catdog.read_json(tmp_path / "build" / "model.json")
     assert (meta["registry_version"], meta["run_id"]) == (champion.version, champion.run_id)
+
+
+def test_training_into_a_tracking_server_then_loading_its_champion(tmp_path, monkeypatch):
+    """A team's set-up: `mlflow server` (PostgreSQL backend store, --serve-artifacts) on
+    127.0.0.1; train.py registers into it over HTTP, artifacts go through the server (no local
+    path in the run), and the champion loads back from it."""
+    from postgres_server import PostgresServer, why_unavailable
+
+    if why_unavailable():
+        pytest.skip(why_unavailable())
+    make_dataset(tmp_path / "processed")
+    with PostgresServer() as database:
+        backend = database.new_database("mlflow").replace("postgresql://", "postgresql+psycopg://")
+        port = catdog.free_port()
+        server = subprocess.Popen(
+            [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1", "--backend-store-uri", backend, "--serve-artifacts",
+             "--artifacts-destination", str(tmp_path / "server-artifacts")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            catdog.wait_ready(f"{url}/health", server, timeout=120)
+            result = train.main(["--data", str(tmp_path / "processed"), "--out", str(tmp_path / "models"),
+                                 "--tracking-uri", url, "--no-pretrained", "--arch", "baseline", "--epochs", "6",
+                                 "--lr", "0.01", "--batch-size", "8", "--eval-extra", str(tmp_path / "processed" / "extra"),
+                                 "--not-pets", str(tmp_path / "notpets"), "--synthetic", "0"])["baseline"]
+            assert result["promoted"]
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+            mlflow.set_tracking_uri(url)
+            champion = mlflow.MlflowClient().get_model_version_by_alias("catdog", "champion")
+            run = mlflow.MlflowClient().get_run(champion.run_id)
+            assert run.info.artifact_uri.startswith("mlflow-artifacts:/"), run.info.artifact_uri  # server-side
+            assert os.listdir(tmp_path / "server-artifacts")  # the server stored them
+            photo = train.list_split(str(tmp_path / "processed"), "test")[0][0]
+            answer = mlflow.pyfunc.load_model("models:/catdog@champion").predict([open(photo, "rb").read()])
+            assert answer.label[0] == ("cat" if "/cat/" in photo else "dog")
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)  # the server and its gunicorn/uvicorn workers
+            server.wait(30)
 
 
 def test_saved_champion_loads_and_its_served_int8_file_is_what_was_measured(trained):
