@@ -117,8 +117,9 @@ serve: setup  ## the service on :8000
 	$(PY) serve.py
 
 # serve.py vs a naive Flask + PyTorch-eager service at 1/8/32 clients on the shared photos.
+BENCH_ARGS ?=
 bench: setup  ## speed figures: serve.py against a naive Flask + PyTorch peer
-	$(PY) bench.py
+	$(PY) bench.py $(BENCH_ARGS)
 
 # Hostile inputs against a real serve.py (the champion, else a tiny model), about a minute: mutated
 # and lying files, protocol abuse, worst-case uploads. Fails on a 5xx or a dead process; prints
