@@ -126,7 +126,9 @@ def test_release_builds_the_champion_deploys_on_a_dedicated_runner_and_rolls_bac
     action = on["workflow_dispatch"]["inputs"]["action"]
     assert set(action["options"]) == {"deploy", "rollback"} and action["default"] == "deploy"
     (image_job,) = job_running(doc, r"\bmake image\b").values()
-    assert "MODEL_URI=models:/catdog@champion" in commands(image_job)
+    # The champion's version, resolved once (an alias looked up twice could move in between).
+    assert 'get_model_version_by_alias("catdog", "champion")' in commands(image_job)
+    assert 'MODEL_URI="models:/catdog/$VERSION"' in commands(image_job)
     assert re.search(r"\bmake push\b", commands(image_job)) and "ghcr.io/" in commands(image_job)
     assert re.search(r"\./smoke\.sh ", commands(image_job)), "the image is smoke-tested before it is pushed"
     assert secret("MLFLOW_TRACKING_URI").fullmatch(env_of(doc, image_job, r"\bmake image\b")["MLFLOW_TRACKING_URI"])
