@@ -167,9 +167,21 @@ class SQLiteStore(Store):
         self._lock = threading.Lock()
         # WAL: readers never block the writer. synchronous=NORMAL: a commit survives the
         # process being killed (kill -9, OOM); only a power cut can lose the last few.
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._switch_to_wal()
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self.migrate()
+
+    def _switch_to_wal(self, attempts=200):
+        """PRAGMA journal_mode=WAL, retried: on a new file that another process is switching at
+        the same moment it fails at once with "database is locked" (no busy wait for it)."""
+        for attempt in range(attempts):
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or attempt == attempts - 1:
+                    raise
+                time.sleep(0.01)
 
     @contextlib.contextmanager
     def _transaction(self, write=True):
@@ -183,10 +195,11 @@ class SQLiteStore(Store):
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:  # a failed COMMIT (disk full) must not leave one open
+                    self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
 
     def _tables(self, conn):
         return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
