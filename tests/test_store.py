@@ -106,21 +106,27 @@ def test_old_databases_are_migrated_and_migrations_are_idempotent(backend):
         s.close()
 
 
-def test_replicas_starting_at_once_migrate_a_new_database_once(backend):
-    open_store = backend[0]
+def open_at_once(open_store, count=4):
+    """`count` threads calling open_store() together, as replicas starting at the same moment:
+    (stores opened, exceptions raised)."""
     opened, failures = [], []
 
     def start():
         try:
             opened.append(open_store())
-        except Exception as e:  # noqa: BLE001 (reported below)
+        except Exception as e:  # noqa: BLE001 (returned to the test)
             failures.append(e)
 
-    threads = [threading.Thread(target=start) for _ in range(4)]
+    threads = [threading.Thread(target=start) for _ in range(count)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return opened, failures
+
+
+def test_replicas_starting_at_once_migrate_a_new_database_once(backend):
+    opened, failures = open_at_once(backend[0])
     try:
         assert not failures and len(opened) == 4
         assert rows(opened[0], "SELECT version FROM schema_version") == [(store.LATEST,)]
@@ -134,19 +140,8 @@ def test_processes_opening_a_new_sqlite_file_at_once_all_get_it(tmp_path):
     """Switching a new file to WAL fails at once, unwaited, while another connection switches
     it: about one start in 300 of four at once failed with "database is locked"."""
     for round_ in range(300):
-        path, opened, failures = str(tmp_path / f"{round_}.db"), [], []
-
-        def start(path=path, opened=opened, failures=failures):
-            try:
-                opened.append(store.SQLiteStore(path))
-            except sqlite3.Error as e:
-                failures.append(e)
-
-        threads = [threading.Thread(target=start) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        path = str(tmp_path / f"{round_}.db")
+        opened, failures = open_at_once(lambda path=path: store.SQLiteStore(path))
         for s in opened:
             s.close()
         assert not failures, f"round {round_}: {failures}"
