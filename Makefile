@@ -39,12 +39,16 @@ export PYTHONDONTWRITEBYTECODE := 1
 export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 4294967296
 
-.PHONY: all help setup system-deps lock data train serve test lint bench fuzz image push deploy rollback \
+.PHONY: all help setup system-deps lock data train train-is-current serve test lint bench fuzz image push deploy rollback \
         smoke smoke-model post-eval monitor-check mlflow-ui clean
 
 all:  ## setup -> data -> train: the champion in models/, ready to serve (each stage's time printed)
 	@total=$$SECONDS; for stage in setup data train; do \
-	  start=$$SECONDS; $(MAKE) --no-print-directory $$stage; echo "== make $$stage: $$((SECONDS - start)) s"; \
+	  start=$$SECONDS; \
+	  if [ $$stage = train ] && $(MAKE) --no-print-directory -s train-is-current; then \
+	    echo "train: its inputs are those dvc.lock records and models/ holds the champion: nothing to do"; \
+	  else $(MAKE) --no-print-directory $$stage; fi; \
+	  echo "== make $$stage: $$((SECONDS - start)) s"; \
 	done; echo "== make all: $$((SECONDS - total)) s"
 
 help:  ## this list
@@ -100,17 +104,26 @@ lock: setup  ## re-pin requirements.txt from requirements.in
 	  -o requirements-serve.txt requirements-serve.in
 
 # ------------------------------------------------------------------ pipeline
-# preprocess.py writes data/processed/, data/manifest.csv, data/quality_report.*, and
-# data/raw/ when it downloads; `dvc add` records it all in data.dvc (`dvc push` uploads).
-data: setup  ## photos -> validated, deduplicated, split data/ (DVC-tracked)
-	$(PY) preprocess.py --source "$(DATA_SOURCE)" --out data/processed
-	$(VENV)/bin/dvc add --quiet data
+# The pipeline is dvc.yaml's stages, data -> train; dvc.lock (committed) records what each
+# last ran on. preprocess.py writes data/processed/, data/manifest.csv, data/quality_report.*,
+# and data/raw/ when it downloads: the data stage's output (`dvc push` uploads it).
+DVC = PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc
+# A DATA_SOURCE given on the command line or in the environment forces the stage: DVC hashes
+# the code, not the photos behind a folder or URL.
+data: setup  ## photos -> validated, deduplicated, split data/ (the DVC data stage)
+	DATA_SOURCE="$(DATA_SOURCE)" $(DVC) repro $(if $(filter command line environment,$(origin DATA_SOURCE)),--force) --single-item data
 
-# Both models -> MLflow (sqlite:///mlflow.db, artifacts in mlruns/) -> gate -> champion in models/.
+# Both models -> MLflow (sqlite:///mlflow.db, artifacts in mlruns/) -> gate -> champion in models/,
+# always (`make all` skips it when train-is-current). As the DVC train stage, so dvc.lock records
+# its inputs; with TRAIN_ARGS it is an experiment dvc.lock does not describe, run directly:
 #   make train TRAIN_ARGS="--arch transfer --head-epochs 40"; scale out: torchrun --nproc_per_node N train.py
 TRAIN_ARGS ?=
 train: setup  ## both models -> MLflow -> gate -> champion in models/
-	$(PY) train.py $(TRAIN_ARGS)
+	$(if $(TRAIN_ARGS),$(PY) train.py $(TRAIN_ARGS),$(DVC) repro --force --single-item train)
+
+# True when models/ holds a champion and no dep of the train stage changed since dvc.lock.
+train-is-current:
+	@test -f models/model.onnx && $(DVC) status --quiet train
 
 # The service on 0.0.0.0:8000 (settings from env vars: PORT, MODEL_PATH, DB_PATH, ... see README).
 serve: setup  ## the service on :8000

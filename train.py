@@ -776,9 +776,10 @@ def read_evaluation_csv(path):
 # ---------------------------------------------------------------- lineage
 def lineage_of(data_dir, test_items, evaluation):
     """Where a model comes from, as MLflow tags (strings, "None" when unknown): the code's
-    commit, the data's DVC md5 and manifest, the identity of the test split and of the
+    commit, the data's DVC md5, dvc.lock and manifest, the identity of the test split and of the
     evaluation set."""
-    found = {"git_commit": git_commit(), "dvc_md5": dvc_hash(data_dir), "manifest_sha256": manifest_sha256(data_dir),
+    found = {"git_commit": git_commit(), "dvc_md5": dvc_hash(data_dir), "dvc_lock_sha256": dvc_lock_sha256(),
+             "manifest_sha256": manifest_sha256(data_dir),
              "test_split_sha256": split_hash(test_items, data_dir), "eval_set_sha256": evaluation.identity()}
     return {k: str(v) for k, v in found.items()}
 
@@ -797,19 +798,30 @@ def git_commit():
 
 
 def dvc_hash(data_dir):
-    """The md5 DVC recorded for the processed data (the .dvc file of its folder or of the
-    folder above it, as data.dvc is for data/processed), if any."""
+    """The md5 dvc.lock records for the processed data (the data stage's output: its folder
+    or the folder above it, as data/ is for data/processed), if any."""
+    folder = os.path.abspath(data_dir)
+    for entry in dvc_lock().get("stages", {}).get("data", {}).get("outs") or []:
+        if os.path.join(catdog.ROOT, entry.get("path", "")) in (folder, os.path.dirname(folder)):
+            return entry.get("md5")
+    return None
+
+
+def dvc_lock_sha256():
+    """sha256 of the project's dvc.lock as training starts: with a clean git_commit, the
+    committed lock (the train stage's deps and the data hash this run used)."""
+    path = os.path.join(catdog.ROOT, "dvc.lock")
+    return catdog.sha256_file(path) if os.path.isfile(path) else None
+
+
+def dvc_lock():
     import yaml
 
-    folder = os.path.abspath(data_dir)
-    for pointer in (folder + ".dvc", os.path.dirname(folder) + ".dvc"):
-        if os.path.isfile(pointer):
-            with open(pointer) as f:
-                outs = (yaml.safe_load(f) or {}).get("outs") or []
-            for entry in outs:
-                if entry.get("md5"):
-                    return entry["md5"]
-    return None
+    path = os.path.join(catdog.ROOT, "dvc.lock")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return yaml.safe_load(f) or {}
 
 
 def manifest_path(data_dir):
@@ -1052,7 +1064,7 @@ def run_one(which, cfg, splits, others, evaluation, lineage, train_stats, client
         meta = catdog.model_meta(which, temperature=calibrated.temperature, run_id=run.info.run_id, backbone=cfg.backbone,
                                  served_as="int8 ONNX" if cfg.quantize else "fp32 ONNX",
                                  data={k: lineage[k] for k in ("test_split_sha256", "eval_set_sha256", "dvc_md5",
-                                                                "manifest_sha256")},
+                                                                "dvc_lock_sha256", "manifest_sha256")},
                                  git_commit=lineage["git_commit"],
                                  other={"label": catdog.OTHER, "score": trained.model.pet.score_name,
                                         "threshold": trained.pet_threshold})
@@ -1248,8 +1260,8 @@ folded into the head. Served as an {summary['served_as']} model; every metric be
 file. Input: RGB photo, preprocessing {catdog.preprocess_settings(which, cfg.backbone)} (catdog.preprocess).
 
 **Data**: {cfg.data}: {', '.join(f'{len(v)} {k}' for k, v in splits.items())} images (cats and dogs,
-balanced). Test split sha256 {lineage['test_split_sha256']}; DVC md5 {lineage['dvc_md5']};
-manifest sha256 {lineage['manifest_sha256']}; code {lineage['git_commit']}.
+balanced). Test split sha256 {lineage['test_split_sha256']}; DVC md5 {lineage['dvc_md5']}
+(dvc.lock sha256 {lineage['dvc_lock_sha256']}); manifest sha256 {lineage['manifest_sha256']}; code {lineage['git_commit']}.
 
 **Evaluation** ({summary['eval_images']:.0f} photos: the test split and {extra}; evaluation set
 sha256 {lineage['eval_set_sha256']}): accuracy {summary['eval_accuracy']:.4f}, 95 % interval

@@ -1,11 +1,14 @@
-"""DVC: the data lives in DVC, never in git, and `make data && dvc push` then `dvc pull`
-in a fresh clone restores it byte for byte."""
+"""DVC: the pipeline is dvc.yaml's stages (data -> train, their hashes in dvc.lock), the data
+lives in DVC, never in git, and `dvc push` then `dvc pull` in a fresh clone restores it byte
+for byte."""
+import ast
 import configparser
 import os
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import ROOT
 from conftest import read_tree as tree
@@ -29,12 +32,65 @@ def test_project_config_has_analytics_off_and_a_default_local_remote():
     assert "://" not in remote  # a plain folder: works on any machine with no credentials
 
 
-def test_data_is_tracked_by_dvc_not_git():
-    with open(os.path.join(ROOT, "data.dvc")) as f:
-        assert "path: data\n" in f.read()
+def read_yaml(name):
+    with open(os.path.join(ROOT, name)) as f:
+        return yaml.safe_load(f)
+
+
+def local_imports(module, seen=None):
+    """The project's own modules `module` imports, directly or through each other."""
+    seen = seen if seen is not None else {module}
+    with open(os.path.join(ROOT, module)) as f:
+        tree = ast.parse(f.read())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    for name in sorted(names):
+        path = name.split(".")[0] + ".py"
+        if path not in seen and os.path.isfile(os.path.join(ROOT, path)):
+            seen.add(path)
+            local_imports(path, seen)
+    return seen
+
+
+def test_data_is_a_dvc_stage_output_not_in_git():
+    assert not os.path.exists(os.path.join(ROOT, "data.dvc"))  # one record of the data: dvc.lock
+    data = read_yaml("dvc.lock")["stages"]["data"]
+    assert [out["path"] for out in data["outs"]] == ["data"] and data["outs"][0]["md5"].endswith(".dir")
     assert sh("git", "ls-files", "data", cwd=ROOT) == ""
     # git ignores the data folder itself, so `git add -A` can never pick up a photo.
     assert sh("git", "check-ignore", "data/processed/train/cat/cat.1.jpg", cwd=ROOT).strip()
+
+
+def test_pipeline_is_data_then_train_with_every_input_as_a_dependency():
+    stages = read_yaml("dvc.yaml")["stages"]
+    assert list(stages) == ["data", "train"]
+    assert "preprocess.py" in stages["data"]["cmd"] and "train.py" in stages["train"]["cmd"]
+    assert set(stages["data"]["deps"]) == local_imports("preprocess.py")
+    # train reads data/, and every module it imports (registry_model.py it logs as the MLflow model).
+    assert set(stages["train"]["deps"]) == {"data", "requirements.txt", "registry_model.py"} | local_imports("train.py")
+    # No out: training is not byte-reproducible, so one would rewrite dvc.lock on every machine.
+    assert "outs" not in stages["train"]
+    # The lock describes this dvc.yaml: the same deps, stage by stage.
+    lock = read_yaml("dvc.lock")["stages"]
+    assert {name: sorted(d["path"] for d in stage["deps"]) for name, stage in lock.items()} == \
+        {name: sorted(stage["deps"]) for name, stage in stages.items()}
+
+
+def test_models_record_the_data_hash_dvc_lock_holds():
+    import train
+
+    md5 = read_yaml("dvc.lock")["stages"]["data"]["outs"][0]["md5"]
+    assert train.dvc_hash(os.path.join(ROOT, "data", "processed")) == md5
+    assert train.dvc_hash(os.path.join(ROOT, "data")) == md5
+    assert train.dvc_hash(os.path.join(ROOT, "elsewhere", "processed")) is None
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "data", "processed")), reason="no data/: run make all")
+def test_dvc_lock_matches_the_data_make_all_built():
+    """`dvc status` (what `make all` asks before any stage) finds nothing to rerun."""
+    env = {**ENV, "PATH": os.path.dirname(sys.executable) + os.pathsep + ENV["PATH"]}
+    done = subprocess.run([DVC, "status", "--quiet", "data"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_push_then_pull_in_a_fresh_clone_restores_the_data(tmp_path, write_photo):

@@ -171,6 +171,7 @@ def test_mlflow_runs_hold_params_metrics_artifacts_and_lineage(trained):
         assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", tags["git_commit"])  # the project's, from any folder
         assert tags["test_split_sha256"] == test_split and re.fullmatch(r"[0-9a-f]{64}", tags["eval_set_sha256"])
         assert tags["dvc_md5"] == tags["manifest_sha256"] == "None"  # the synthetic data has neither
+        assert re.fullmatch(r"[0-9a-f]{64}", tags["dvc_lock_sha256"])  # the project's committed dvc.lock
         artifacts = {a.path for folder in ("model", "reports") for a in client.list_artifacts(run.info.run_id, folder)}
         assert artifacts == MODEL_FILES | REPORT_FILES
         # Beside the database, not in the current directory.
