@@ -126,6 +126,14 @@ def test_release_builds_the_champion_deploys_on_a_dedicated_runner_and_rolls_bac
     action = on["workflow_dispatch"]["inputs"]["action"]
     assert set(action["options"]) == {"deploy", "rollback"} and action["default"] == "deploy"
     (image_job,) = job_running(doc, r"\bmake image\b").values()
+    # After train or on demand too, only a commit ci passed on is released: checked first.
+    first = steps(image_job)[0]["run"]
+    assert re.search(r"gh run list .*--workflow ci\.yml --commit \"\$SHA\"", first) and "--status success" in first
+    assert "head_sha" in steps(image_job)[0]["env"]["SHA"] and image_job["permissions"]["actions"] == "read"
+    # After train or on demand too, only a commit ci passed on is released: checked first.
+    first = steps(image_job)[0]["run"]
+    assert re.search(r"gh run list .*--workflow ci\.yml --commit \"\$SHA\"", first) and "--status success" in first
+    assert "head_sha" in steps(image_job)[0]["env"]["SHA"] and image_job["permissions"]["actions"] == "read"
     # The champion's version, resolved once (an alias looked up twice could move in between).
     assert 'get_model_version_by_alias("catdog", "champion")' in commands(image_job)
     assert 'MODEL_URI="models:/catdog/$VERSION"' in commands(image_job)
