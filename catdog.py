@@ -69,6 +69,9 @@ def preprocess_settings(arch, backbone=BACKBONE):
 MAX_PIXELS = 40_000_000  # JPEG: beyond this Pillow's decompression-bomb guard refuses; big ones decode at 1/2-1/8 scale
 # Every other format decodes at full size, and mode conversions copy it: 16 MP of RGBA is 64 MB.
 LOSSLESS_MAX_PIXELS = 16_000_000
+# WebP's decoder holds about 24 bytes a pixel at its peak (decoding_bytes): 16 MP took 390 MiB,
+# more than serve.py's whole decode budget (256 MB) on its own; 10 MP fits inside it.
+WEBP_MAX_PIXELS = 10_000_000
 # A file cannot hold a whole image in fewer bytes than these bounds: deflate (PNG) never
 # compresses more than 1032:1, and a baseline or progressive JPEG spends at least a bit per
 # 8x8 block (here with a 4x margin). Less data is a truncated file or a lying header.
@@ -241,8 +244,11 @@ def decoding_bytes(img):
 
 
 def pixel_limit(fmt, max_pixels=MAX_PIXELS):
-    """The most pixels a file of this format may declare: JPEG max_pixels, others LOSSLESS_MAX_PIXELS at most."""
-    return max_pixels if fmt in ("JPEG", "MPO") else min(max_pixels, LOSSLESS_MAX_PIXELS)
+    """The most pixels a file of this format may declare: JPEG max_pixels, WebP WEBP_MAX_PIXELS
+    and others LOSSLESS_MAX_PIXELS at most."""
+    if fmt in ("JPEG", "MPO"):
+        return max_pixels
+    return min(max_pixels, WEBP_MAX_PIXELS if fmt == "WEBP" else LOSSLESS_MAX_PIXELS)
 
 
 def check_enough_data(img, size):

@@ -13,8 +13,8 @@ all generated here from --seed (same seed, same bytes):
 2. protocol abuse over raw sockets: bad chunked encodings, lying Content-Lengths, a
    10,000-part multipart, long and many headers, a huge path, garbage request lines,
    slowloris-like partial requests; deeply nested, non-UTF-8 and huge JSON on /feedback.
-3. memory: 8 clients sending the largest images the limits accept (16-bit grey PNG and lossless
-   RGBA WebP just under catdog.LOSSLESS_MAX_PIXELS, a 40 MP JPEG); the latency of normal photos
+3. memory: 8 clients sending the largest images the limits accept (a 16-bit grey PNG just under
+   catdog.LOSSLESS_MAX_PIXELS, a lossless RGBA WebP just under catdog.WEBP_MAX_PIXELS, a 40 MP JPEG); the latency of normal photos
    from a 5th client while 4 send those; 16 connections pausing in the middle of 60 MB bodies.
    The service's RSS is sampled every --sample-ms throughout.
 Every answer is judged: the JSON contract ({error, message, request_id}) for 4xx, 2xx
@@ -309,8 +309,8 @@ def fuzz_inputs(seed, count):
 
 def worst_case_images(seed):
     """{name: (bytes, content type)}: the largest images the limits ACCEPT, of real data (no
-    lying header), each under MAX_UPLOAD_MB: a 16-bit grey PNG and a lossless RGBA WebP just
-    under LOSSLESS_MAX_PIXELS, and a JPEG just under MAX_PIXELS. Coarse random blocks (or
+    lying header), each under MAX_UPLOAD_MB: a 16-bit grey PNG just under LOSSLESS_MAX_PIXELS,
+    a lossless RGBA WebP just under WEBP_MAX_PIXELS, and a JPEG just under MAX_PIXELS. Coarse random blocks (or
     random colours upscaled) keep them quick to make and small to send."""
     rng = np.random.default_rng(seed)
     width, height = 4000, catdog.LOSSLESS_MAX_PIXELS // 4000 - 1  # 4000 x 3999 = 15,996,000 px
@@ -322,12 +322,13 @@ def worst_case_images(seed):
     gray16 = encode(Image.fromarray(blocks((height, width), 32, np.uint16, 65536)), "PNG", compress_level=1)
     rgba = blocks((height, width, 4), 64, np.uint8, 256)
     rgba[..., 3] |= 0x80  # real, varied transparency (all-opaque would be stored as RGB)
-    webp = encode(Image.fromarray(rgba, "RGBA"), "WEBP", lossless=True, method=0, quality=0)
+    webp_height = catdog.WEBP_MAX_PIXELS // width - 1  # 4000 x 2499 = 9,996,000 px
+    webp = encode(Image.fromarray(rgba[:webp_height], "RGBA"), "WEBP", lossless=True, method=0, quality=0)
     jpeg_w, jpeg_h = 7999, catdog.MAX_PIXELS // 7999 - 1  # 7999 x 5000 = 39,995,000 px
     coarse = Image.fromarray(rng.integers(0, 256, (jpeg_h // 40, jpeg_w // 40, 3), dtype=np.uint8), "RGB")
     jpeg = encode(coarse.resize((jpeg_w, jpeg_h), Image.BILINEAR), "JPEG", quality=85)
     return {f"png-16bit-gray-{width}x{height}": (gray16, "image/png"),
-            f"webp-lossless-rgba-{width}x{height}": (webp, "image/webp"),
+            f"webp-lossless-rgba-{width}x{webp_height}": (webp, "image/webp"),
             f"jpeg-{jpeg_w}x{jpeg_h}": (jpeg, "image/jpeg")}
 
 

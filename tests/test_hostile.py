@@ -97,6 +97,9 @@ def corpus():
         "lossless_webp_6300x6300": ({"files": {"file": ("a.webp", encode(Image.new("RGBA", (6300, 6300)), "WEBP",
                                                                          lossless=True))}}, 422, None),
         "png_1x16000000": ({"files": {"file": ("a.png", png_chunks(1, 16_000_000, 8, 0, b""))}}, 422, None),
+        # Under the 16 MP of lossless formats, over WebP's own cap (its decoder's canvases).
+        "lossless_webp_4000x3000": ({"files": {"file": ("a.webp", encode(Image.new("RGBA", (4000, 3000)), "WEBP",
+                                                                         lossless=True))}}, 422, None),
     }
 
 
@@ -131,10 +134,11 @@ NAMES = ("zero_bytes", "no_body", "wrong_field_name", "truncated_jpeg", "text_na
          "tiny_image", "animated_gif", "png_16bit_rgb", "png_16bit_gray", "cmyk_jpeg", "rgba_png_transparent",
          "exif_rotated_jpeg", "phone_size_rotated_jpeg", "webp_named_png", "grayscale_jpeg_raw_body",
          "png_with_5_of_3000_rows", "jpeg_header_claims_6300x6300_over_64x64", "lossless_webp_6300x6300",
-         "png_1x16000000")
+         "png_1x16000000", "lossless_webp_4000x3000")
 # The reason each lying file is refused with: refused for what it is, before decoding.
 REASONS = {"png_with_5_of_3000_rows": "truncated", "jpeg_header_claims_6300x6300_over_64x64": "truncated",
-           "lossless_webp_6300x6300": "too_many_pixels", "png_1x16000000": "too_small"}
+           "lossless_webp_6300x6300": "too_many_pixels", "png_1x16000000": "too_small",
+           "lossless_webp_4000x3000": "too_many_pixels"}
 
 
 @pytest.mark.parametrize("name", NAMES)
