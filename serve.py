@@ -762,7 +762,9 @@ class DecodeBudget:
     bytes fit (or nothing else is decoding), at most `wait_s`, else ImageError "busy" (503).
     Bounds the service's memory whatever several worst-case uploads arrive together.
     A heavy decode (over `heavy_bytes`: a 16 MP PNG takes a CPU for a second) also needs one of
-    `heavy_lanes`, fewer than the CPUs, so that ordinary photos always have a CPU left."""
+    `heavy_lanes`, fewer than the CPUs, so that ordinary photos always have a CPU left. When
+    every lane is taken it gets the 503 at once: waiting, it would hold a request thread that
+    an ordinary photo queued behind it needs."""
 
     def __init__(self, limit_bytes, wait_s, heavy_bytes=HEAVY_DECODE_BYTES, heavy_lanes=1):
         self.limit, self.wait_s, self.used = limit_bytes, wait_s, 0
@@ -778,7 +780,8 @@ class DecodeBudget:
     def reserve(self, cost):
         heavy = cost > self.heavy_bytes
         with self._cond:
-            if not self._cond.wait_for(lambda: self._fits(cost, heavy), self.wait_s):
+            lanes_taken = heavy and self.heavy >= self.heavy_lanes
+            if lanes_taken or not self._cond.wait_for(lambda: self._fits(cost, heavy), self.wait_s):
                 raise catdog.ImageError("busy", "the service is decoding other large images: retry in a second")
             self.used += cost
             self.heavy += heavy

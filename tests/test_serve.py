@@ -749,20 +749,33 @@ def test_decodes_wait_for_the_memory_budget_then_get_a_503(tmp_path):
 
 
 def test_heavy_decodes_leave_a_cpu_to_ordinary_photos(tmp_path):
-    """With 2 CPUs one heavy decode runs at a time: a second heavy one waits (then 503) even
-    though the memory budget has room, while an ordinary photo is answered at once."""
-    client, service = in_process(tiny_model(), str(tmp_path / "catdog.db"), decode_wait_s=0.2)
+    """With 2 CPUs one heavy decode runs at a time: a second heavy one gets 503 at once, not
+    after DECODE_WAIT_S (waiting, it would hold a request thread an ordinary photo needs), even
+    though the memory budget has room, while an ordinary photo is answered."""
+    client, service = in_process(tiny_model(), str(tmp_path / "catdog.db"), decode_wait_s=30)
     budget = service.decode_budget
     budget.heavy_lanes, budget.heavy_bytes = 1, 1 << 20
     ordinary = synthetic_photo(np.random.default_rng(28), "cat", size=(320, 240))  # 0.3 MB to decode
     heavy = synthetic_photo(np.random.default_rng(29), "cat", fmt="PNG", size=(1200, 900))  # 3.2 MB, no draft
-    with budget.reserve(2 << 20):  # another request's heavy decode
-        assert budget.used + (5 << 20) <= budget.limit  # memory is not what stops it
-        refused = predict(client, heavy)
-        answered = predict(client, ordinary)
+    held, release = threading.Event(), threading.Event()
+
+    def other_heavy_decode():
+        with budget.reserve(2 << 20):
+            held.set()
+            release.wait(60)
+
+    threading.Thread(target=other_heavy_decode).start()
+    held.wait(5)
+    assert budget.used + (5 << 20) <= budget.limit  # memory is not what stops it
+    threading.Timer(1.0, release.set).start()  # a heavy decode that waited would get the lane in 1 s
+    refused = predict(client, heavy)
+    answered = predict(client, ordinary)
+    release.set()
     assert refused.status_code == 503 and refused.json["error"] == "busy", refused.json
-    assert answered.status_code == 200
-    assert budget.heavy == 0 and predict(client, heavy).status_code == 200
+    assert refused.headers["Retry-After"] == "1" and answered.status_code == 200
+    with budget._cond:
+        assert budget._cond.wait_for(lambda: budget.heavy == 0, 5)
+    assert predict(client, heavy).status_code == 200
     service.close()
 
 
