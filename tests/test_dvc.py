@@ -76,6 +76,19 @@ def test_pipeline_is_data_then_train_with_every_input_as_a_dependency():
         {name: sorted(stage["deps"]) for name, stage in stages.items()}
 
 
+def test_dvc_lock_is_committed_with_the_code_it_describes():
+    """Each file dependency's md5 in dvc.lock is the file's: a change to catdog.py, train.py, ...
+    without `make data train` (or `dvc commit`) would make every fresh clone rewrite dvc.lock."""
+    import hashlib
+
+    for name, stage in read_yaml("dvc.lock")["stages"].items():
+        for dep in stage["deps"]:
+            path = os.path.join(ROOT, dep["path"])
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    assert hashlib.md5(f.read()).hexdigest() == dep["md5"], f"{name}: {dep['path']} changed since dvc.lock"
+
+
 def test_models_record_the_data_hash_dvc_lock_holds():
     import train
 
