@@ -121,8 +121,7 @@ TRAIN_ARGS ?=
 train: setup  ## both models -> MLflow -> gate -> champion in models/
 	$(if $(TRAIN_ARGS),$(PY) train.py $(TRAIN_ARGS),$(DVC) repro --force --single-item train)
 
-# True when models/ holds a champion and no dep of the train stage changed since dvc.lock.
-train-is-current:
+train-is-current:  ## exit 0 when models/ holds a champion and no train-stage input changed since dvc.lock
 	@test -f models/model.onnx && $(DVC) status --quiet train
 
 # The service on 0.0.0.0:8000 (settings from env vars: PORT, MODEL_PATH, DB_PATH, ... see README).
