@@ -724,6 +724,21 @@ def test_page_has_a_strict_content_security_policy_and_every_answer_nosniff(app)
         assert client.get(path).headers["X-Content-Type-Options"] == "nosniff", path
 
 
+def hold_in_another_request(budget, cost):
+    """Reserve `cost` of the decode budget from another thread, as a request decoding would,
+    until the returned Event is set."""
+    held, release = threading.Event(), threading.Event()
+
+    def other_request():
+        with budget.reserve(cost):
+            held.set()
+            release.wait(60)
+
+    threading.Thread(target=other_request, daemon=True).start()
+    assert held.wait(5)
+    return release
+
+
 def test_decodes_wait_for_the_memory_budget_then_get_a_503(tmp_path):
     """While other decodes hold the budget, a photo waits up to DECODE_WAIT_S, then gets 503
     busy with Retry-After; once the budget is free it is answered."""
@@ -734,15 +749,7 @@ def test_decodes_wait_for_the_memory_budget_then_get_a_503(tmp_path):
         r = predict(client, photo)
     assert r.status_code == 503 and r.json["error"] == "busy" and r.headers["Retry-After"] == "1", r.json
     assert budget.used == 0 and predict(client, photo).status_code == 200  # alone, even over the budget
-    held, release = threading.Event(), threading.Event()
-
-    def other_request():
-        with budget.reserve(1 << 20):
-            held.set()
-            release.wait(5)
-
-    threading.Thread(target=other_request).start()
-    held.wait(5)
+    release = hold_in_another_request(budget, 1 << 20)
     threading.Timer(0.05, release.set).start()  # frees the budget while this photo waits
     assert predict(client, photo).status_code == 200
     service.close()
@@ -757,15 +764,7 @@ def test_heavy_decodes_leave_a_cpu_to_ordinary_photos(tmp_path):
     budget.heavy_lanes, budget.heavy_bytes = 1, 1 << 20
     ordinary = synthetic_photo(np.random.default_rng(28), "cat", size=(320, 240))  # 0.3 MB to decode
     heavy = synthetic_photo(np.random.default_rng(29), "cat", fmt="PNG", size=(1200, 900))  # 3.2 MB, no draft
-    held, release = threading.Event(), threading.Event()
-
-    def other_heavy_decode():
-        with budget.reserve(2 << 20):
-            held.set()
-            release.wait(60)
-
-    threading.Thread(target=other_heavy_decode).start()
-    held.wait(5)
+    release = hold_in_another_request(budget, 2 << 20)  # another request's heavy decode
     assert budget.used + (5 << 20) <= budget.limit  # memory is not what stops it
     threading.Timer(1.0, release.set).start()  # a heavy decode that waited would get the lane in 1 s
     refused = predict(client, heavy)
