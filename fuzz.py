@@ -14,8 +14,8 @@ all generated here from --seed (same seed, same bytes):
    10,000-part multipart, long and many headers, a huge path, garbage request lines,
    slowloris-like partial requests; deeply nested, non-UTF-8 and huge JSON on /feedback.
 3. memory: 8 clients sending the largest images the limits accept (a 16-bit grey PNG just under
-   catdog.LOSSLESS_MAX_PIXELS, a lossless RGBA WebP just under catdog.WEBP_MAX_PIXELS, a 40 MP JPEG); the latency of normal photos
-   from a 5th client while 4 send those; 16 connections pausing in the middle of 60 MB bodies.
+   catdog.LOSSLESS_MAX_PIXELS, a lossless RGBA WebP just under catdog.WEBP_MAX_PIXELS, a 40 MP
+   JPEG); the latency of normal photos from a 5th client while 4 send those; 16 connections pausing in the middle of 60 MB bodies.
    The service's RSS is sampled every --sample-ms throughout.
 Every answer is judged: the JSON contract ({error, message, request_id}) for 4xx, 2xx
 answers, 503 busy / not_ready (the decode budget); a plain-text answer of waitress itself
@@ -310,8 +310,8 @@ def fuzz_inputs(seed, count):
 def worst_case_images(seed):
     """{name: (bytes, content type)}: the largest images the limits ACCEPT, of real data (no
     lying header), each under MAX_UPLOAD_MB: a 16-bit grey PNG just under LOSSLESS_MAX_PIXELS,
-    a lossless RGBA WebP just under WEBP_MAX_PIXELS, and a JPEG just under MAX_PIXELS. Coarse random blocks (or
-    random colours upscaled) keep them quick to make and small to send."""
+    a lossless RGBA WebP just under WEBP_MAX_PIXELS, and a JPEG just under MAX_PIXELS. Coarse
+    random blocks (or random colours upscaled) keep them quick to make and small to send."""
     rng = np.random.default_rng(seed)
     width, height = 4000, catdog.LOSSLESS_MAX_PIXELS // 4000 - 1  # 4000 x 3999 = 15,996,000 px
 

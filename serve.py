@@ -771,8 +771,11 @@ class DecodeBudget:
         self.heavy_bytes, self.heavy_lanes, self.heavy = heavy_bytes, heavy_lanes, 0
         self._cond = threading.Condition()
 
+    def _lanes_taken(self, heavy):
+        return heavy and self.heavy >= self.heavy_lanes
+
     def _fits(self, cost, heavy):
-        if heavy and self.heavy >= self.heavy_lanes:
+        if self._lanes_taken(heavy):
             return False
         return self.used == 0 or self.used + cost <= self.limit
 
@@ -780,8 +783,7 @@ class DecodeBudget:
     def reserve(self, cost):
         heavy = cost > self.heavy_bytes
         with self._cond:
-            lanes_taken = heavy and self.heavy >= self.heavy_lanes
-            if lanes_taken or not self._cond.wait_for(lambda: self._fits(cost, heavy), self.wait_s):
+            if self._lanes_taken(heavy) or not self._cond.wait_for(lambda: self._fits(cost, heavy), self.wait_s):
                 raise catdog.ImageError("busy", "the service is decoding other large images: retry in a second")
             self.used += cost
             self.heavy += heavy

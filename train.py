@@ -807,20 +807,21 @@ def dvc_hash(data_dir):
     return None
 
 
+DVC_LOCK = os.path.join(catdog.ROOT, "dvc.lock")
+
+
 def dvc_lock_sha256():
     """sha256 of the project's dvc.lock as training starts: with a clean git_commit, the
     committed lock (the train stage's deps and the data hash this run used)."""
-    path = os.path.join(catdog.ROOT, "dvc.lock")
-    return catdog.sha256_file(path) if os.path.isfile(path) else None
+    return catdog.sha256_file(DVC_LOCK) if os.path.isfile(DVC_LOCK) else None
 
 
 def dvc_lock():
     import yaml
 
-    path = os.path.join(catdog.ROOT, "dvc.lock")
-    if not os.path.isfile(path):
+    if not os.path.isfile(DVC_LOCK):
         return {}
-    with open(path) as f:
+    with open(DVC_LOCK) as f:
         return yaml.safe_load(f) or {}
 
 
