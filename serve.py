@@ -22,6 +22,7 @@ DATABASE_URL is set, shared by every replica.
 Signals: SIGTERM/SIGINT drain in-flight requests then exit; SIGHUP reloads the model.
 """
 import base64
+import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
@@ -764,12 +765,22 @@ class DecodeBudget:
     A heavy decode (over `heavy_bytes`: a 16 MP PNG takes a CPU for a second) also needs one of
     `heavy_lanes`, fewer than the CPUs, so that ordinary photos always have a CPU left. When
     every lane is taken it gets the 503 at once: waiting, it would hold a request thread that
-    an ordinary photo queued behind it needs."""
+    an ordinary photo queued behind it needs. Each lane is a thread of its own at the lowest
+    CPU priority, so that where a heavy decode and ordinary photos want the same CPU (the
+    model's threads run on every CPU), the ordinary photos get it."""
 
     def __init__(self, limit_bytes, wait_s, heavy_bytes=HEAVY_DECODE_BYTES, heavy_lanes=1):
         self.limit, self.wait_s, self.used = limit_bytes, wait_s, 0
         self.heavy_bytes, self.heavy_lanes, self.heavy = heavy_bytes, heavy_lanes, 0
         self._cond = threading.Condition()
+        self._lanes = concurrent.futures.ThreadPoolExecutor(heavy_lanes, "heavy-decode", lowest_cpu_priority)
+
+    def run(self, cost, decode):
+        """decode() once `cost` bytes fit the budget: on a low-priority lane when it is heavy."""
+        with self.reserve(cost):
+            if cost > self.heavy_bytes:
+                return self._lanes.submit(decode).result()
+            return decode()
 
     def _lanes_taken(self, heavy):
         return heavy and self.heavy >= self.heavy_lanes
@@ -798,6 +809,13 @@ class DecodeBudget:
                 release_memory()
 
 
+def lowest_cpu_priority():
+    """Nice 19 for the calling thread alone: Linux keeps a nice value per thread (elsewhere the
+    id would name a process, so nothing is changed there)."""
+    if sys.platform.startswith("linux"):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 @functools.cache
 def glibc():
     """The C library when it is glibc (malloc_trim, mallopt), else None. Loaded on first use:
@@ -822,6 +840,12 @@ def tune_malloc():
         glibc().mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (a fixed one also stops the growth)
 
 
+def model_input(img, settings):
+    """(preprocessed image, image stats) of an opened image, decoding it (header checked)."""
+    img = catdog.decode_header_checked(img)
+    return catdog.preprocess(img, settings), catdog.image_stats(img)
+
+
 def prepare(data, model, settings, budget):
     """(preprocessed image, image stats) of untrusted bytes; ImageError when they are not a
     usable photo. The format is sniffed from the bytes, never the name; big JPEGs decode at
@@ -831,9 +855,7 @@ def prepare(data, model, settings, budget):
         raise catdog.ImageError("too_large", f"the photo exceeds the {settings.max_upload_mb:g} MB limit")
     try:
         img = catdog.open_checked(data, settings.max_pixels, model.meta["preprocess"]["resize"])
-        with budget.reserve(catdog.decoding_bytes(img)):
-            img = catdog.decode_header_checked(img)
-            return catdog.preprocess(img, model.meta["preprocess"]), catdog.image_stats(img)
+        return budget.run(catdog.decoding_bytes(img), lambda: model_input(img, model.meta["preprocess"]))
     except catdog.ImageError:
         raise
     except Exception as e:  # noqa: BLE001 (any other failure inside a decoder is still a bad file)

@@ -778,6 +778,20 @@ def test_heavy_decodes_leave_a_cpu_to_ordinary_photos(tmp_path):
     service.close()
 
 
+def test_heavy_decodes_run_at_the_lowest_cpu_priority():
+    """A heavy decode runs on a lane thread at nice 19, so the ordinary photos beside it get the
+    CPUs first; an ordinary decode stays on the request's own thread and priority."""
+    budget = serve.DecodeBudget(64 << 20, 1, heavy_bytes=1 << 20)
+
+    def nice():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    assert budget.run(2 << 20, nice) == 19
+    assert budget.run(1 << 10, nice) == nice() < 19
+    assert budget.run(2 << 20, threading.get_ident) != threading.get_ident()
+    assert budget.used == budget.heavy == 0
+
+
 def test_api_token_guards_feedback_stats_and_metrics_only(tmp_path):
     client, service = in_process(tiny_model(), str(tmp_path / "catdog.db"), api_token="s3cret")
     answer = predict(client, synthetic_photo(np.random.default_rng(27), "cat")).json  # public
