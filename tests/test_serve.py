@@ -57,7 +57,7 @@ def test_serving_never_imports_torch():
 IMPORT_WATCH = r"""
 import os, sys, threading
 # serve's own imports first: what is left is what importing serve.py itself does
-import base64, contextlib, ctypes, dataclasses, functools, hashlib, io, json, math, queue, re, signal, sqlite3, time
+import base64, concurrent.futures, contextlib, ctypes, dataclasses, functools, hashlib, io, json, math, queue, re, signal, sqlite3, time
 import uuid, collections
 import numpy, onnxruntime, waitress, flask, prometheus_client, prometheus_client.core, werkzeug.exceptions, catdog
 def no_cpu_probe(pid):
