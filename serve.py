@@ -811,9 +811,14 @@ class DecodeBudget:
 
 def lowest_cpu_priority():
     """Nice 19 for the calling thread alone: Linux keeps a nice value per thread (elsewhere the
-    id would name a process, so nothing is changed there)."""
-    if sys.platform.startswith("linux"):
+    id would name a process, so nothing is changed there). Where a sandbox forbids it, the
+    lane keeps its priority: a failed initializer would break the lane for every heavy photo."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError as e:
+        log(event="decode_lane_priority_unchanged", error=str(e))
 
 
 @functools.cache

@@ -792,6 +792,16 @@ def test_heavy_decodes_run_at_the_lowest_cpu_priority():
     assert budget.used == budget.heavy == 0
 
 
+def test_a_lane_that_may_not_lower_its_priority_still_decodes(monkeypatch, capsys):
+    def forbidden(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", forbidden)
+    budget = serve.DecodeBudget(64 << 20, 1, heavy_bytes=1 << 20)
+    assert budget.run(2 << 20, lambda: "decoded") == "decoded"
+    assert "decode_lane_priority_unchanged" in capsys.readouterr().out
+
+
 def test_api_token_guards_feedback_stats_and_metrics_only(tmp_path):
     client, service = in_process(tiny_model(), str(tmp_path / "catdog.db"), api_token="s3cret")
     answer = predict(client, synthetic_photo(np.random.default_rng(27), "cat")).json  # public
