@@ -3,8 +3,10 @@
 #   make image                      # docker build, tagged $(IMAGE):$(TAG)
 #   docker run --read-only -p 8000:8000 <image>
 # python:3.11-slim-bookworm, pinned by digest: a rebuild gets the same base until the pin is
-# changed on purpose (.github/dependabot.yml proposes it when the tag moves). Without Docker
-# Hub, name a local copy: --build-arg BASE_IMAGE=python:3.11-slim-bookworm.
+# changed on purpose. Dependabot cannot move a digest held in an ARG, and podman 4.3 cannot take a
+# stage name from one, so refresh it by hand for security fixes:
+#   docker buildx imagetools inspect python:3.11-slim-bookworm   (the "Digest:" line)
+# Without Docker Hub, name a local copy: --build-arg BASE_IMAGE=python:3.11-slim-bookworm.
 ARG BASE_IMAGE=python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b
 
 # ---------------------------------------------------------------- builder: a venv with the serving deps

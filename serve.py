@@ -620,6 +620,7 @@ class Service:
             "feedback_count": self.store.feedback_count(), "drift": self.drift_report()}
 
     def close(self):
+        self.decode_budget.close()
         self.store.close()
 
 
@@ -767,7 +768,8 @@ class DecodeBudget:
     every lane is taken it gets the 503 at once: waiting, it would hold a request thread that
     an ordinary photo queued behind it needs. Each lane is a thread of its own at the lowest
     CPU priority, so that where a heavy decode and ordinary photos want the same CPU (the
-    model's threads run on every CPU), the ordinary photos get it."""
+    model's threads run on every CPU), the ordinary photos mostly get it first (the lane still
+    takes the GIL between blocks of the file)."""
 
     def __init__(self, limit_bytes, wait_s, heavy_bytes=HEAVY_DECODE_BYTES, heavy_lanes=1):
         self.limit, self.wait_s, self.used = limit_bytes, wait_s, 0
@@ -776,11 +778,24 @@ class DecodeBudget:
         self._lanes = concurrent.futures.ThreadPoolExecutor(heavy_lanes, "heavy-decode", lowest_cpu_priority)
 
     def run(self, cost, decode):
-        """decode() once `cost` bytes fit the budget: on a low-priority lane when it is heavy."""
+        """decode() once `cost` bytes fit the budget: on a low-priority lane when it is heavy.
+        A lane pool that is shut down (the process exiting) or broken answers 503, not the
+        client's fault."""
         with self.reserve(cost):
-            if cost > self.heavy_bytes:
-                return self._lanes.submit(decode).result()
-            return decode()
+            if cost <= self.heavy_bytes:
+                return decode()
+            future = None
+            try:
+                future = self._lanes.submit(decode)
+                return future.result()
+            except RuntimeError as e:  # submit's after shutdown; BrokenExecutor is one too
+                if future is not None and not isinstance(e, concurrent.futures.BrokenExecutor):
+                    raise  # the decoder's own
+                raise catdog.ImageError("busy", "the service cannot decode large images now: retry in a second") from None
+
+    def close(self):
+        """Let the lane threads go once their decodes are done."""
+        self._lanes.shutdown(wait=False)
 
     def _lanes_taken(self, heavy):
         return heavy and self.heavy >= self.heavy_lanes
