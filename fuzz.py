@@ -15,7 +15,8 @@ all generated here from --seed (same seed, same bytes):
    slowloris-like partial requests; deeply nested, non-UTF-8 and huge JSON on /feedback.
 3. memory: 8 clients sending the largest images the limits accept (a 16-bit grey PNG just under
    catdog.LOSSLESS_MAX_PIXELS, a lossless RGBA WebP just under catdog.WEBP_MAX_PIXELS, a 40 MP
-   JPEG); the latency of normal photos from a 5th client while 4 send those; 16 connections pausing in the middle of 60 MB bodies.
+   JPEG); the latency of normal photos from a 5th client while 4 send those; 16 connections
+   pausing in the middle of 60 MB bodies.
    The service's RSS is sampled every --sample-ms throughout.
 Every answer is judged: the JSON contract ({error, message, request_id}) for 4xx, 2xx
 answers, 503 busy / not_ready (the decode budget); a plain-text answer of waitress itself

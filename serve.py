@@ -779,19 +779,16 @@ class DecodeBudget:
 
     def run(self, cost, decode):
         """decode() once `cost` bytes fit the budget: on a low-priority lane when it is heavy.
-        A lane pool that is shut down (the process exiting) or broken answers 503, not the
-        client's fault."""
+        A lane pool that is shut down (the process exiting) answers 503, not the client's
+        fault. (It cannot break: lowest_cpu_priority, its initializer, never raises.)"""
         with self.reserve(cost):
             if cost <= self.heavy_bytes:
                 return decode()
-            future = None
             try:
                 future = self._lanes.submit(decode)
-                return future.result()
-            except RuntimeError as e:  # submit's after shutdown; BrokenExecutor is one too
-                if future is not None and not isinstance(e, concurrent.futures.BrokenExecutor):
-                    raise  # the decoder's own
+            except RuntimeError:  # "cannot schedule new futures after shutdown"
                 raise catdog.ImageError("busy", "the service cannot decode large images now: retry in a second") from None
+            return future.result()
 
     def close(self):
         """Let the lane threads go once their decodes are done."""
