@@ -219,18 +219,18 @@ smoke:  ## smoke-test the service at URL
 	./smoke.sh $(URL) $(SMOKE_ARGS)
 
 # A model and two photos for the image and smoke.sh without any dataset (CI's image job): the
-# red/blue rule of tests/service_helpers.export_tiny_model (reddish = cat, bluish = dog) as
+# red/blue rule of harness.export_tiny_model (reddish = cat, bluish = dog) as
 # model.onnx, model.json and reference_profile.json in SMOKE_MODEL_DIR, and a red cat.jpg and
 # a blue dog.jpg in SMOKE_PHOTOS:  ./smoke.sh URL reports/smoke/cat.jpg reports/smoke/dog.jpg
 # A trained model already in SMOKE_MODEL_DIR is never overwritten.
 SMOKE_MODEL_DIR ?= models
 SMOKE_PHOTOS ?= reports/smoke
 smoke-model: setup  ## a tiny model (red cat, blue dog) in models/ + two smoke photos: no dataset needed
-	PYTHONPATH=tests $(PY) -c 'import os, sys; import catdog; from PIL import Image; \
+	$(PY) -c 'import os, sys; import catdog, harness; from PIL import Image; \
 	  models, photos = sys.argv[1:]; meta = os.path.join(models, "model.json"); \
 	  version = catdog.read_json(meta).get("version", "") if os.path.exists(meta) else "smoke"; \
 	  version.startswith("smoke") or sys.exit(f"{meta} is the trained model {version}: not overwriting it"); \
-	  from service_helpers import export_tiny_model; export_tiny_model(models, version="smoke-1"); \
+	  harness.export_tiny_model(models, version="smoke-1"); \
 	  os.makedirs(photos, exist_ok=True); \
 	  [Image.new("RGB", (200, 160), rgb).save(os.path.join(photos, f"{name}.jpg"), "JPEG", quality=90) \
 	   for name, rgb in (("cat", (230, 60, 40)), ("dog", (40, 60, 230)))]' \

@@ -20,20 +20,17 @@ This prints figures; it is not a test.
 """
 import contextlib
 import http.client
-import io
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
 
 import numpy as np
+from PIL import Image
 
 import catdog
-import post_eval
+import harness
 
 # ---------------------------------------------------------------- config (--name value overrides)
 models = catdog.MODELS_DIR  # folder with model.onnx, model.json and (for the baseline) model.pt
@@ -95,13 +92,8 @@ def pick_photos(folder, count):
 def phone_photo(data, size=(4032, 3024)):
     """A 12 MP JPEG like a phone's: a real photo enlarged, with sensor-like noise so that it
     compresses (and decodes) like a real one (~2.7 MB at quality 90)."""
-    from PIL import Image
-
     img = catdog.open_image(data).resize(size, Image.BICUBIC)
-    noise = np.random.default_rng(0).normal(0, 6, (size[1], size[0], 3))
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
+    return harness.encode(harness.noisy(img, np.random.default_rng(0)), "JPEG", quality=90)
 
 
 def stage_costs(photos, model_path):
@@ -187,20 +179,12 @@ def drive(port, bodies, clients, seconds, pid=None):
             "error_sample": errors[:1]}
 
 
-def batch_body(photos):
-    """A multipart body with one `file` part per photo, as the staff page sends an album."""
-    boundary = uuid.uuid4().hex
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.jpg"\r\n'
-             f"Content-Type: image/jpeg\r\n\r\n".encode() + photo + b"\r\n" for i, photo in enumerate(photos)]
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
 def batch_cost(port, pid, photos, repeats=5):
     """Wall and server CPU ms per photo, one client: the photos as one POST /predict/batch
     (ONNX Runtime runs of 4 photos) against the same photos one POST /predict each."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    singles = [post_eval.multipart("file", "photo.jpg", photo, "image/jpeg") for photo in photos]
-    album = batch_body(photos)
+    singles = [harness.multipart([("file", "photo.jpg", photo)], "image/jpeg") for photo in photos]
+    album = harness.multipart([("file", f"{i}.jpg", photo) for i, photo in enumerate(photos)], "image/jpeg")
 
     def per_photo(send):
         cpu, started = cpu_seconds(pid), time.perf_counter()
@@ -215,7 +199,7 @@ def batch_cost(port, pid, photos, repeats=5):
         response.read()
         assert response.status == 200, response.status
 
-    one_by_one = per_photo(lambda: [post("/predict", body, headers["Content-Type"]) for body, headers in singles])
+    one_by_one = per_photo(lambda: [post("/predict", *single) for single in singles])
     batched = per_photo(lambda: post("/predict/batch", *album))
     conn.close()
     return {"single": one_by_one, "batch": batched, "photos": len(photos)}
@@ -246,16 +230,12 @@ def store_costs(rows=2_000_000, judged=20_000):
     return float(np.median(timings))
 
 
-def start(command, env, bodies):
-    """Start `command(port)` on a free port and warm it up; (process, port, start -> ready s)."""
-    port = catdog.free_port()
-    started = time.perf_counter()
-    proc = subprocess.Popen(command(port), env={**env, "PORT": str(port)}, cwd=catdog.ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    catdog.wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=120)
-    ready_s = time.perf_counter() - started
-    drive(port, bodies, 4, 1.0)  # warm-up: first requests allocate, fill caches
-    return proc, port, ready_s
+def start(env, bodies, command=None):
+    """Start serve.py (or `command(port)`) with `env` and warm it up; (server, start -> ready s)."""
+    server = harness.Server(env, command)
+    ready_s = server.wait(timeout=120)
+    drive(server.port, bodies, 4, 1.0)  # warm-up: first requests allocate, fill caches
+    return server, ready_s
 
 
 def measure(services, bodies, levels, rounds, seconds):
@@ -266,8 +246,8 @@ def measure(services, bodies, levels, rounds, seconds):
     for clients in levels:
         per_round = {name: [] for name in services}
         for _ in range(rounds):
-            for name, (proc, port) in services.items():
-                per_round[name].append(drive(port, bodies, clients, seconds, proc.pid))
+            for name, server in services.items():
+                per_round[name].append(drive(server.port, bodies, clients, seconds, server.pid))
         for name, runs in per_round.items():
             r = results[name][clients] = {key: float(np.median([run[key] for run in runs]))
                                           for key in ("rps", "p50", "p95", "p99", "cpu_ms")}
@@ -285,16 +265,14 @@ def measure(services, bodies, levels, rounds, seconds):
 
 @contextlib.contextmanager
 def postgres_database():
-    """A URL of a database on a PostgreSQL server of its own (tests/postgres_server.py), or
+    """A URL of a database on a PostgreSQL server of its own (harness.PostgresServer), or
     None with the reason printed where none can run here."""
-    from tests.postgres_server import PostgresServer, why_unavailable
-
-    reason = why_unavailable()
+    reason = harness.why_no_postgres()
     if reason:
         print(f"  no PostgreSQL run: {reason}")
         yield None
         return
-    with PostgresServer() as server:
+    with harness.PostgresServer() as server:
         yield server.new_database("bench")
 
 
@@ -314,33 +292,24 @@ SERVICES = ("serve.py (ONNX Runtime)", "serve.py, BATCH_MAX={}", "baseline (Flas
 def run_services(cfg, photos, bodies, levels, serve_env, flipped, database_url=None):
     """Start every service, drive them all (measure), stop them; (results, serve.py start -> ready s,
     batch_cost of serve.py)."""
-    serve = lambda port: [sys.executable, "serve.py"]  # noqa: E731 (port comes from the PORT env var)
     peer = lambda port: [sys.executable, "bench.py", "--models", cfg.models, "--baseline-server", str(port)]  # noqa: E731
-    procs = []
+    services = {}
     try:
-        ours_proc, ours_port, ready_s = start(serve, serve_env, bodies)  # alone: start -> ready undisturbed
-        procs.append(ours_proc)
+        ours, ready_s = start(serve_env, bodies)  # alone: start -> ready undisturbed
+        services[SERVICES[0]] = ours
         print(f"  serve.py start -> ready: {ready_s:.2f} s", flush=True)
-        services = {SERVICES[0]: (ours_proc, ours_port)}
-        commands = [(SERVICES[1].format(flipped), serve, {**serve_env, "BATCH_MAX": flipped})]
+        others = [(SERVICES[1].format(flipped), {**serve_env, "BATCH_MAX": flipped}, None)]
         if not cfg.skip_baseline:
-            commands.append((SERVICES[2], peer, dict(os.environ)))
+            others.append((SERVICES[2], {}, peer))
         if database_url:
-            commands.append((SERVICES[3], serve, {**serve_env, "DATABASE_URL": database_url}))
-        for name, command, env in commands:
-            proc, port, _ = start(command, env, bodies)
-            procs.append(proc)
-            services[name] = (proc, port)
+            others.append((SERVICES[3], {**serve_env, "DATABASE_URL": database_url}, None))
+        for name, env, command in others:
+            services[name] = start(env, bodies, command)[0]
         results = measure(services, bodies, levels, cfg.rounds, cfg.seconds)
-        return results, ready_s, batch_cost(ours_port, ours_proc.pid, photos[:32])
+        return results, ready_s, batch_cost(ours.port, ours.pid, photos[:32])
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for server in services.values():
+            server.stop()
 
 
 def print_summary(results, levels, flipped, ready_s):
@@ -385,8 +354,7 @@ def main(argv=None):
     print(f"  /stats' store queries at 2,000,000 predictions (20,000 with feedback): {store_costs():.2f} ms "
           "(target <= 5 ms)", flush=True)
     # (body, content type) of each upload in field `file`, as a browser or curl -F sends it
-    bodies = [(body, headers["Content-Type"]) for body, headers in
-              (post_eval.multipart("file", "photo.jpg", p, "image/jpeg") for p in photos)]
+    bodies = [harness.multipart([("file", "photo.jpg", p)], "image/jpeg") for p in photos]
     levels = [int(c) for c in cfg.clients.split(",")]
     meta = catdog.read_json(os.path.join(cfg.models, "model.json"))
     from serve import available_cpus  # for the printout only
@@ -398,8 +366,7 @@ def main(argv=None):
           f"{available_cpus()} CPUs available; loopback; BATCH_MAX={batch_max} "
           f"BATCH_WAIT_MS={os.environ.get('BATCH_WAIT_MS', '0')}", flush=True)
     with tempfile.TemporaryDirectory(prefix="catdog-bench-") as db_dir:
-        serve_env = {**os.environ, "HOST": "127.0.0.1", "MODEL_PATH": os.path.join(cfg.models, "model.onnx"),
-                     "DB_PATH": os.path.join(db_dir, "bench.db")}
+        serve_env = {"MODEL_PATH": os.path.join(cfg.models, "model.onnx"), "DB_PATH": os.path.join(db_dir, "bench.db")}
         with postgres_database() as database_url:
             results, ready_s, album = run_services(cfg, photos, bodies, levels, serve_env, flipped, database_url)
     print_summary(results, levels, flipped, ready_s)

@@ -12,10 +12,8 @@ import io
 import json
 import math
 import os
-import socket
 import time
 import tokenize
-import urllib.request
 import warnings
 
 import numpy as np
@@ -429,29 +427,6 @@ def synthetic_non_pets(count, seed):
     """[(image, kind)]: `count` synthetic non-pets, the kinds in turn."""
     rng = np.random.default_rng(seed)
     return [(synthetic_non_pet(kind, rng), kind) for kind in np.resize(SYNTHETIC_KINDS, count)]
-
-
-def free_port():
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url, proc=None, timeout=30):
-    """Poll `url` until it answers 200; seconds waited. Fails early when `proc` exits."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return time.monotonic() - started
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout} s")
 
 
 # ---------------------------------------------------------------- model meta

@@ -27,12 +27,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 import catdog
+import harness
 
 # ---------------------------------------------------------------- config (--name value overrides)
 min_accuracy = 0.99     # below this accuracy the run fails (exit 1)
@@ -152,22 +152,14 @@ def http_json(url, data=None, headers=None, method=None, timeout=30.0):
         return status, {"error": body[:200].decode("utf-8", "replace")}
 
 
-def multipart(field, filename, content, content_type="application/octet-stream"):
-    """A multipart/form-data body with one file field, as a browser would send it."""
-    boundary = uuid.uuid4().hex
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
-            f"Content-Type: {content_type}\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
-    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-
-
 def predict(url, path, label, timeout):
     """Send one photo to /predict; the client-side latency is what a user waits."""
     with open(path, "rb") as f:
         content = f.read()
     # A neutral file name: the file name carries the label and must never reach the service.
-    body, headers = multipart("file", "photo.jpg", content)
+    body, content_type = harness.multipart([("file", "photo.jpg", content)])
     started = time.perf_counter()
-    status, answer = http_json(f"{url}/predict", body, headers, "POST", timeout)
+    status, answer = http_json(f"{url}/predict", body, {"Content-Type": content_type}, "POST", timeout)
     latency_ms = (time.perf_counter() - started) * 1000
     return {"path": path, "label": label, "status": status, "latency_ms": latency_ms,
             "predicted": answer.get("label") if status == 200 else None,

@@ -10,8 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
-import catdog
-from service_helpers import ROOT, export_tiny_model, served, tiny_model
+from service_helpers import ROOT, export_tiny_model, free_port, served, tiny_model
 
 SMOKE = os.path.join(ROOT, "smoke.sh")
 
@@ -63,7 +62,7 @@ def test_smoke_fails_an_unsure_prediction(right_server, photos):
 
 
 def test_smoke_fails_when_nothing_answers(photos):
-    code, out = smoke(f"http://127.0.0.1:{catdog.free_port()}", photos["cat"], photos["dog"])
+    code, out = smoke(f"http://127.0.0.1:{free_port()}", photos["cat"], photos["dog"])
     assert code == 1 and "no answer" in out, out
 
 
@@ -94,7 +93,7 @@ def fake_host(tmp_path, photos):
     for name, text in (("docker", FAKE_DOCKER), ("compose", FAKE_COMPOSE)):
         (tmp_path / name).write_text(text)
         (tmp_path / name).chmod(stat.S_IRWXU)
-    port = catdog.free_port()
+    port = free_port()
     env = {**os.environ, "FAKE": str(tmp_path), "PYTHON": sys.executable, "ROOT": ROOT, "PORT": str(port),
            "IMAGE": "registry.test/catdog", "DOCKER": str(tmp_path / "docker"), "COMPOSE": str(tmp_path / "compose"),
            "URL": f"http://127.0.0.1:{port}", "SMOKE_ARGS": f"{photos['cat']} {photos['dog']}",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import store
-from postgres_server import PostgresServer, why_unavailable
+from harness import PostgresServer, why_no_postgres
 from service_helpers import Server, in_process, sample, synthetic_photo, tiny_model, upload
 
 STATS = {"width": 320, "height": 240, "brightness": 0.5}
@@ -19,7 +19,7 @@ STATS = {"width": 320, "height": 240, "brightness": 0.5}
 @pytest.fixture(scope="session")
 def postgres():
     """One PostgreSQL server for the whole run; each test takes a new database on it."""
-    reason = why_unavailable()
+    reason = why_no_postgres()
     if reason:
         pytest.skip(reason)
     with PostgresServer() as server:
@@ -243,8 +243,8 @@ def test_killing_a_replica_under_load_loses_no_acknowledged_prediction(tmp_path,
 
 def test_a_database_outage_answers_503_and_the_replica_recovers(tmp_path):
     """No 500 and no hang while PostgreSQL is away; answers again once it is back."""
-    if why_unavailable():
-        pytest.skip(why_unavailable())
+    if why_no_postgres():
+        pytest.skip(why_no_postgres())
     server = PostgresServer().start()
     try:
         url = server.new_database("outage")

@@ -1,0 +1,312 @@
+"""What bench.py, fuzz.py, post_eval.py and the tests drive the service with: multipart
+bodies, test images, the tiny model, and real processes (serve.py, a throwaway PostgreSQL)
+started on 127.0.0.1, waited for and stopped by their PID.
+
+post_eval.py runs against a deployed service: nothing heavy is imported at module level
+(torch only inside export_tiny_model).
+"""
+import contextlib
+import glob
+import io
+import os
+import pwd
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+import zlib
+
+import numpy as np
+from PIL import Image
+
+import catdog
+
+SERVE = os.path.join(catdog.ROOT, "serve.py")
+TINY_PREPROCESS = {"resize": 40, "crop": 32, "mean": 127.0, "std": 128.0}
+POSTGRES_BINARIES = "/usr/lib/postgresql/*/bin"  # Debian's
+
+
+# ---------------------------------------------------------------- HTTP bodies
+def multipart(files, content_type="application/octet-stream"):
+    """(body, Content-Type header) of a multipart/form-data upload of [(field, filename, bytes)],
+    as a browser or curl -F sends it."""
+    boundary = uuid.uuid4().hex
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+                    f"Content-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n" for field, name, data in files)
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+# ---------------------------------------------------------------- test images
+def encode(img, fmt, **save_args):
+    """The bytes of `img` saved as `fmt` (JPEG, PNG, WEBP, HEIF, ...)."""
+    buffer = io.BytesIO()
+    img.save(buffer, fmt, **save_args)
+    return buffer.getvalue()
+
+
+def noisy(img, rng, sigma=6.0):
+    """The RGB picture with sensor-like Gaussian noise: it compresses (and decodes) like a photo."""
+    noise = rng.normal(0, sigma, (img.height, img.width, 3))
+    return Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8), "RGB")
+
+
+def picture(rng, width, height, noise=6.0):
+    """A smooth random RGB picture (6x6 random colours, upscaled), with `noise` (0: none)."""
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8), "RGB")
+    img = coarse.resize((width, height), Image.BICUBIC)
+    return noisy(img, rng, noise) if noise else img
+
+
+def synthetic_photo(rng, kind=None, fmt="JPEG", size=None, dark=False, gray=False):
+    """Photo-like bytes: a tinted gradient with noise. kind 'cat' is reddish, 'dog' bluish (the
+    tiny model's rule)."""
+    width, height = size or (int(rng.integers(120, 360)), int(rng.integers(100, 300)))
+    base = rng.uniform(60, 200, 3)
+    if kind == "cat":
+        base[0], base[2] = max(base[0], base[2]) + 40, min(base[0], base[2]) - 20
+    elif kind == "dog":
+        base[0], base[2] = min(base[0], base[2]) - 20, max(base[0], base[2]) + 40
+    ramp = np.linspace(-30, 30, width)[None, :, None] * rng.uniform(-1, 1, 3)
+    arr = base + ramp + 20 * rng.standard_normal((height, width, 3), dtype=np.float32)
+    if gray:
+        arr = arr.mean(axis=2, keepdims=True).repeat(3, axis=2)
+    if dark:
+        arr = arr * 0.12
+    return encode(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB"), fmt)
+
+
+def png_chunks(width, height, bit_depth, color_type, idat):
+    """A PNG written by hand, for headers Pillow will not write (bombs, lies, 16-bit RGB)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+# ---------------------------------------------------------------- the tiny model
+def export_tiny_model(folder, version="tiny-1", dog_if_blue=True, profile=True):
+    """model.onnx + model.json (+ reference_profile.json) in `folder` of a rule a test can check:
+    a reddish photo is a cat, a bluish one a dog, a very green one (mean green above 229) is
+    "other". The champion's layout (features -> Linear head), exported by nets.export_onnx like
+    the real model, so the service cannot tell the difference. The path of model.onnx."""
+    import torch
+    from torch import nn
+
+    import nets
+
+    features = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # the mean of each channel
+    model = nets.CatDogNet(features, nn.Linear(3, 2), nets.PetDecision(3, components=3))
+    sign = 1.0 if dog_if_blue else -1.0
+    with torch.no_grad():
+        model.head.weight.copy_(torch.tensor([[4.0, 0.0, -4.0], [-4.0, 0.0, 4.0]]) * sign)
+        model.head.bias.zero_()
+        model.pet.head.weight.copy_(torch.tensor([[0.0, -20.0, 0.0, 0.0]]))
+        model.pet.head.bias.fill_(16.0)
+    meta = catdog.model_meta("baseline", version=version, other={"label": "other", "score": "head", "threshold": 0.5})
+    meta["preprocess"] = dict(TINY_PREPROCESS)
+    os.makedirs(folder, exist_ok=True)
+    nets.export_onnx(model, meta, os.path.join(folder, "model.onnx"))
+    if profile:
+        rng = np.random.default_rng(0)
+        stats = [catdog.image_stats(catdog.open_image(synthetic_photo(rng))) for _ in range(400)]
+        catdog.write_json(os.path.join(folder, "reference_profile.json"), catdog.reference_profile(stats))
+    return os.path.join(folder, "model.onnx")
+
+
+# ---------------------------------------------------------------- processes
+def free_port():
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url, proc=None, timeout=30):
+    """Poll `url` until it answers 200; seconds waited. Fails early when `proc` exits."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return time.monotonic() - started
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout} s")
+
+
+class Server:
+    """A service on 127.0.0.1:<free port>: serve.py, or command(port) -> argv. `env` is added to
+    this process's environment (values as str), `unset` names are removed from it. stdout goes
+    to the file `log`, stderr to `err` (or with stdout when err is None; nowhere without log)."""
+
+    def __init__(self, env=None, command=None, log=None, err=None, unset=()):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log, self.err = log, err
+        env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "PYTHONDONTWRITEBYTECODE": "1",
+               **{k: str(v) for k, v in (env or {}).items()}}
+        for name in unset:
+            env.pop(name, None)
+        argv = command(self.port) if command else [sys.executable, SERVE]
+        self.started = time.monotonic()
+        with contextlib.ExitStack() as files:  # the child keeps its own copies of the descriptors
+            stdout = files.enter_context(open(log, "wb")) if log else subprocess.DEVNULL
+            stderr = files.enter_context(open(err, "wb")) if err else subprocess.STDOUT if log else subprocess.DEVNULL
+            self.proc = subprocess.Popen(argv, cwd=catdog.ROOT, env=env, stdout=stdout, stderr=stderr)
+        self.pid = self.proc.pid
+
+    def wait(self, path="/health", timeout=30):
+        """Seconds from the start until `path` answered 200. On a failure the process is stopped
+        and RuntimeError says why, with the end of its output."""
+        try:
+            wait_ready(self.url + path, self.proc, timeout)
+        except (RuntimeError, TimeoutError) as e:
+            self.stop()
+            raise RuntimeError(f"{e}; its output:\n{self.logs(self.err or self.log)[-3000:]}") from None
+        return time.monotonic() - self.started
+
+    def logs(self, path=None):
+        """The text of its stdout file (or of `path`), "" when there is none."""
+        path = path or self.log
+        if not path:
+            return ""
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def send(self, signum):
+        os.kill(self.pid, signum)
+
+    def stop(self, signum=signal.SIGTERM, timeout=30):
+        """`signum` (SIGTERM: the service drains, then exits), SIGKILL after `timeout` s; the exit status."""
+        if self.proc.poll() is None:
+            os.kill(self.pid, signum)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def postgres_binaries():
+    """The folder holding initdb and pg_ctl (PG_BINDIR, else PATH's, else Debian's newest), or None."""
+    candidates = [os.environ.get("PG_BINDIR", "")]
+    on_path = shutil.which("initdb")
+    candidates.append(os.path.dirname(os.path.realpath(on_path)) if on_path else "")
+    candidates += sorted(glob.glob(POSTGRES_BINARIES), key=lambda d: int(d.split("/")[-2]), reverse=True)
+    for folder in filter(None, candidates):
+        if all(os.access(os.path.join(folder, tool), os.X_OK) for tool in ("initdb", "pg_ctl")):
+            return folder
+    return None
+
+
+def postgres_user():
+    """Who runs the server: PostgreSQL refuses to run as root, so root hands it to the
+    `postgres` account Debian's package creates."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam("postgres").pw_name
+    except KeyError:
+        return None
+
+
+def why_no_postgres():
+    """None when a PostgreSQL server can be started here, else the reason (for a skip)."""
+    if postgres_binaries() is None:
+        return "PostgreSQL server binaries not found (Debian: apt-get install postgresql; make system-deps)"
+    if os.geteuid() == 0 and postgres_user() is None:
+        return "running as root without a 'postgres' account to run the server as"
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return "psycopg is not installed (make setup)"
+    return None
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL server: initdb in a temporary folder, then pg_ctl start on
+    127.0.0.1:<free port> (trust auth: only this machine's loopback reaches it), stopped by its PID.
+
+        with PostgresServer() as pg:
+            url = pg.new_database("catdog_test")     # postgresql://catdog@127.0.0.1:PORT/catdog_test
+    """
+
+    def __init__(self, superuser="catdog"):
+        self.bin = postgres_binaries()
+        self.user = postgres_user()
+        self.superuser = superuser
+        self.folder = tempfile.mkdtemp(prefix="catdog-pg-")
+        self.data = os.path.join(self.folder, "data")
+        self.port = free_port()
+        self.pid = None
+        if self.user:
+            account = pwd.getpwnam(self.user)
+            os.chown(self.folder, account.pw_uid, account.pw_gid)
+
+    def _run(self, tool, *args):
+        subprocess.run([os.path.join(self.bin, tool), *args], check=True, user=self.user, cwd=self.folder,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def start(self):
+        self._run("initdb", "-D", self.data, "-U", self.superuser, "--auth=trust", "-E", "UTF8", "--no-sync")
+        return self.restart()
+
+    def restart(self):
+        """Start the server on the data folder (again, after stop_server: same port, same data)."""
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.folder} -c max_connections=200"
+        self._run("pg_ctl", "start", "-w", "-t", "60", "-D", self.data, "-o", options,
+                  "-l", os.path.join(self.folder, "server.log"))
+        with open(os.path.join(self.data, "postmaster.pid")) as f:
+            self.pid = int(f.readline())
+        return self
+
+    def url(self, database="postgres"):
+        return f"postgresql://{self.superuser}@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self, name):
+        """A new, empty database; its URL."""
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def logs(self):
+        with open(os.path.join(self.folder, "server.log"), errors="replace") as f:
+            return f.read()
+
+    def stop_server(self, timeout=30):
+        """Fast shutdown (SIGINT to the postmaster's PID: sessions end, the server checkpoints)."""
+        if not self.pid:
+            return
+        try:
+            os.kill(self.pid, signal.SIGINT)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                os.kill(self.pid, 0)  # ProcessLookupError once it has exited
+                time.sleep(0.05)
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.pid = None
+
+    def stop(self):
+        """Stop the server and delete its data."""
+        self.stop_server()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
