@@ -4,8 +4,9 @@
     python fuzz.py --seed 7 --inputs 600 --strict-memory
 
 Starts serve.py on 127.0.0.1 (its own DB_PATH and TMPDIR in a temporary folder) and sends it,
-all generated here from --seed (same seed, same bytes):
-1. files: small synthetic JPEG/PNG/WebP/GIF/HEIC/BMP/TIFF photos mutated by byte flips,
+all generated from --seed (same seed, same bytes):
+1. files (harness.hostile_files; tests/test_fuzz.py sends the same families in-process, drawn
+   by hypothesis): small synthetic JPEG/PNG/WebP/GIF/HEIC/BMP/TIFF photos mutated by byte flips,
    truncation, repeated chunks or segments and rewritten size fields (PNG IHDR, JPEG SOF,
    GIF, WebP) that lie; random bytes, with and without a real magic number; empty files; huge
    declared sizes; 16-bit PNGs. Each goes to POST /predict (multipart, or a raw body), some
@@ -26,25 +27,19 @@ are figures, not failures, unless --strict-memory.
 """
 import collections
 import http.client
-import io
 import json
 import os
-import signal
 import socket
-import struct
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
-import uuid
-import zlib
 
 import numpy as np
 from PIL import Image
 
 import catdog
+import harness
 
 # ---------------------------------------------------------------- config (--name value overrides)
 models = catdog.MODELS_DIR  # folder with the champion model.onnx; without one a tiny model is exported
@@ -79,235 +74,7 @@ def parse_args(argv=None):
     return catdog.config_parser(globals()).parse_args(argv)
 
 
-# ---------------------------------------------------------------- files (seeded: same seed, same bytes)
-def encode(img, fmt, **kw):
-    buffer = io.BytesIO()
-    img.save(buffer, fmt, **kw)
-    return buffer.getvalue()
-
-
-def png(width, height, bit_depth, colour_type, raw):
-    """A PNG written by hand: headers Pillow will not write (16-bit RGB, lies, bombs)."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0))
-    return b"\x89PNG\r\n\x1a\n" + ihdr + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
-
-
-def picture(rng, width, height):
-    """A smooth random picture with a little noise: photo-like, compresses like a photo."""
-    coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8), "RGB").resize((width, height),
-                                                                                         Image.BICUBIC)
-    noise = rng.normal(0, 6, (height, width, 3))
-    return Image.fromarray(np.clip(np.asarray(coarse) + noise, 0, 255).astype(np.uint8), "RGB")
-
-
-def png_16bit_rgb(img):
-    rows = np.asarray(img).astype(">u2") * 257
-    raw = b"".join(b"\0" + row.tobytes() for row in rows)
-    return png(img.width, img.height, 16, 2, zlib.compress(raw, 6))
-
-
-def animated_gif(img):
-    frames = [img.point(lambda v, k=k: max(0, v - 25 * k)).convert("P") for k in range(3)]
-    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
-
-
-def with_alpha(img, rng):
-    rgba = img.convert("RGBA")
-    rgba.putalpha(Image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8), "L").resize(img.size))
-    return rgba
-
-
-# name -> (format, encoder of a picture): the valid files everything else starts from.
-BASES = {
-    "jpeg": ("JPEG", lambda img, rng: encode(img, "JPEG", quality=int(rng.integers(40, 95)))),
-    "jpeg-progressive": ("JPEG", lambda img, rng: encode(img, "JPEG", progressive=True, quality=80)),
-    "jpeg-gray": ("JPEG", lambda img, rng: encode(img.convert("L"), "JPEG")),
-    "png": ("PNG", lambda img, rng: encode(img, "PNG")),
-    "png-rgba": ("PNG", lambda img, rng: encode(with_alpha(img, rng), "PNG")),
-    "png-palette": ("PNG", lambda img, rng: encode(img.convert("P"), "PNG")),
-    "png-16bit-gray": ("PNG", lambda img, rng: encode(Image.fromarray(
-        np.asarray(img.convert("L")).astype(np.uint16) * 257), "PNG")),
-    "png-16bit-rgb": ("PNG", lambda img, rng: png_16bit_rgb(img)),
-    "webp": ("WEBP", lambda img, rng: encode(img, "WEBP", quality=70)),
-    "webp-lossless": ("WEBP", lambda img, rng: encode(with_alpha(img, rng), "WEBP", lossless=True)),
-    "gif": ("GIF", lambda img, rng: encode(img.convert("P"), "GIF")),
-    "gif-animated": ("GIF", lambda img, rng: animated_gif(img)),
-    "heic": ("HEIF", lambda img, rng: encode(img, "HEIF", quality=50)),
-    "bmp": ("BMP", lambda img, rng: encode(img, "BMP")),
-    "tiff": ("TIFF", lambda img, rng: encode(img, "TIFF")),
-}
-
-
-def base_files(rng, per_kind=3):
-    """[(kind, format, bytes)]: per_kind valid files of every kind in BASES, 40 to 320 px a side."""
-    files = []
-    for kind, (fmt, write) in BASES.items():
-        for _ in range(per_kind):
-            width, height = (int(v) for v in rng.integers(40, 320, 2))
-            files.append((kind, fmt, write(picture(rng, width, height), rng)))
-    return files
-
-
-def spans(data, fmt):
-    """(start, end) of each PNG chunk, JPEG segment (up to the scan) or RIFF chunk: what a
-    duplicated-chunk mutation repeats. [] for other formats."""
-    found, pos = [], 0
-    if fmt == "PNG":
-        pos = 8
-        while pos + 12 <= len(data):
-            end = pos + 12 + struct.unpack(">I", data[pos:pos + 4])[0]
-            found.append((pos, min(end, len(data))))
-            pos = end
-    elif fmt == "JPEG":
-        pos = 2
-        while pos + 4 <= len(data) and data[pos] == 0xFF and data[pos + 1] not in (0xD9, 0xDA):
-            end = pos + 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
-            found.append((pos, min(end, len(data))))
-            pos = end
-    elif fmt == "WEBP":
-        pos = 12
-        while pos + 8 <= len(data):
-            end = pos + 8 + struct.unpack("<I", data[pos + 4:pos + 8])[0]
-            end += end % 2
-            found.append((pos, min(end, len(data))))
-            pos = end
-    return found
-
-
-def lie_about_size(data, fmt, width, height):
-    """The file with its size fields rewritten to width x height (checksums fixed, so the lie is
-    believed); None when the format has no field found here."""
-    out = bytearray(data)
-    if fmt == "PNG":
-        struct.pack_into(">II", out, 16, width, height)
-        struct.pack_into(">I", out, 29, zlib.crc32(bytes(out[12:29])))
-    elif fmt == "JPEG":
-        frame = next((i for i in range(2, len(out) - 9) if out[i] == 0xFF and 0xC0 <= out[i + 1] <= 0xC2), None)
-        if frame is None:
-            return None
-        struct.pack_into(">HH", out, frame + 5, min(height, 65535), min(width, 65535))
-    elif fmt == "GIF":
-        struct.pack_into("<HH", out, 6, min(width, 65535), min(height, 65535))  # the logical screen
-        frame = out.find(b"\x2c", 13)  # the first image descriptor, approximately
-        if frame > 0 and frame + 9 <= len(out):
-            struct.pack_into("<HH", out, frame + 5, min(width, 65535), min(height, 65535))
-    elif fmt == "WEBP" and out[12:16] == b"VP8 ":
-        struct.pack_into("<HH", out, 26, min(width, 16383), min(height, 16383))
-    elif fmt == "WEBP" and out[12:16] == b"VP8L":
-        w, h = min(width, 16384) - 1, min(height, 16384) - 1
-        struct.pack_into("<I", out, 21, (w & 0x3FFF) | ((h & 0x3FFF) << 14) | (out[24] >> 4 << 28))
-    else:
-        return None
-    return bytes(out)
-
-
-def flip(data, rng, head=False):
-    """A few bytes set to random values: anywhere, or in the first 64 (the headers)."""
-    out = bytearray(data)
-    for pos in rng.integers(0, min(len(out), 64) if head else len(out), int(rng.integers(1, 9))):
-        out[pos] = int(rng.integers(0, 256))
-    return bytes(out)
-
-
-def duplicate(data, fmt, rng):
-    """A chunk or segment repeated in place (a random slice for formats without spans)."""
-    found = spans(data, fmt)
-    start, end = found[int(rng.integers(len(found)))] if found else sorted(int(v) for v in rng.integers(0, len(data), 2))
-    return data[:end] + data[start:end] * int(rng.integers(1, 4)) + data[end:]
-
-
-MUTATIONS = {
-    "flip": lambda data, fmt, rng: flip(data, rng),
-    "flip-header": lambda data, fmt, rng: flip(data, rng, head=True),
-    "truncate": lambda data, fmt, rng: data[:int(rng.integers(1, len(data)))],
-    "duplicate": duplicate,
-    "splice-random": lambda data, fmt, rng: (lambda at: data[:at] + rng.bytes(int(rng.integers(1, 512))) + data[at:])(
-        int(rng.integers(0, len(data)))),
-    "zero-tail": lambda data, fmt, rng: (lambda at: data[:at] + bytes(len(data) - at))(int(rng.integers(8, len(data)))),
-}
-# Sizes a rewritten header claims; (w, h) is the real size.
-LIES = (lambda w, h: (w * 2, h * 2), lambda w, h: (w * 16, h * 16), lambda w, h: (6000, 6000),
-        lambda w, h: (65535, 65535), lambda w, h: (1, h), lambda w, h: (0, 0), lambda w, h: (w, 16_000_000))
-MAGICS = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"RIFF\0\0\0\0WEBPVP8 ", b"\0\0\0\x18ftypheic",
-          b"BM", b"II*\0", b"MM\0*", b"%PDF-1.4\n", b"PK\x03\x04", b"\x1f\x8b")
-
-
-def mutated(bases, rng):
-    kind, fmt, data = bases[int(rng.integers(len(bases)))]
-    name = list(MUTATIONS)[int(rng.integers(len(MUTATIONS)))]
-    return f"{kind}/{name}", MUTATIONS[name](data, fmt, rng)
-
-
-def lying(bases, rng):
-    """A valid file whose size fields claim another size."""
-    while True:
-        kind, fmt, data = bases[int(rng.integers(len(bases)))]
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-        lie = int(rng.integers(len(LIES)))
-        out = lie_about_size(data, fmt, *LIES[lie](w, h))
-        if out is not None:
-            return f"{kind}/lie-{'x'.join(map(str, LIES[lie](w, h)))}", out
-
-
-def random_bytes(bases, rng):
-    """Pure random bytes, or random bytes behind a real magic number, or nothing at all."""
-    size = int(rng.choice([0, 1, 7, 64, 1024, 65536]))
-    if rng.random() < 0.5:
-        return f"random-{size}", rng.bytes(size)
-    magic = MAGICS[int(rng.integers(len(MAGICS)))]
-    return f"magic-{magic[:4].hex()}+random-{size}", magic + rng.bytes(size)
-
-
-def huge(bases, rng):
-    """Headers declaring huge (or absurd) sizes over little or no data."""
-    choice = int(rng.integers(6))
-    if choice == 0:
-        side = int(rng.choice([4001, 10_000, 100_000, 1 << 31]))
-        return f"png-{side}x{side}-no-data", png(side, side, 8, 2, zlib.compress(b"\0" * 100))
-    if choice == 1:
-        return "png-1x16000000", png(1, 16_000_000, 8, 0, b"")
-    if choice == 2:
-        side = int(rng.choice([1000, 3000, 7000]))  # a deflate bomb: little data, side x side zeros
-        compressor = zlib.compressobj(9)
-        raw = b"".join(compressor.compress(b"\0" * (side + 1)) for _ in range(side)) + compressor.flush()
-        return f"png-bomb-{side}x{side}", png(side, side, 8, 0, raw)
-    if choice == 3:
-        return "png-16bit-4000x4001-no-data", png(4000, 4001, 16, 0, zlib.compress(b"\0" * 8001))
-    small = encode(picture(rng, 64, 64), "JPEG" if choice == 4 else "GIF")
-    side = int(rng.choice([6300, 20_000, 65_535]))
-    return (f"{'jpeg' if choice == 4 else 'gif'}-claims-{side}x{side}",
-            lie_about_size(small, "JPEG" if choice == 4 else "GIF", side, side))
-
-
-def valid(bases, rng):
-    kind, _, data = bases[int(rng.integers(len(bases)))]
-    return f"{kind}/valid", data
-
-
-def sixteen_bit(bases, rng):
-    """16-bit PNGs (grey or RGB) of real data, as they are or mutated."""
-    sixteen = [b for b in bases if b[0].startswith("png-16bit")]
-    kind, fmt, data = sixteen[int(rng.integers(len(sixteen)))]
-    if rng.random() < 0.5:
-        return f"{kind}/valid", data
-    name = list(MUTATIONS)[int(rng.integers(len(MUTATIONS)))]
-    return f"{kind}/{name}", MUTATIONS[name](data, fmt, rng)
-
-
-# One input in ten of each family in turn: most are mutated photos.
-FAMILIES = (mutated, mutated, mutated, mutated, mutated, lying, random_bytes, huge, valid, sixteen_bit)
-
-
-def fuzz_inputs(seed, count):
-    """[(name, bytes)]: `count` inputs of every family in turn, from `seed` alone."""
-    rng = np.random.default_rng(seed)
-    bases = base_files(rng)
-    return [FAMILIES[i % len(FAMILIES)](bases, rng) for i in range(count)]
-
-
+# ---------------------------------------------------------------- the largest accepted images, a normal photo
 def worst_case_images(seed):
     """{name: (bytes, content type)}: the largest images the limits ACCEPT, of real data (no
     lying header), each under MAX_UPLOAD_MB: a 16-bit grey PNG just under LOSSLESS_MAX_PIXELS,
@@ -320,14 +87,14 @@ def worst_case_images(seed):
         low = rng.integers(0, high, (shape[0] // size + 1, shape[1] // size + 1, *shape[2:]), dtype=dtype)
         return np.repeat(np.repeat(low, size, 0), size, 1)[:shape[0], :shape[1]]
 
-    gray16 = encode(Image.fromarray(blocks((height, width), 32, np.uint16, 65536)), "PNG", compress_level=1)
+    gray16 = harness.encode(Image.fromarray(blocks((height, width), 32, np.uint16, 65536)), "PNG", compress_level=1)
     rgba = blocks((height, width, 4), 64, np.uint8, 256)
     rgba[..., 3] |= 0x80  # real, varied transparency (all-opaque would be stored as RGB)
     webp_height = catdog.WEBP_MAX_PIXELS // width - 1  # 4000 x 2499 = 9,996,000 px
-    webp = encode(Image.fromarray(rgba[:webp_height], "RGBA"), "WEBP", lossless=True, method=0, quality=0)
+    webp = harness.encode(Image.fromarray(rgba[:webp_height], "RGBA"), "WEBP", lossless=True, method=0, quality=0)
     jpeg_w, jpeg_h = 7999, catdog.MAX_PIXELS // 7999 - 1  # 7999 x 5000 = 39,995,000 px
     coarse = Image.fromarray(rng.integers(0, 256, (jpeg_h // 40, jpeg_w // 40, 3), dtype=np.uint8), "RGB")
-    jpeg = encode(coarse.resize((jpeg_w, jpeg_h), Image.BILINEAR), "JPEG", quality=85)
+    jpeg = harness.encode(coarse.resize((jpeg_w, jpeg_h), Image.BILINEAR), "JPEG", quality=85)
     return {f"png-16bit-gray-{width}x{height}": (gray16, "image/png"),
             f"webp-lossless-rgba-{width}x{webp_height}": (webp, "image/webp"),
             f"jpeg-{jpeg_w}x{jpeg_h}": (jpeg, "image/jpeg")}
@@ -340,7 +107,8 @@ def normal_photo(seed):
         if names:
             with open(os.path.join(catdog.SHARED_SAMPLE, names[0]), "rb") as f:
                 return f.read(), f"shared photo {names[0]}"
-    return encode(picture(np.random.default_rng(seed), 500, 375), "JPEG", quality=90), "synthetic 500x375 JPEG"
+    return harness.encode(harness.picture(np.random.default_rng(seed), 500, 375), "JPEG", quality=90), \
+        "synthetic 500x375 JPEG"
 
 
 # ---------------------------------------------------------------- judging answers
@@ -430,15 +198,6 @@ class Client:
             self.conn = None
 
 
-def multipart(parts):
-    """(body, content type) of a multipart/form-data body of (field, filename, bytes) parts."""
-    boundary = uuid.uuid4().hex
-    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
-                    f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
-                    for field, name, data in parts)
-    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
 RAW_TYPES = ("image/jpeg", "image/png", "application/octet-stream", "image/webp")
 
 
@@ -447,21 +206,16 @@ def request_of(index, data):
     type may well be wrong (the service sniffs the bytes)."""
     if index % 3 == 0:
         return data, RAW_TYPES[index // 3 % len(RAW_TYPES)]
-    return multipart([("file" if index % 7 else "image", "photo.jpg", data)])
+    return harness.multipart([("file" if index % 7 else "image", "photo.jpg", data)])
 
 
 def send_files(port, files, tally, phase="files", clients=4, timeout=30.0):
-    """POST each (name, bytes) to /predict from `clients` connections, every answer judged."""
-    work = list(enumerate(files))
-    lock = threading.Lock()
-
-    def worker():
+    """POST each (name, bytes) to /predict from `clients` connections (each its share of the
+    files), every answer judged."""
+    def worker(first):
         client = Client(port, timeout)
-        while True:
-            with lock:
-                if not work:
-                    break
-                index, (name, data) = work.pop()
+        for index in range(first, len(files), clients):
+            name, data = files[index]
             body, content_type = request_of(index, data)
             try:
                 tally.add(phase, name, *client.post("/predict", body, {"Content-Type": content_type}))
@@ -469,7 +223,7 @@ def send_files(port, files, tally, phase="files", clients=4, timeout=30.0):
                 tally.note("failure", phase, name, f"no answer ({type(e).__name__}: {e})")
         client.close()
 
-    run_threads(worker, clients)
+    run_threads(worker, [(k,) for k in range(clients)])
 
 
 def send_batches(port, files, count, size, tally, timeout=30.0):
@@ -477,7 +231,7 @@ def send_batches(port, files, count, size, tally, timeout=30.0):
     client = Client(port, timeout)
     for k in range(count):
         group = [files[(k * size + j) % len(files)] for j in range(size)]
-        body, content_type = multipart([("file", name, data) for name, data in group])
+        body, content_type = harness.multipart([("file", name, data) for name, data in group])
         name = "batch of " + ", ".join(n for n, _ in group)
         try:
             status, headers, answer = client.post("/predict/batch", body, {"Content-Type": content_type})
@@ -490,8 +244,9 @@ def send_batches(port, files, count, size, tally, timeout=30.0):
     client.close()
 
 
-def run_threads(target, count, *args):
-    threads = [threading.Thread(target=target, args=args, daemon=True) for _ in range(count)]
+def run_threads(target, calls):
+    """target(*args) for each args of `calls`, each in a thread of its own, all at once; back when all are."""
+    threads = [threading.Thread(target=target, args=args, daemon=True) for args in calls]
     for t in threads:
         t.start()
     for t in threads:
@@ -561,97 +316,89 @@ def chunked(data, sizes=(1000, 5000)):
 
 def protocol_cases(photo):
     """[(name, parts, expect, options)]: raw requests, each on its own connection. expect
-    "answer": a complete request, which must get an answer; "any": the client gives up
-    (closes) before the request is complete, so no answer is due."""
+    "answer": a complete request, which must get an answer; "any": the client gives up (closes
+    its side: options half_close) before the request is complete, so no answer is due."""
     jpeg = ["Content-Type: image/jpeg"]
-    many, many_type = multipart([("file", f"{k}.jpg", b"x") for k in range(10_000)])
+    many, many_type = harness.multipart([("file", f"{k}.jpg", b"x") for k in range(10_000)])
     huge_json = json.dumps(list(range(1_500_000))).encode()  # ~12 MB: over MAX_UPLOAD_MB
     big_json = json.dumps({"request_id": "x", "label": "cat", "pad": "a" * (8 << 20)}).encode()
+    gives_up = {"half_close": True}
 
     def post(path, body, headers=jpeg, **kw):
         return http_request("POST", path, [*headers, f"Content-Length: {len(body)}"], body, **kw)
 
-    def feedback(body, content_type="application/json"):
-        return [post("/feedback", body, [f"Content-Type: {content_type}"])], "answer", {}
+    def framed(headers, body=b"", **kw):
+        """POST /predict of a JPEG body framed by `headers` as they are."""
+        return [http_request("POST", "/predict", [*jpeg, *headers], body, **kw)]
 
+    def chunks(body, coding="chunked", *headers):
+        return framed([*headers, f"Transfer-Encoding: {coding}"], body)
+
+    def get(*headers, path="/health", version="HTTP/1.1"):
+        return [http_request("GET", path, headers, version=version)]
+
+    def form(body, boundary):
+        return [post("/predict", body, [f"Content-Type: multipart/form-data{boundary}"])]
+
+    def feedback(body, content_type="application/json"):
+        return [post("/feedback", body, [f"Content-Type: {content_type}"])], {}
+
+    end = b"\r\n0\r\n\r\n"
     cases = {
-        "chunked photo (valid)": ([http_request("POST", "/predict", [*jpeg, "Transfer-Encoding: chunked"],
-                                                chunked(photo))], "answer", {}),
-        "Transfer-Encoding: gzip, chunked": ([http_request("POST", "/predict", [*jpeg, "Transfer-Encoding: gzip, chunked"],
-                                                           chunked(photo))], "answer", {}),
-        "Transfer-Encoding: chunked, gzip": ([http_request("POST", "/predict", [*jpeg, "Transfer-Encoding: chunked, gzip"],
-                                                           chunked(photo))], "answer", {}),
-        "chunk size not hex": ([http_request("POST", "/predict", [*jpeg, "Transfer-Encoding: chunked"],
-                                             b"zz\r\n" + photo[:100] + b"\r\n0\r\n\r\n")], "answer", {}),
+        "chunked photo (valid)": (chunks(chunked(photo)), {}),
+        "Transfer-Encoding: gzip, chunked": (chunks(chunked(photo), "gzip, chunked"), {}),
+        "Transfer-Encoding: chunked, gzip": (chunks(chunked(photo), "chunked, gzip"), {}),
+        "chunk size not hex": (chunks(b"zz\r\n" + photo[:100] + end), {}),
         # waitress waits for the 2^72 bytes the chunk declares: incomplete, so the client closes
-        "chunk size 2^72, then close": ([http_request("POST", "/predict", [*jpeg, "Transfer-Encoding: chunked"],
-                                                      b"ffffffffffffffffff\r\n" + photo[:100] + b"\r\n0\r\n\r\n")],
-                                        "any", {"half_close": True}),
-        "chunk size negative": ([http_request("POST", "/predict", [*jpeg, "Transfer-Encoding: chunked"],
-                                              b"-10\r\n" + photo[:16] + b"\r\n0\r\n\r\n")], "answer", {}),
-        "chunk longer than its data, then close": ([http_request("POST", "/predict", [*jpeg, "Transfer-Encoding: chunked"],
-                                                                 b"100000\r\n" + photo[:100])], "any", {"half_close": True}),
-        "chunked without the last chunk, then close": ([http_request("POST", "/predict", [*jpeg, "Transfer-Encoding: chunked"],
-                                                                     chunked(photo)[:-5])], "any", {"half_close": True}),
-        "chunk extensions and trailers": ([http_request("POST", "/predict", [*jpeg, "Transfer-Encoding: chunked"],
-                                                        f"{len(photo):x};name=value\r\n".encode() + photo
-                                                        + b"\r\n0\r\nX-Trailer: 1\r\n\r\n")], "answer", {}),
-        "Content-Length larger than the body, then close": (
-            [http_request("POST", "/predict", [*jpeg, f"Content-Length: {len(photo) * 2}"], photo)], "any",
-            {"half_close": True}),
-        "Content-Length smaller than the body": (
-            [http_request("POST", "/predict", [*jpeg, f"Content-Length: {len(photo) // 2}"], photo, close=False)],
-            "answer", {}),
-        "Content-Length not a number": ([http_request("POST", "/predict", [*jpeg, "Content-Length: 12abc"], photo)],
-                                        "answer", {}),
-        "Content-Length negative": ([http_request("POST", "/predict", [*jpeg, "Content-Length: -1"], photo)], "answer", {}),
-        "two different Content-Lengths": ([http_request("POST", "/predict", [*jpeg, "Content-Length: 10",
-                                                                             f"Content-Length: {len(photo)}"], photo)],
-                                          "answer", {}),
-        "Content-Length and Transfer-Encoding": ([http_request("POST", "/predict", [*jpeg, "Content-Length: 5",
-                                                                                    "Transfer-Encoding: chunked"],
-                                                               chunked(photo))], "answer", {}),
-        "Content-Length 100 MB (over waitress's cap)": (
-            [http_request("POST", "/predict", [*jpeg, f"Content-Length: {100 * MIB}"], photo)], "answer", {}),
-        "Expect: 100-continue": ([http_request("POST", "/predict", [*jpeg, "Expect: 100-continue",
-                                                                    f"Content-Length: {len(photo)}"]), photo],
-                                 "answer", {"pause_s": 0.2}),
-        "10,000-part multipart on /predict": ([post("/predict", many, [f"Content-Type: {many_type}"])], "answer", {}),
-        "10,000-part multipart on /predict/batch": ([post("/predict/batch", many, [f"Content-Type: {many_type}"])],
-                                                    "answer", {}),
-        "multipart without a boundary": ([post("/predict", photo, ["Content-Type: multipart/form-data"])], "answer", {}),
+        "chunk size 2^72, then close": (chunks(b"ffffffffffffffffff\r\n" + photo[:100] + end), gives_up),
+        "chunk size negative": (chunks(b"-10\r\n" + photo[:16] + end), {}),
+        "chunk longer than its data, then close": (chunks(b"100000\r\n" + photo[:100]), gives_up),
+        "chunked without the last chunk, then close": (chunks(chunked(photo)[:-5]), gives_up),
+        "chunk extensions and trailers": (chunks(f"{len(photo):x};name=value\r\n".encode() + photo
+                                                 + b"\r\n0\r\nX-Trailer: 1\r\n\r\n"), {}),
+        "Content-Length larger than the body, then close": (framed([f"Content-Length: {len(photo) * 2}"], photo),
+                                                            gives_up),
+        "Content-Length smaller than the body": (framed([f"Content-Length: {len(photo) // 2}"], photo, close=False),
+                                                 {}),
+        "Content-Length not a number": (framed(["Content-Length: 12abc"], photo), {}),
+        "Content-Length negative": (framed(["Content-Length: -1"], photo), {}),
+        "two different Content-Lengths": (framed(["Content-Length: 10", f"Content-Length: {len(photo)}"], photo), {}),
+        "Content-Length and Transfer-Encoding": (chunks(chunked(photo), "chunked", "Content-Length: 5"), {}),
+        "Content-Length 100 MB (over waitress's cap)": (framed([f"Content-Length: {100 * MIB}"], photo), {}),
+        "Expect: 100-continue": (framed(["Expect: 100-continue", f"Content-Length: {len(photo)}"]) + [photo],
+                                 {"pause_s": 0.2}),
+        "10,000-part multipart on /predict": ([post("/predict", many, [f"Content-Type: {many_type}"])], {}),
+        "10,000-part multipart on /predict/batch": ([post("/predict/batch", many, [f"Content-Type: {many_type}"])], {}),
+        "multipart without a boundary": (form(photo, ""), {}),
         "multipart without its closing boundary": (
-            [post("/predict", multipart([("file", "a.jpg", photo)])[0][:-40],
-                  ["Content-Type: multipart/form-data; boundary=" + multipart([])[1].split("=")[1]])], "answer", {}),
-        "multipart with a 1,000-char boundary": (
-            [post("/predict", b"--" + b"b" * 1000 + b"\r\n\r\n" + photo, ["Content-Type: multipart/form-data; boundary="
-                                                                           + "b" * 1000])], "answer", {}),
+            form(harness.multipart([("file", "a.jpg", photo)])[0][:-40],
+                 "; boundary=" + harness.multipart([])[1].split("=")[1]), {}),
+        "multipart with a 1,000-char boundary": (form(b"--" + b"b" * 1000 + b"\r\n\r\n" + photo,
+                                                      "; boundary=" + "b" * 1000), {}),
         "multipart part with a 64 KB part header": (
-            [post("/predict", b"--xx\r\nContent-Disposition: form-data; name=\"file\"; filename=\"" + b"a" * 65536
-                  + b'"\r\n\r\n' + photo + b"\r\n--xx--\r\n", ["Content-Type: multipart/form-data; boundary=xx"])],
-            "answer", {}),
-        "64 KB header line": ([http_request("GET", "/health", ["X-Long: " + "a" * 65536])], "answer", {}),
-        "300 KB header line": ([http_request("GET", "/health", ["X-Long: " + "a" * 300_000])], "answer", {}),
-        "5,000 headers": ([http_request("GET", "/health", [f"X-H{k}: {k}" for k in range(5000)])], "answer", {}),
-        "100 KB path": ([http_request("GET", "/" + "a" * 100_000)], "answer", {}),
-        "300 KB path": ([http_request("GET", "/" + "a" * 300_000)], "answer", {}),
-        "HTTP/0.9 request line": ([b"GET /\r\n\r\n"], "answer", {}),
-        "HTTP/0.9 request line, no blank line, then close": ([b"GET /health\r\n"], "any", {"half_close": True}),
-        "HTTP/2 preface": ([b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"], "answer", {}),
-        "HTTP/7.0": ([http_request("GET", "/health", version="HTTP/7.0")], "answer", {}),
-        "TLS ClientHello": ([bytes.fromhex("16030100c4010000c00303") + bytes(180)], "any", {"half_close": True}),
-        "binary garbage": ([bytes(range(256)) * 4 + b"\r\n\r\n"], "answer", {}),
+            form(b"--xx\r\nContent-Disposition: form-data; name=\"file\"; filename=\"" + b"a" * 65536
+                 + b'"\r\n\r\n' + photo + b"\r\n--xx--\r\n", "; boundary=xx"), {}),
+        "64 KB header line": (get("X-Long: " + "a" * 65536), {}),
+        "300 KB header line": (get("X-Long: " + "a" * 300_000), {}),
+        "5,000 headers": (get(*(f"X-H{k}: {k}" for k in range(5000))), {}),
+        "100 KB path": (get(path="/" + "a" * 100_000), {}),
+        "300 KB path": (get(path="/" + "a" * 300_000), {}),
+        "HTTP/0.9 request line": ([b"GET /\r\n\r\n"], {}),
+        "HTTP/0.9 request line, no blank line, then close": ([b"GET /health\r\n"], gives_up),
+        "HTTP/2 preface": ([b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"], {}),
+        "HTTP/7.0": (get(version="HTTP/7.0"), {}),
+        "TLS ClientHello": ([bytes.fromhex("16030100c4010000c00303") + bytes(180)], gives_up),
+        "binary garbage": ([bytes(range(256)) * 4 + b"\r\n\r\n"], {}),
         # waitress ends a header block only at CRLF CRLF: without one it waits, so the client closes
-        "bare LF line ends, then close": ([b"GET /health HTTP/1.1\nHost: x\nConnection: close\n\n"], "any",
-                                          {"half_close": True}),
-        "NUL in a header": ([http_request("GET", "/health", ["X-Nul: a\0b"])], "answer", {}),
+        "bare LF line ends, then close": ([b"GET /health HTTP/1.1\nHost: x\nConnection: close\n\n"], gives_up),
+        "NUL in a header": (get("X-Nul: a\0b"), {}),
         "UTF-8 in the path and a header": ([("GET /caf\u00e9?q=\u732b HTTP/1.1\r\nHost: x\r\nX-U: \u00e9\r\n"
-                                             "Connection: close\r\n\r\n").encode()], "answer", {}),
-        "absolute URI": ([http_request("GET", "http://example.com/health")], "answer", {}),
-        "unknown method": ([http_request("BREW", "/predict")], "answer", {}),
-        "header without a colon": ([http_request("GET", "/health", ["NoColonHere"])], "answer", {}),
-        "header with a space before the colon": ([http_request("GET", "/health", ["X-A : b"])], "answer", {}),
-        "raw image with Content-Length 0": ([post("/predict", b"")], "answer", {}),
+                                             "Connection: close\r\n\r\n").encode()], {}),
+        "absolute URI": (get(path="http://example.com/health"), {}),
+        "unknown method": ([http_request("BREW", "/predict")], {}),
+        "header without a colon": (get("NoColonHere"), {}),
+        "header with a space before the colon": (get("X-A : b"), {}),
+        "raw image with Content-Length 0": ([post("/predict", b"")], {}),
         "feedback: [ x 100000": feedback(b"[" * 100_000 + b"]" * 100_000),
         "feedback: {\"a\": x 100000": feedback(b'{"a":' * 100_000 + b"1" + b"}" * 100_000),
         "feedback: non-UTF-8 bytes": feedback(b'{"request_id": "\xff\xfe", "label": "cat\xc3"}'),
@@ -662,7 +409,8 @@ def protocol_cases(photo):
         "feedback: 8 MB JSON object": feedback(big_json),
         "feedback: JSON as text/plain": feedback(b'{"request_id": "x", "label": "cat"}', "text/plain"),
     }
-    return [(name, parts, expect, options) for name, (parts, expect, options) in cases.items()]
+    return [(name, parts, "any" if options.get("half_close") else "answer", options)
+            for name, (parts, options) in cases.items()]
 
 
 def run_protocol(port, photo, tally, timeout=30.0):
@@ -780,12 +528,8 @@ def drive(port, bodies, deadline, tally, phase, latencies=None, timeout=30.0, of
 def drive_together(port, groups, seconds, tally, phase, timeout=30.0):
     """Run drive() for each (bodies, latencies) of `groups` at once for `seconds`."""
     deadline = time.monotonic() + seconds
-    threads = [threading.Thread(target=drive, args=(port, bodies, deadline, tally, phase, latencies, timeout, k),
-                                daemon=True) for k, (bodies, latencies) in enumerate(groups)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(drive, [(port, bodies, deadline, tally, phase, latencies, timeout, k)
+                        for k, (bodies, latencies) in enumerate(groups)])
 
 
 def worst_bodies(images):
@@ -793,7 +537,7 @@ def worst_bodies(images):
     bodies = []
     for name, (data, content_type) in images.items():
         bodies.append((name, data, content_type))
-        bodies.append((name + " (multipart)", *multipart([("file", "big", data)])))
+        bodies.append((name + " (multipart)", *harness.multipart([("file", "big", data)])))
     return bodies
 
 
@@ -840,59 +584,20 @@ def percentile(values, q):
 
 
 # ---------------------------------------------------------------- the server
-def tiny_model(folder):
-    """The tests' tiny model (tests/service_helpers.export_tiny_model), for a checkout without a champion."""
-    sys.path.insert(0, os.path.join(catdog.ROOT, "tests"))
-    from service_helpers import export_tiny_model
-
-    return export_tiny_model(folder, version="fuzz-tiny")
-
-
 def start_server(model_path, workdir):
-    """serve.py on 127.0.0.1:<free port> with its DB and TMPDIR in `workdir`, ready; (process, port).
-    stdout (one JSON line per request) and stderr (tracebacks) go to files there."""
-    port = catdog.free_port()
+    """serve.py (harness.Server) with its DB and TMPDIR in `workdir`, ready. stdout (one JSON line
+    per request) and stderr (tracebacks) go to files there."""
     spool = os.path.join(workdir, "tmp")
     os.makedirs(spool, exist_ok=True)
-    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "MODEL_PATH": model_path,
-           "DB_PATH": os.path.join(workdir, "fuzz.db"), "TMPDIR": spool, "PYTHONDONTWRITEBYTECODE": "1"}
     # The Makefile's malloc tuning is for training's feature extraction; the image runs without it.
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
-        env.pop(name, None)
-    with open(os.path.join(workdir, "serve.log"), "wb") as out, open(os.path.join(workdir, "serve.err"), "wb") as err:
-        proc = subprocess.Popen([sys.executable, os.path.join(catdog.ROOT, "serve.py")], cwd=catdog.ROOT, env=env,
-                                stdout=out, stderr=err)
+    server = harness.Server({"MODEL_PATH": model_path, "DB_PATH": os.path.join(workdir, "fuzz.db"), "TMPDIR": spool},
+                            log=os.path.join(workdir, "serve.log"), err=os.path.join(workdir, "serve.err"),
+                            unset=("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
     try:
-        catdog.wait_ready(f"http://127.0.0.1:{port}/health", proc, timeout=120)
-    except (RuntimeError, TimeoutError):
-        stop_server(proc)
-        with open(os.path.join(workdir, "serve.err"), errors="replace") as f:
-            sys.exit(f"serve.py did not get ready:\n{f.read()[-3000:]}")
-    return proc, port
-
-
-def alive(proc, port):
-    """True while the process runs and GET /health answers 200."""
-    if proc.poll() is not None:
-        return False
-    os.kill(proc.pid, 0)
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def stop_server(proc, timeout=30):
-    """SIGTERM (the service drains, then exits); the exit status."""
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode
+        server.wait(timeout=120)
+    except RuntimeError as e:
+        sys.exit(f"serve.py did not get ready: {e}")
+    return server
 
 
 def server_errors(workdir, limit=60):
@@ -905,22 +610,23 @@ def server_errors(workdir, limit=60):
 
 
 # ---------------------------------------------------------------- the run
-def check(phase, proc, port, tally):
+def check(phase, server, tally):
     """The service must still run and be ready after each phase."""
-    if not alive(proc, port):
+    if not server.alive():
         tally.note("failure", phase, "the process", f"died or not ready after {phase} "
-                   f"(exit status {proc.poll()})")
+                   f"(exit status {server.proc.poll()})")
         return False
     return True
 
 
-def memory_phases(cfg, port, proc, sampler, workdir, tally, figures):
+def memory_phases(cfg, server, sampler, workdir, tally, figures):
+    port, pid = server.port, server.pid
     """Worst-case uploads at worst_clients, then normal photos beside 4 of them, then slow bodies."""
     started = time.monotonic()
     images = worst_case_images(cfg.seed)
     figures["worst_images"] = ", ".join(f"{name} {len(data) / MIB:.1f} MB" for name, (data, _) in images.items())
     figures["worst_generation_s"] = time.monotonic() - started
-    figures["solo_rise"] = check_accepted(port, proc.pid, images, sampler, tally, cfg.timeout)
+    figures["solo_rise"] = check_accepted(port, pid, images, sampler, tally, cfg.timeout)
     bodies = worst_bodies(images)
     photo, figures["normal_photo"] = normal_photo(cfg.seed)
     normal = [("normal photo", photo, "image/jpeg")]
@@ -933,57 +639,58 @@ def memory_phases(cfg, port, proc, sampler, workdir, tally, figures):
     drive_together(port, [(bodies, None)] * cfg.worst_clients, cfg.worst_seconds, tally, "worst")
     figures["worst_peak"] = sampler.peak(since)
     time.sleep(cfg.settle_s)
-    figures["worst_settled"] = proc_status(proc.pid, "VmRSS")
+    figures["worst_settled"] = proc_status(pid, "VmRSS")
 
     latencies, since = [], time.monotonic()
     drive_together(port, [(bodies, None)] * 4 + [(normal, latencies)], cfg.latency_seconds, tally, "latency")
     figures["latency_peak"] = sampler.peak(since)
     figures["p50"], figures["p99"], figures["normal_n"] = percentile(latencies, 50), percentile(latencies, 99), len(latencies)
     time.sleep(cfg.settle_s)
-    figures["latency_settled"] = proc_status(proc.pid, "VmRSS")
-    if not check("worst-case uploads", proc, port, tally):
+    figures["latency_settled"] = proc_status(pid, "VmRSS")
+    if not check("worst-case uploads", server, tally):
         return
 
     figures["slow_peak"], figures["slow_spooled"] = slow_bodies(
         port, cfg.slow_uploads, cfg.slow_upload_mb, cfg.slow_pause_s, sampler, os.path.join(workdir, "tmp"),
-        proc.pid, cfg.timeout)
+        pid, cfg.timeout)
     time.sleep(cfg.settle_s)
-    figures["slow_settled"] = proc_status(proc.pid, "VmRSS")
-    check("slow uploads", proc, port, tally)
+    figures["slow_settled"] = proc_status(pid, "VmRSS")
+    check("slow uploads", server, tally)
 
 
 def fuzz(cfg, model_path, workdir, tally, figures, memory=True):
     """Start the service, run every phase against it, stop it; the protocol table rows."""
     started = time.monotonic()
-    proc, port = start_server(model_path, workdir)
+    server = start_server(model_path, workdir)
+    port, pid = server.port, server.pid
     figures["start_s"] = time.monotonic() - started
-    figures["pid"] = proc.pid
-    sampler = RssSampler(proc.pid, cfg.sample_ms / 1000)
+    figures["pid"] = pid
+    sampler = RssSampler(pid, cfg.sample_ms / 1000)
     sampler.start()
     rows = []
     try:
-        figures["rss_ready"] = proc_status(proc.pid, "VmRSS")
-        files = fuzz_inputs(cfg.seed, cfg.inputs)
+        figures["rss_ready"] = proc_status(pid, "VmRSS")
+        files = harness.hostile_files(cfg.seed, cfg.inputs)
         figures["files"] = len(files)
         phase = time.monotonic()
         send_files(port, files, tally, clients=cfg.clients, timeout=cfg.timeout)
         send_batches(port, files, cfg.batches, cfg.batch_size, tally, cfg.timeout)
         figures["files_s"] = time.monotonic() - phase
-        if check("files", proc, port, tally):
+        if check("files", server, tally):
             phase = time.monotonic()
             photo, _ = normal_photo(cfg.seed)
             rows = run_protocol(port, photo, tally, min(cfg.timeout, 10.0))
             figures["slowloris_ms"] = slowloris(port, photo, tally, timeout=cfg.timeout)
             figures["protocol_s"] = time.monotonic() - phase
-            if check("protocol abuse", proc, port, tally) and memory:
+            if check("protocol abuse", server, tally) and memory:
                 phase = time.monotonic()
-                memory_phases(cfg, port, proc, sampler, workdir, tally, figures)
+                memory_phases(cfg, server, sampler, workdir, tally, figures)
                 figures["memory_s"] = time.monotonic() - phase
-        figures["hwm"] = proc_status(proc.pid, "VmHWM")
-        figures["alive_at_end"] = alive(proc, port)
+        figures["hwm"] = proc_status(pid, "VmHWM")
+        figures["alive_at_end"] = server.alive()
     finally:
         sampler.stopped.set()
-        figures["exit_status"] = stop_server(proc)
+        figures["exit_status"] = server.stop()
         figures["sampled_peak"] = sampler.peak()
     return rows
 
@@ -1069,7 +776,8 @@ def main(argv=None):
             meta = catdog.read_json(os.path.join(cfg.models, "model.json"))
             note = f"champion {meta.get('arch')} {meta.get('backbone', '')} {meta.get('version')}"
         else:
-            model_path, note = tiny_model(os.path.join(workdir, "model")), "tiny model (no champion in models/)"
+            model_path = harness.export_tiny_model(os.path.join(workdir, "model"), version="fuzz-tiny")
+            note = "tiny model (no champion in models/)"
         # The CPUs may be shared (CI runs other jobs): say how busy they were.
         print(f"fuzz: seed {cfg.seed}, {cfg.inputs} files, {note}; {len(os.sched_getaffinity(0))} CPUs, "
               f"load average {os.getloadavg()[0]:.1f}", flush=True)

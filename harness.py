@@ -89,6 +89,241 @@ def png_chunks(width, height, bit_depth, color_type, idat):
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+# ---------------------------------------------------------------- hostile files
+# Valid files of every kind the service accepts, then the same files broken: mutated, lying
+# about their size, random, huge. Every choice goes through a Pick: a seeded numpy generator
+# here (make fuzz: same seed, same bytes), hypothesis in tests/test_fuzz.py (a failure shrinks).
+class Pick:
+    """The random choices of a hostile file, all made by integer(low, high) -> an int in [low, high]."""
+
+    def __init__(self, integer):
+        self.integer = integer
+
+    @classmethod
+    def seeded(cls, rng):
+        return cls(lambda low, high: int(rng.integers(low, high + 1)))
+
+    def choice(self, items):
+        return items[self.integer(0, len(items) - 1)]
+
+    def random_bytes(self, size):
+        # from one drawn seed: hypothesis draws a few KB at most, and a seed shrinks as well
+        return np.random.default_rng(self.integer(0, 2**32 - 1)).bytes(size)
+
+
+def png_bomb(side, rows=None):
+    """A small PNG that inflates to side x side 8-bit grey pixels (only `rows` of them present when given)."""
+    compressor = zlib.compressobj(9)
+    idat = b"".join(compressor.compress(b"\0" * (side + 1)) for _ in range(rows or side)) + compressor.flush()
+    return png_chunks(side, side, 8, 0, idat)
+
+
+def png_16bit_rgb(img):
+    rows = np.asarray(img).astype(">u2") * 257
+    return png_chunks(img.width, img.height, 16, 2, zlib.compress(b"".join(b"\0" + row.tobytes() for row in rows), 6))
+
+
+def animated_gif(img):
+    frames = [img.point(lambda v, k=k: max(0, v - 25 * k)).convert("P") for k in range(3)]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
+
+
+def with_alpha(img, rng):
+    rgba = img.convert("RGBA")
+    rgba.putalpha(Image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8), "L").resize(img.size))
+    return rgba
+
+
+# name -> (format, writer of a picture): the valid files everything else starts from.
+BASES = {
+    "jpeg": ("JPEG", lambda img, rng: encode(img, "JPEG", quality=int(rng.integers(40, 95)))),
+    "jpeg-progressive": ("JPEG", lambda img, rng: encode(img, "JPEG", progressive=True, quality=80)),
+    "jpeg-gray": ("JPEG", lambda img, rng: encode(img.convert("L"), "JPEG")),
+    "png": ("PNG", lambda img, rng: encode(img, "PNG")),
+    "png-rgba": ("PNG", lambda img, rng: encode(with_alpha(img, rng), "PNG")),
+    "png-palette": ("PNG", lambda img, rng: encode(img.convert("P"), "PNG")),
+    "png-16bit-gray": ("PNG", lambda img, rng: encode(Image.fromarray(
+        np.asarray(img.convert("L")).astype(np.uint16) * 257), "PNG")),
+    "png-16bit-rgb": ("PNG", lambda img, rng: png_16bit_rgb(img)),
+    "webp": ("WEBP", lambda img, rng: encode(img, "WEBP", quality=70)),
+    "webp-lossless": ("WEBP", lambda img, rng: encode(with_alpha(img, rng), "WEBP", lossless=True)),
+    "gif": ("GIF", lambda img, rng: encode(img.convert("P"), "GIF")),
+    "gif-animated": ("GIF", lambda img, rng: animated_gif(img)),
+    "heic": ("HEIF", lambda img, rng: encode(img, "HEIF", quality=50)),
+    "bmp": ("BMP", lambda img, rng: encode(img, "BMP")),
+    "tiff": ("TIFF", lambda img, rng: encode(img, "TIFF")),
+}
+
+
+def base_files(rng, per_kind=3):
+    """[(kind, format, bytes)]: per_kind valid files of every kind in BASES, 40 to 320 px a side."""
+    files = []
+    for kind, (fmt, write) in BASES.items():
+        for _ in range(per_kind):
+            width, height = (int(v) for v in rng.integers(40, 320, 2))
+            files.append((kind, fmt, write(picture(rng, width, height), rng)))
+    return files
+
+
+def spans(data, fmt):
+    """(start, end) of each PNG chunk, JPEG segment (up to the scan) or RIFF chunk: what a
+    duplicated-chunk mutation repeats. [] for other formats."""
+    found, pos = [], 0
+    if fmt == "PNG":
+        pos = 8
+        while pos + 12 <= len(data):
+            end = pos + 12 + struct.unpack(">I", data[pos:pos + 4])[0]
+            found.append((pos, min(end, len(data))))
+            pos = end
+    elif fmt == "JPEG":
+        pos = 2
+        while pos + 4 <= len(data) and data[pos] == 0xFF and data[pos + 1] not in (0xD9, 0xDA):
+            end = pos + 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
+            found.append((pos, min(end, len(data))))
+            pos = end
+    elif fmt == "WEBP":
+        pos = 12
+        while pos + 8 <= len(data):
+            end = pos + 8 + struct.unpack("<I", data[pos + 4:pos + 8])[0]
+            end += end % 2
+            found.append((pos, min(end, len(data))))
+            pos = end
+    return found
+
+
+def lie_about_size(data, fmt, width, height):
+    """The file with its size fields rewritten to width x height (checksums fixed, so the lie is
+    believed); None when the format has no field found here."""
+    out = bytearray(data)
+    if fmt == "PNG":
+        struct.pack_into(">II", out, 16, width, height)
+        struct.pack_into(">I", out, 29, zlib.crc32(bytes(out[12:29])))
+    elif fmt == "JPEG":
+        frame = next((i for i in range(2, len(out) - 9) if out[i] == 0xFF and 0xC0 <= out[i + 1] <= 0xC2), None)
+        if frame is None:
+            return None
+        struct.pack_into(">HH", out, frame + 5, min(height, 65535), min(width, 65535))
+    elif fmt == "GIF":
+        struct.pack_into("<HH", out, 6, min(width, 65535), min(height, 65535))  # the logical screen
+        frame = out.find(b"\x2c", 13)  # the first image descriptor, approximately
+        if frame > 0 and frame + 9 <= len(out):
+            struct.pack_into("<HH", out, frame + 5, min(width, 65535), min(height, 65535))
+    elif fmt == "WEBP" and out[12:16] == b"VP8 ":
+        struct.pack_into("<HH", out, 26, min(width, 16383), min(height, 16383))
+    elif fmt == "WEBP" and out[12:16] == b"VP8L":
+        w, h = min(width, 16384) - 1, min(height, 16384) - 1
+        struct.pack_into("<I", out, 21, (w & 0x3FFF) | ((h & 0x3FFF) << 14) | (out[24] >> 4 << 28))
+    else:
+        return None
+    return bytes(out)
+
+
+def flip(data, pick, head=False):
+    """A few bytes set to random values: anywhere, or in the first 64 (the headers)."""
+    out = bytearray(data)
+    for _ in range(pick.integer(1, 8)):
+        out[pick.integer(0, (min(len(out), 64) if head else len(out)) - 1)] = pick.integer(0, 255)
+    return bytes(out)
+
+
+def duplicate(data, fmt, pick):
+    """A chunk or segment repeated in place (a random slice for formats without spans)."""
+    found = spans(data, fmt) or [sorted((pick.integer(0, len(data) - 1), pick.integer(0, len(data) - 1)))]
+    start, end = pick.choice(found)
+    return data[:end] + data[start:end] * pick.integer(1, 3) + data[end:]
+
+
+def splice(data, fmt, pick):
+    """Random bytes inserted anywhere."""
+    at = pick.integer(0, len(data) - 1)
+    return data[:at] + pick.random_bytes(pick.integer(1, 511)) + data[at:]
+
+
+def zero_tail(data, fmt, pick):
+    """The end of the file zeroed (a half-written upload)."""
+    at = pick.integer(8, len(data) - 1)
+    return data[:at] + bytes(len(data) - at)
+
+
+MUTATIONS = {
+    "flip": lambda data, fmt, pick: flip(data, pick),
+    "flip-header": lambda data, fmt, pick: flip(data, pick, head=True),
+    "truncate": lambda data, fmt, pick: data[:pick.integer(1, len(data) - 1)],
+    "duplicate": duplicate,
+    "splice-random": splice,
+    "zero-tail": zero_tail,
+}
+# Sizes a rewritten header claims; (w, h) is the real size.
+LIES = (lambda w, h: (w * 2, h * 2), lambda w, h: (w * 16, h * 16), lambda w, h: (6000, 6000),
+        lambda w, h: (65535, 65535), lambda w, h: (1, h), lambda w, h: (0, 0), lambda w, h: (w, 16_000_000))
+MAGICS = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"RIFF\0\0\0\0WEBPVP8 ", b"\0\0\0\x18ftypheic",
+          b"BM", b"II*\0", b"MM\0*", b"%PDF-1.4\n", b"PK\x03\x04", b"\x1f\x8b")
+
+
+def mutated(bases, pick):
+    kind, fmt, data = pick.choice(bases)
+    name = pick.choice(list(MUTATIONS))
+    return f"{kind}/{name}", MUTATIONS[name](data, fmt, pick)
+
+
+def lying(bases, pick):
+    """A valid file whose size fields claim another size."""
+    kind, fmt, data = pick.choice([b for b in bases if lie_about_size(b[2], b[1], 1, 1) is not None])
+    with Image.open(io.BytesIO(data)) as img:
+        claimed = pick.choice(LIES)(*img.size)
+    return f"{kind}/lie-{'x'.join(map(str, claimed))}", lie_about_size(data, fmt, *claimed)
+
+
+def random_file(bases, pick):
+    """Pure random bytes, or random bytes behind a real magic number, or nothing at all."""
+    size = pick.choice([0, 1, 7, 64, 1024, 65536])
+    if pick.integer(0, 1):
+        return f"random-{size}", pick.random_bytes(size)
+    magic = pick.choice(MAGICS)
+    return f"magic-{magic[:4].hex()}+random-{size}", magic + pick.random_bytes(size)
+
+
+def huge(bases, pick):
+    """Headers declaring huge (or absurd) sizes over little or no data."""
+    choice = pick.integer(0, 5)
+    if choice == 0:
+        side = pick.choice([4001, 10_000, 100_000, 1 << 31])
+        return f"png-{side}x{side}-no-data", png_chunks(side, side, 8, 2, zlib.compress(b"\0" * 100))
+    if choice == 1:
+        return "png-1x16000000", png_chunks(1, 16_000_000, 8, 0, b"")
+    if choice == 2:
+        side = pick.choice([1000, 3000, 7000])  # a deflate bomb: little data, side x side zeros
+        return f"png-bomb-{side}x{side}", png_bomb(side)
+    if choice == 3:
+        return "png-16bit-4000x4001-no-data", png_chunks(4000, 4001, 16, 0, zlib.compress(b"\0" * 8001))
+    fmt = "JPEG" if choice == 4 else "GIF"
+    side = pick.choice([6300, 20_000, 65_535])
+    _, _, small = pick.choice([b for b in bases if b[0] == fmt.lower()])
+    return f"{fmt.lower()}-claims-{side}x{side}", lie_about_size(small, fmt, side, side)
+
+
+def valid(bases, pick):
+    kind, _, data = pick.choice(bases)
+    return f"{kind}/valid", data
+
+
+def sixteen_bit(bases, pick):
+    """16-bit PNGs (grey or RGB) of real data, as they are or mutated."""
+    sixteen = [b for b in bases if b[0].startswith("png-16bit")]
+    return valid(sixteen, pick) if pick.integer(0, 1) else mutated(sixteen, pick)
+
+
+# One file in ten of each family in turn: most are mutated photos.
+FAMILIES = (mutated, mutated, mutated, mutated, mutated, lying, random_file, huge, valid, sixteen_bit)
+
+
+def hostile_files(seed, count):
+    """[(name, bytes)]: `count` files of every family in turn, from `seed` alone."""
+    rng = np.random.default_rng(seed)
+    bases, pick = base_files(rng), Pick.seeded(rng)
+    return [FAMILIES[i % len(FAMILIES)](bases, pick) for i in range(count)]
+
+
 # ---------------------------------------------------------------- the tiny model
 def export_tiny_model(folder, version="tiny-1", dog_if_blue=True, profile=True):
     """model.onnx + model.json (+ reference_profile.json) in `folder` of a rule a test can check:
@@ -173,6 +408,16 @@ class Server:
             self.stop()
             raise RuntimeError(f"{e}; its output:\n{self.logs(self.err or self.log)[-3000:]}") from None
         return time.monotonic() - self.started
+
+    def alive(self, path="/health"):
+        """True while the process runs and `path` answers 200."""
+        if self.proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as response:
+                return response.status == 200
+        except OSError:
+            return False
 
     def logs(self, path=None):
         """The text of its stdout file (or of `path`), "" when there is none."""
