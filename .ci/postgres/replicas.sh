@@ -71,7 +71,9 @@ api1="$(podman ps -q --filter "label=com.docker.compose.project=$project" --filt
 wait_health "$url1" "$api1"
 wait_health "$url2" "$api2"
 for c in "$api1" "$api2"; do
-  podman logs "$c" 2>&1 | grep -q '"store": *"postgresql"' || fail "$c does not log store postgresql: $(podman logs --tail 5 "$c" 2>&1)"
+  # grep reads a variable, not a pipe: under pipefail, grep -q exiting at its first match would
+  # fail the pipeline through podman logs' SIGPIPE.
+  grep -q '"store": *"postgresql"' <<<"$(podman logs "$c" 2>&1)" || fail "$c does not log store postgresql: $(podman logs --tail 5 "$c" 2>&1)"
 done
 log "both apis ready on PostgreSQL $((SECONDS - t0)) s after compose up (api 1 restarts: $(podman inspect -f '{{.RestartCount}}' "$api1"))"
 
