@@ -55,8 +55,9 @@ help:  ## this list
 	@awk -F ':.*## ' '/^[a-z][a-z-]*:.*## / { printf "  make %-17s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
 # ------------------------------------------------------------------ set-up
-# Two locks: requirements.txt trains and serves (make all); requirements-dev.txt adds the test
-# and lint tools (make test), pinned as requirements.txt pins whatever both need.
+# The venv takes two of the three locks: requirements.txt trains and serves (make all);
+# requirements-dev.txt adds the test and lint tools (make test, make fuzz, make lock), pinned
+# as requirements.txt pins whatever both need. requirements-serve.txt is the image's.
 setup: $(VENV)/.installed  ## .venv with the pinned packages of requirements.txt (train and serve)
 
 $(VENV)/.installed: requirements.txt
