@@ -39,8 +39,8 @@ export PYTHONDONTWRITEBYTECODE := 1
 export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 4294967296
 
-.PHONY: all help setup system-deps lock data train train-is-current serve test lint bench fuzz image push deploy rollback \
-        smoke smoke-model post-eval monitor-check mlflow-ui clean
+.PHONY: all help setup setup-dev system-deps lock data train train-is-current serve test lint bench fuzz image push \
+        deploy rollback smoke smoke-model post-eval monitor-check mlflow-ui clean
 
 all:  ## setup -> data -> train: the champion in models/, ready to serve (each stage's time printed)
 	@total=$$SECONDS; for stage in setup data train; do \
@@ -52,15 +52,24 @@ all:  ## setup -> data -> train: the champion in models/, ready to serve (each s
 	done; echo "== make all: $$((SECONDS - total)) s"
 
 help:  ## this list
-	@grep -E '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 22
+	@awk -F ':.*## ' '/^[a-z][a-z-]*:.*## / { printf "  make %-17s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
 # ------------------------------------------------------------------ set-up
-setup: $(VENV)/.installed  ## .venv with the pinned packages of requirements.txt
+# The venv takes two of the three locks: requirements.txt trains and serves (make all);
+# requirements-dev.txt adds the test and lint tools (make test, make fuzz, make lock), pinned
+# as requirements.txt pins whatever both need. requirements-serve.txt is the image's.
+setup: $(VENV)/.installed  ## .venv with the pinned packages of requirements.txt (train and serve)
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(PIP_INSTALL_OPTS) -r requirements.txt
+	touch $@
+
+setup-dev: $(VENV)/.dev-installed  ## setup, plus the test and lint tools of requirements-dev.txt
+
+$(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt
+	$(VENV)/bin/pip install -q $(PIP_INSTALL_OPTS) -r requirements-dev.txt
 	touch $@
 
 # Debian packages the tests and the container chain use (browser test, promtool, load
@@ -93,15 +102,19 @@ system-deps:  ## the Debian packages the tests drive (when missing; as root or s
 	  echo "missing Debian packages:" $$todo "(tests that need them will skip)"; \
 	fi
 
-# Re-pin requirements.txt after editing requirements.in.
-lock: setup  ## re-pin requirements.txt from requirements.in
-	$(VENV)/bin/pip-compile --quiet --strip-extras --no-emit-find-links --no-emit-index-url \
-	  -o requirements.txt requirements.in
-	@# A local label (torch==2.13.0+cpu, from the wheel installed here) is on no index but the
-	@# one that built it; the plain version matches that build and PyPI's alike.
-	sed -i -E 's/^([A-Za-z0-9._-]+==[^ +]+)\+[A-Za-z0-9.]+/\1/' requirements.txt
-	$(VENV)/bin/pip-compile --quiet --strip-extras --no-emit-find-links --no-emit-index-url --generate-hashes \
-	  -o requirements-serve.txt requirements-serve.in
+# Re-pin the three locks after editing a .in file. pip-compile keeps a lock's current pins
+# where they still fit; the dev and serve locks are compiled against requirements.txt
+# (-c requirements.txt in their .in), so every shared package has one version.
+PIP_COMPILE = $(VENV)/bin/pip-compile --quiet --strip-extras --no-emit-find-links --no-emit-index-url
+# A local label (torch==2.13.0+cpu, from the wheel installed here) is on no index but the one
+# that built it; the plain version matches that build and PyPI's alike.
+STRIP_LOCAL_LABELS = sed -i -E 's/^([A-Za-z0-9._-]+==[^ +]+)\+[A-Za-z0-9.]+/\1/'
+lock: setup-dev  ## re-pin requirements.txt, requirements-dev.txt, requirements-serve.txt from their .in files
+	$(PIP_COMPILE) -o requirements.txt requirements.in
+	$(STRIP_LOCAL_LABELS) requirements.txt
+	$(PIP_COMPILE) -o requirements-dev.txt requirements-dev.in
+	$(STRIP_LOCAL_LABELS) requirements-dev.txt
+	$(PIP_COMPILE) --generate-hashes -o requirements-serve.txt requirements-serve.in
 
 # ------------------------------------------------------------------ pipeline
 # The pipeline is dvc.yaml's stages, data -> train; dvc.lock (committed) records what each
@@ -124,7 +137,7 @@ train: setup  ## both models -> MLflow -> gate -> champion in models/
 train-is-current:  ## exit 0 when models/ holds a champion and no train-stage input changed since dvc.lock
 	@test -f models/model.onnx && $(DVC) status --quiet train
 
-# The service on 0.0.0.0:8000 (settings from env vars: PORT, MODEL_PATH, DB_PATH, ... see README).
+# The service on 0.0.0.0:8000 (settings from env vars: PORT, MODEL_PATH, DB_PATH, ...: README.md).
 serve: setup  ## the service on :8000
 	$(PY) serve.py
 
@@ -137,10 +150,10 @@ bench: setup  ## speed figures: serve.py against a naive Flask + PyTorch peer
 # and lying files, protocol abuse, worst-case uploads. Fails on a 5xx or a dead process; prints
 # peak RSS and latency against their targets (FUZZ_ARGS="--strict-memory" fails on those too).
 FUZZ_ARGS ?=
-fuzz: setup  ## hostile inputs against a real server: 0 5xx, 0 deaths; peak RSS figures
+fuzz: setup-dev  ## hostile inputs against a real server: 0 5xx, 0 deaths; peak RSS figures
 	$(PY) fuzz.py $(FUZZ_ARGS)
 
-test: setup system-deps lint node_modules/axe-core/axe.min.js  ## lint, the whole test suite, then make fuzz
+test: setup-dev system-deps lint node_modules/axe-core/axe.min.js  ## lint, the whole test suite, then make fuzz
 	$(PY) -m pytest
 	$(MAKE) --no-print-directory fuzz
 
@@ -153,10 +166,12 @@ node_modules/axe-core/axe.min.js:
 	else echo "no npm: the accessibility test will skip (apt-get install npm)"; fi
 
 # Pyflakes, pycodestyle errors, import order, bugbear and pyupgrade; zip() without strict= and
-# constant path defaults are fine here.
+# constant path defaults are fine here. RUFF=ruff uses one on PATH and needs no .venv (CI's
+# lint job installs requirements-dev.txt's ruff pin alone).
 LINT_RULES := --select E4,E7,E9,F,I,B,UP --ignore B008,B905 --target-version py311 --line-length 120 --config 'src = [".", "tests"]'
-lint: setup  ## ruff over every Python file
-	$(VENV)/bin/ruff check $(LINT_RULES) .
+RUFF ?= $(VENV)/bin/ruff
+lint: $(if $(filter $(VENV)/bin/ruff,$(RUFF)),setup-dev)  ## ruff over every Python file
+	$(RUFF) check $(LINT_RULES) .
 
 # ------------------------------------------------------------------ monitoring
 # Evaluate the running service at URL over HTTP (feedback posted, MLflow run, report in

@@ -1,7 +1,8 @@
 """Deployment files checked offline: Dockerfile (hadolint), Compose and GitHub workflows
 (their published JSON schemas, actionlint), Kubernetes manifests (kubernetes-validate
 --strict, plus the properties a rollout relies on), the deploy shell scripts (shellcheck),
-and the Makefile's own list of targets."""
+the Makefile's own list of targets, and the README's tables of targets and variables."""
+import dataclasses
 import glob
 import os
 import re
@@ -180,14 +181,47 @@ def test_deploy_scripts_pass_shellcheck():
     assert code == 0, out
 
 
-def test_make_help_lists_every_target_with_its_comment():
+def makefile():
     with open(os.path.join(ROOT, "Makefile")) as f:
-        phony = re.search(r"^\.PHONY:((?:.*\\\n)*.*)", f.read(), re.M).group(1).replace("\\\n", " ").split()
+        return f.read()
+
+
+def make_targets():
+    return re.search(r"^\.PHONY:((?:.*\\\n)*.*)", makefile(), re.M).group(1).replace("\\\n", " ").split()
+
+
+def readme_tables(heading):
+    """The Markdown tables of the README section under `## heading`, each as its rows' cells."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = re.search(rf"^## {heading}\n(.*?)(?=^## |\Z)", f.read(), re.M | re.S).group(1)
+    return [[[cell.strip() for cell in row.strip().strip("|").split("|")] for row in table.splitlines()[2:]]
+            for table in re.findall(r"(?:^\|.*\|\n)+", section, re.M)]
+
+
+def test_make_help_lists_every_target_with_its_comment():
+    phony = make_targets()
     code, out = run("make", "--no-print-directory", "help")
     listed = dict(re.findall(r"^  make (\S+) +(.+)$", out, re.M))
     assert code == 0, out
     assert len(phony) >= 20 and sorted(listed) == sorted(phony)
     assert listed["test"] == "lint, the whole test suite, then make fuzz"
+
+
+def test_readme_lists_every_make_target_and_variable():
+    (targets,) = readme_tables("Make targets")
+    assert sorted(re.fullmatch(r"`make ([a-z-]+)`", row[0]).group(1) for row in targets) == sorted(make_targets())
+    service, make_variables = readme_tables("Environment variables")
+    documented = {name for row in make_variables for name in re.findall(r"`([A-Z][A-Z0-9_]*)`", row[0])}
+    settable = set(re.findall(r"^([A-Z][A-Z0-9_]*) \?=", makefile(), re.M))
+    assert len(settable) >= 20 and settable <= documented, sorted(settable - documented)
+
+
+def test_readme_documents_exactly_the_settings_the_service_reads():
+    import serve
+
+    (service, _) = readme_tables("Environment variables")
+    documented = {name for row in service for name in re.findall(r"`([A-Z][A-Z0-9_]*)`", row[0])}
+    assert documented == {field.name.upper() for field in dataclasses.fields(serve.Settings)}
 
 
 def test_workflow_actions_are_pinned_by_commit_and_audited():

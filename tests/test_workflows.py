@@ -89,7 +89,10 @@ def test_ci_lints_tests_builds_and_smokes_without_training_on_the_archive():
     assert not TINY_TRAIN.search(text), TINY_TRAIN.search(text).group(0)
     assert not re.search(r"\bmake (?:push|deploy|rollback)\b", text), "the tiny model's image is never shipped"
     assert "pip-audit --strict --require-hashes" in text
-    assert job_running(doc, r"\bmake lint\b")
+    (lint_job,) = job_running(doc, r"\bmake lint\b").values()
+    lint = commands(lint_job)
+    assert "pip install \"$(grep -E '^ruff==' requirements-dev.txt)\"" in lint, "ruff alone, at the dev lock's pin"
+    assert "make lint RUFF=ruff" in lint and not re.search(r"requirements\.txt|make (?:setup|test)\b", lint)
     (test_job,) = job_running(doc, r"\bmake test\b").values()
     assert env_of(doc, test_job, r"\bmake test\b").get("REQUIRE_ALL_TOOLS") == "1"
     assert env_of(doc, test_job, r"\bmake system-deps$").get("REQUIRE_ALL_TOOLS") == "1"
@@ -108,7 +111,8 @@ def test_train_runs_on_dispatch_schedule_and_changed_inputs_against_the_secret_t
     assert "workflow_dispatch" in on
     assert on["schedule"] and all(re.fullmatch(r"(\S+\s+){4}\S+", entry["cron"]) for entry in on["schedule"])
     paths = on["push"]["paths"]
-    assert {"train.py", "nets.py", "catdog.py", "preprocess.py", "requirements.txt"} <= set(paths)
+    assert {"train.py", "evaluate.py", "promote.py", "other.py", "nets.py", "catdog.py", "preprocess.py",
+            "requirements.txt"} <= set(paths)
     assert "README.md" not in paths and "**" not in paths
     (train_job,) = job_running(doc, r"\bmake all\b").values()
     env = env_of(doc, train_job, r"\bmake all\b")
@@ -126,10 +130,6 @@ def test_release_builds_the_champion_deploys_on_a_dedicated_runner_and_rolls_bac
     action = on["workflow_dispatch"]["inputs"]["action"]
     assert set(action["options"]) == {"deploy", "rollback"} and action["default"] == "deploy"
     (image_job,) = job_running(doc, r"\bmake image\b").values()
-    # After train or on demand too, only a commit ci passed on is released: checked first.
-    first = steps(image_job)[0]["run"]
-    assert re.search(r"gh run list .*--workflow ci\.yml --commit \"\$SHA\"", first) and "--status success" in first
-    assert "head_sha" in steps(image_job)[0]["env"]["SHA"] and image_job["permissions"]["actions"] == "read"
     # After train or on demand too, only a commit ci passed on is released: checked first.
     first = steps(image_job)[0]["run"]
     assert re.search(r"gh run list .*--workflow ci\.yml --commit \"\$SHA\"", first) and "--status success" in first
@@ -239,6 +239,12 @@ def make(*args, **env):
                          timeout=120, env={**{k: v for k, v in os.environ.items() if k != "REQUIRE_ALL_TOOLS"},
                                            **env})
     return out.returncode, out.stdout + out.stderr
+
+
+def test_make_lint_with_ruff_on_path_needs_no_venv():
+    """CI's lint job has ruff alone: `make lint RUFF=ruff` runs make lint's one command and sets up nothing."""
+    code, out = make("-n", "lint", "RUFF=ruff")
+    assert code == 0 and len(out.splitlines()) == 1 and out.startswith("ruff check --select "), out
 
 
 def test_system_deps_fails_on_a_missing_package_only_with_require_all_tools():
