@@ -57,7 +57,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 WORKDIR /app
 # Owned by root and read-only to the service: code and model cannot change at run time.
-COPY catdog.py serve.py store.py openapi.json ./
+COPY catdog.py serve.py upload.py store.py openapi.yaml ./
 COPY static/ static/
 COPY ${MODEL_DIR}/model.onnx ${MODEL_DIR}/model.json ${MODEL_DIR}/reference_profile.json models/
 # Byte-code compiled now, since nothing can be written at run time.

@@ -61,7 +61,7 @@ import os, sys, threading
 # serve's own imports first: what is left is what importing serve.py itself does
 import base64, concurrent.futures, contextlib, ctypes, dataclasses, functools, hashlib, io, json, math, re, signal, sqlite3, time
 import uuid, collections
-import numpy, onnxruntime, waitress, flask, prometheus_client, prometheus_client.core, werkzeug.exceptions, catdog
+import numpy, onnxruntime, waitress, flask, yaml, prometheus_client, prometheus_client.core, werkzeug.exceptions, catdog
 def no_cpu_probe(pid):
     raise AssertionError("import read the CPU affinity")
 os.sched_getaffinity = no_cpu_probe
