@@ -51,6 +51,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # The photos of one request run in ONNX Runtime runs of up to this many: a run of 2-4 images
 # costs less per image than single runs, and than larger ones (which outgrow the CPU cache).
 RUN_SIZE = 4
+MODEL_CARD = "MODEL_CARD.md"  # beside model.onnx, written by training
 OPENAPI_PATH = os.path.join(catdog.ROOT, "openapi.yaml")
 
 
@@ -177,6 +178,7 @@ class Model:
     session: ort.InferenceSession
     meta: dict  # model.json: classes, preprocess settings, version, arch
     profile: dict | None  # the training inputs' statistics, for drift (None: no drift scores)
+    card: str | None  # MODEL_CARD.md beside it (None: it has none)
     threads: int  # ORT intra-op threads
 
     @property
@@ -196,7 +198,7 @@ class Model:
 
 
 def load_model(path, ort_threads=1, profile_path=None):
-    """ONNX session + the meta and drift profile saved beside it, warmed up."""
+    """ONNX session + the meta, drift profile and model card saved beside it, warmed up."""
     meta = catdog.read_json(os.path.splitext(path)[0] + ".json")
     if "other" not in meta:
         raise ValueError(f"{path} has no \"other\" decision (model.json lacks \"other\"): retrain it with `make train`")
@@ -213,7 +215,9 @@ def load_model(path, ort_threads=1, profile_path=None):
     session.run(list(catdog.ONNX_OUTPUTS), {"image": np.zeros((1, 3, crop, crop), np.float32)})
     profile_path = profile_path or os.path.join(os.path.dirname(path), "reference_profile.json")
     profile = catdog.read_json(profile_path) if os.path.exists(profile_path) else None
-    return Model(session, meta, profile, options.intra_op_num_threads)
+    card_path = os.path.join(os.path.dirname(path), MODEL_CARD)
+    card = read_text(card_path) if os.path.exists(card_path) else None
+    return Model(session, meta, profile, card, options.intra_op_num_threads)
 
 
 # ---------------------------------------------------------------- drift
@@ -401,7 +405,7 @@ class Service:
                 self.drift.forget_confidences()
             self.model, self.load_error = new, None
         log(event="model_loaded", reason=reason, model_version=new.version, arch=new.meta.get("arch"),
-            ort_threads=new.threads, drift_profile=new.profile is not None,
+            ort_threads=new.threads, drift_profile=new.profile is not None, model_card=new.card is not None,
             load_ms=round((time.perf_counter() - started) * 1000, 1))
         return True
 
@@ -682,6 +686,18 @@ def stats():
     return jsonify(current_service().stats())
 
 
+@api.get("/model-card")
+def model_card():
+    """The served model's card (MODEL_CARD.md beside it, from training): what it learnt from,
+    how it was measured, where it fails."""
+    model = current_service().model
+    if model is None:
+        return error(503, "not_ready", "the model is not loaded yet")
+    if model.card is None:
+        return error(404, "no_model_card", f"the model being served has no {MODEL_CARD} beside it")
+    return model.card, 200, {"Content-Type": "text/markdown; charset=utf-8"}
+
+
 @api.get("/openapi.json")
 def openapi():
     return current_app.response_class(openapi_json(), mimetype="application/json")
@@ -690,7 +706,7 @@ def openapi():
 @functools.cache
 def openapi_json():
     """The API's OpenAPI 3.1 description (openapi.yaml, kept beside this file) as JSON, read once
-    (by libyaml, which PyYAML's wheels carry: ten times the pure-Python parser's speed)."""
+    (by libyaml, which PyYAML's wheels carry: the pure-Python parser would slow the start)."""
     with open(OPENAPI_PATH, encoding="utf-8") as f:
         return json.dumps(yaml.load(f, Loader=yaml.CSafeLoader), indent=2, ensure_ascii=False) + "\n"
 

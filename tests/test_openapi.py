@@ -198,6 +198,8 @@ def test_every_answer_and_refusal_keeps_the_contract(app):
         call(app, "/predict", body=uploads()["dog"], media_type="image/png", headers={"X-Request-ID": "album-7"})
     assert call(app, "/feedback", body={"request_id": "album-7", "label": "dog"},
                 media_type="application/json")[1]["error"] == "ambiguous_request_id"
+    status, body = call(app, "/model-card", method="GET")  # the tiny model has no card
+    assert (status, body["error"]) == (404, "no_model_card")
 
 
 def test_the_answers_without_a_model_keep_the_contract(tmp_path):
@@ -210,6 +212,7 @@ def test_the_answers_without_a_model_keep_the_contract(tmp_path):
         assert call(app, "/predict", checks=checks, **photo)[1]["error"] == "not_ready"
         assert call(app, "/predict/batch", checks=checks, **{**photo, "body": {"file": [uploads()["cat"]]}}
                     )[1]["error"] == "not_ready"
+        assert call(app, "/model-card", method="GET", checks=checks)[1]["error"] == "not_ready"
         service.stopping.set()
         assert call(app, "/health", method="GET", checks=checks) == (503, {"status": "stopping"})
         assert call(app, "/stats", method="GET")[1]["model_version"] is None
@@ -238,3 +241,15 @@ def test_busy_and_a_failed_reload_keep_the_contract(tmp_path):
     finally:
         service.close()
 
+
+def test_the_model_card_keeps_the_contract(tmp_path):
+    """200 in Markdown when the model has a card (the tiny model of the other tests has none)."""
+    model_dir = tmp_path / "models"
+    shutil.copytree(os.path.dirname(tiny_model()), model_dir)
+    (model_dir / "MODEL_CARD.md").write_text("# catdog model card: tiny-1\n", encoding="utf-8")
+    client, service = in_process(str(model_dir / "model.onnx"), str(tmp_path / "catdog.db"))
+    try:
+        response = schema["/model-card"]["GET"].Case().call_and_validate(app=client.application, checks=CHECKS)
+        assert response.status_code == 200 and response.text == "# catdog model card: tiny-1\n"
+    finally:
+        service.close()

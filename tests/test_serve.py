@@ -218,6 +218,7 @@ def test_health_live_metrics_stats_and_page(app):
     page = client.get("/")
     assert page.status_code == 200 and "/predict" not in page.text.split("<script>")[0]
     assert 'send("predict/batch"' in page.text and 'send("feedback"' in page.text  # relative URLs
+    assert 'href="model-card"' in page.text
 
 
 def test_errors_are_json_with_a_request_id_and_counted(app, monkeypatch):
@@ -839,5 +840,26 @@ def test_api_token_guards_feedback_stats_and_metrics_only(tmp_path):
     assert sample(text, "catdog_requests_total", endpoint="/feedback", status="401") == 3
     for path in ("/health", "/live", "/", "/openapi.json"):
         assert client.get(path).status_code == 200, path
+    assert client.get("/model-card").status_code == 404  # public: the tiny model has no card, and no 401
     service.close()
 
+
+def test_the_model_card_beside_the_model_is_served_with_it(tmp_path):
+    model_dir = tmp_path / "models"
+    shutil.copytree(os.path.dirname(tiny_model()), model_dir)
+    client, service = in_process(str(model_dir / "model.onnx"), str(tmp_path / "catdog.db"))
+    try:
+        r = client.get("/model-card", headers={"X-Request-ID": "card-1"})
+        assert (r.status_code, r.json["error"], r.json["request_id"]) == (404, "no_model_card", "card-1")
+        card = "# catdog model card: tiny-1\n\nReddish photos are cats, bluish ones dogs (95 % \u2264 p).\n"
+        (model_dir / "MODEL_CARD.md").write_text(card, encoding="utf-8")
+        assert client.get("/model-card").status_code == 404  # the card is the served model's: read with it
+        assert service.load("test")
+        r = client.get("/model-card")
+        assert r.status_code == 200 and r.headers["Content-Type"] == "text/markdown; charset=utf-8"
+        assert r.get_data(as_text=True) == card and r.headers["X-Content-Type-Options"] == "nosniff"
+        service.model = None  # as before the first load
+        r = client.get("/model-card")
+        assert (r.status_code, r.json["error"], r.headers["Retry-After"]) == (503, "not_ready", "1")
+    finally:
+        service.close()
