@@ -1,17 +1,14 @@
-"""catdog inference service: the champion in ONNX Runtime behind Flask + waitress.
+"""catdog inference service: the champion in ONNX Runtime behind Flask + waitress; its routes are
+openapi.yaml's. Settings come from the environment (Settings):
 
     python serve.py                      # 0.0.0.0:8000, models/model.onnx
     PORT=9000 MODEL_PATH=... python serve.py
 
-The routes are those of openapi.yaml (served as /openapi.json). In code (tests):
-create_app(Settings(model_path=..., db_path=...)) builds the Flask app around one Service
-(model, store, drift, metrics), app.extensions["catdog"]; service.load("why") loads the model,
-service.start() starts the threads as main() does. Importing this module starts nothing.
-
-Never torch: uploads are read and decoded by upload.py with catdog's functions, the ones
-training uses; waitress threads decode in parallel and run the model, at most one ONNX Runtime
-run per usable CPU at a time. Predictions and staff feedback go to the store (store.py): a
-SQLite file (DB_PATH), the only thing the service writes, or PostgreSQL at DATABASE_URL.
+In code (tests): create_app(Settings(model_path=..., db_path=...)) is the Flask app around one
+Service (model, store, drift, metrics); service.load("why") loads the model, service.start()
+starts the threads as main() does. Importing this module starts nothing.
+Never torch: upload.py reads and decodes uploads with catdog's functions, training's own.
+Predictions and feedback go to store.py's SQLite file (DB_PATH) or PostgreSQL (DATABASE_URL).
 Signals: SIGTERM/SIGINT drain in-flight requests then exit; SIGHUP reloads the model.
 """
 import base64
@@ -90,17 +87,8 @@ class Settings:
                       for field in dataclasses.fields(cls) if field.name.upper() in environ})
 
     @property
-    def reference_profile_path(self):
-        return self.profile_path or os.path.join(os.path.dirname(self.model_path), "reference_profile.json")
-
-    @property
     def max_upload_bytes(self):
         return int(self.max_upload_mb * 1024 * 1024)
-
-    @property
-    def max_batch_bytes(self):
-        """The whole body of a POST /predict/batch: four photos at the size limit, or 32 ordinary ones."""
-        return 4 * self.max_upload_bytes
 
     @property
     def allowed_origins(self):
@@ -112,11 +100,6 @@ class Settings:
         # reads uploads and writes answers in its own loop, so a slow client holds no thread;
         # more threads only make requests share the CPUs longer.
         return self.threads or 2 * available_cpus()
-
-    @property
-    def body_hard_limit(self):
-        """Waitress's own cap on a request body (see make_server)."""
-        return max(4 * self.max_upload_bytes, 64 << 20)
 
 
 def read_text(path):
@@ -197,8 +180,9 @@ class Model:
                 "run_id": self.meta.get("run_id")}
 
 
-def load_model(path, ort_threads=1, profile_path=None):
-    """ONNX session + the meta, drift profile and model card saved beside it, warmed up."""
+def load_model(path, ort_threads=1, profile_path=""):
+    """ONNX session + the meta, drift profile (profile_path, else the one beside it) and model
+    card saved beside it, warmed up."""
     meta = catdog.read_json(os.path.splitext(path)[0] + ".json")
     if "other" not in meta:
         raise ValueError(f"{path} has no \"other\" decision (model.json lacks \"other\"): retrain it with `make train`")
@@ -269,14 +253,42 @@ class Registry(CollectorRegistry):
             yield family
 
 
-class ScrapeTimeMetrics:
-    """Families computed at each scrape: live accuracy from the store, drift of the recent
-    inputs, the model being served."""
+class Metrics:
+    """The service's Prometheus metrics, in a registry of its own (never prometheus_client's
+    process-wide default one), so several apps can live in one process."""
 
     def __init__(self, service):
         self.service = service
+        self.registry = registry = Registry()
+        self.requests = Counter("catdog_requests", "HTTP requests by endpoint and status.",
+                                ("endpoint", "status"), registry=registry)
+        self.latency = Histogram("catdog_request_duration_seconds", "Request latency by endpoint.",
+                                 ("endpoint",), buckets=LATENCY_BUCKETS, registry=registry)
+        self.predictions = Counter("catdog_predictions", "Predictions by label.", ("label",), registry=registry)
+        self.confidence = Histogram("catdog_prediction_confidence", "Confidence of the predicted label.",
+                                    buckets=catdog.CONFIDENCE_EDGES[:-1], registry=registry)
+        self.feedback = Counter("catdog_feedback", "Staff feedback by whether the prediction was right.",
+                                ("correct",), registry=registry)
+        for label in catdog.ANSWERS:  # every series exists from 0, so rate() sees the first one
+            self.predictions.labels(label)
+        for correct in ("true", "false"):
+            self.feedback.labels(correct)
+        self.batch_size = Histogram("catdog_inference_batch_size", "Images per ONNX Runtime run.",
+                                    buckets=BATCH_BUCKETS, registry=registry)
+        registry.register(self)  # collect()
+        Gauge("catdog_model_ready", "1 when the model is loaded and warmed up.",
+              registry=registry).set_function(lambda: service.model is not None and not service.stopping.is_set())
+        self.load_failures = Counter("catdog_model_load_failures", "Model loads (start or SIGHUP reload) that failed.",
+                                     registry=registry)
+        Gauge("catdog_model_load_failed", "1 while the latest model load failed (a reload keeps the old model).",
+              registry=registry).set_function(lambda: service.load_error is not None)
+        Gauge("catdog_in_flight_requests", "Requests being handled now.",
+              registry=registry).set_function(lambda: service.in_flight)
+        Gauge("catdog_start_time_seconds", "Process start, Unix time.", registry=registry).set(service.started_at)
 
     def collect(self):
+        """The families computed at each scrape: live accuracy from the store, drift of the
+        recent inputs, the model being served."""
         service = self.service
         accuracy, judged = service.store.live_accuracy(service.settings.live_window)
         live = GaugeMetricFamily("catdog_live_accuracy",
@@ -304,39 +316,6 @@ class ScrapeTimeMetrics:
         if model is not None:
             info.add_metric([model.version, str(model.meta.get("arch"))], 1)
         yield info
-
-
-class Metrics:
-    """The service's Prometheus metrics, in a registry of its own (never prometheus_client's
-    process-wide default one), so several apps can live in one process."""
-
-    def __init__(self, service):
-        self.registry = registry = Registry()
-        self.requests = Counter("catdog_requests", "HTTP requests by endpoint and status.",
-                                ("endpoint", "status"), registry=registry)
-        self.latency = Histogram("catdog_request_duration_seconds", "Request latency by endpoint.",
-                                 ("endpoint",), buckets=LATENCY_BUCKETS, registry=registry)
-        self.predictions = Counter("catdog_predictions", "Predictions by label.", ("label",), registry=registry)
-        self.confidence = Histogram("catdog_prediction_confidence", "Confidence of the predicted label.",
-                                    buckets=catdog.CONFIDENCE_EDGES[:-1], registry=registry)
-        self.feedback = Counter("catdog_feedback", "Staff feedback by whether the prediction was right.",
-                                ("correct",), registry=registry)
-        for label in catdog.ANSWERS:  # every series exists from 0, so rate() sees the first one
-            self.predictions.labels(label)
-        for correct in ("true", "false"):
-            self.feedback.labels(correct)
-        self.batch_size = Histogram("catdog_inference_batch_size", "Images per ONNX Runtime run.",
-                                    buckets=BATCH_BUCKETS, registry=registry)
-        registry.register(ScrapeTimeMetrics(service))
-        Gauge("catdog_model_ready", "1 when the model is loaded and warmed up.",
-              registry=registry).set_function(lambda: service.model is not None and not service.stopping.is_set())
-        self.load_failures = Counter("catdog_model_load_failures", "Model loads (start or SIGHUP reload) that failed.",
-                                     registry=registry)
-        Gauge("catdog_model_load_failed", "1 while the latest model load failed (a reload keeps the old model).",
-              registry=registry).set_function(lambda: service.load_error is not None)
-        Gauge("catdog_in_flight_requests", "Requests being handled now.",
-              registry=registry).set_function(lambda: service.in_flight)
-        Gauge("catdog_start_time_seconds", "Process start, Unix time.", registry=registry).set(service.started_at)
 
     @staticmethod
     def values(metric, suffix="_total"):
@@ -395,7 +374,7 @@ class Service:
         with self._load_lock:
             started = time.perf_counter()
             try:
-                new = load_model(settings.model_path, settings.ort_threads, settings.reference_profile_path)
+                new = load_model(settings.model_path, settings.ort_threads, settings.profile_path)
             except Exception as e:  # noqa: BLE001 (keep serving the old model rather than none)
                 self.load_error = f"{type(e).__name__}: {e}"
                 self.metrics.load_failures.inc()
@@ -454,13 +433,12 @@ class Service:
         by_label = {label: int(n) for (label,), n in metrics.values(metrics.predictions).items()}
         predict_count = metrics.values(metrics.latency, "_count").get(("/predict",), 0)
         predict_seconds = metrics.values(metrics.latency, "_sum").get(("/predict",), 0.0)
-        return {
-            "model_version": model and model.version, "uptime_s": round(time.time() - self.started_at, 1),
-            "requests": sum(requests_by.values()), "requests_by_endpoint": dict(sorted(requests_by.items())),
-            "predictions": sum(by_label.values()), "predictions_by_label": by_label,
-            "mean_latency_ms": round(predict_seconds / predict_count * 1000, 2) if predict_count else None,
-            "live_accuracy": accuracy, "live_accuracy_samples": judged, "live_window": self.settings.live_window,
-            "feedback_count": self.store.feedback_count(), "drift": self.drift_report()}
+        return {"model_version": model and model.version, "uptime_s": round(time.time() - self.started_at, 1),
+                "requests": sum(requests_by.values()), "requests_by_endpoint": dict(sorted(requests_by.items())),
+                "predictions": sum(by_label.values()), "predictions_by_label": by_label,
+                "mean_latency_ms": round(predict_seconds / predict_count * 1000, 2) if predict_count else None,
+                "live_accuracy": accuracy, "live_accuracy_samples": judged, "live_window": self.settings.live_window,
+                "feedback_count": self.store.feedback_count(), "drift": self.drift_report()}
 
     def close(self):
         self.decode_budget.close()
@@ -478,7 +456,6 @@ def create_app(settings, service=None):
     openapi_json()  # a broken document fails the start, not its first request
     app = Flask(__name__)
     app.request_class = upload.InMemoryRequest
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     app.extensions["catdog"] = service
     app.register_blueprint(api)
     return app
@@ -490,8 +467,7 @@ def current_service():
 
 @api.before_app_request
 def start_request():
-    if request.endpoint == "catdog.predict_batch":  # several photos, each within max_upload_mb
-        request.max_content_length = current_service().settings.max_batch_bytes
+    request.max_content_length = upload.body_limit(current_service().settings)
     g.started = time.perf_counter()
     given = request.headers.get("X-Request-ID", "")
     g.request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
@@ -559,11 +535,7 @@ def error(status, reason, message):
 @api.app_errorhandler(HTTPException)
 def http_error(e):
     if e.code == 413:
-        settings = current_service().settings
-        limit = settings.max_batch_bytes if request.endpoint == "catdog.predict_batch" else settings.max_upload_bytes
-        if request.content_length is not None and request.content_length <= limit:  # small, but in too many parts
-            return error(413, "too_many_parts", f"the form has more than {request.max_form_parts} parts")
-        return error(413, "too_large", f"the upload exceeds the {limit / (1 << 20):g} MB limit")
+        return error(413, *upload.too_large(current_service().settings))
     return error(e.code, re.sub(r"\W+", "_", e.name.lower()), e.description)
 
 
@@ -664,8 +636,7 @@ def health():
     # Still ready after a failed reload (the old model serves), but say so: the new file is broken.
     failed = {"reload_error": service.load_error} if service.load_error else {}
     return jsonify(status="ok", **model.identity, arch=model.meta.get("arch"),
-                   pet_threshold=float(model.meta["other"]["threshold"]),
-                   store=service.store.kind, **failed)
+                   pet_threshold=float(model.meta["other"]["threshold"]), store=service.store.kind, **failed)
 
 
 @api.get("/live")
@@ -735,14 +706,8 @@ def page_policy(path):
 
 # ---------------------------------------------------------------- process: start, reload, stop
 def make_server(app, settings):
-    return waitress.create_server(
-        app, host=settings.host, port=settings.port, threads=settings.request_threads,
-        ident="catdog",
-        # The app answers oversize uploads with a JSON 413; waitress's own (plain-text) cap
-        # only guards against absurd bodies. Bodies over MAX_UPLOAD_MB (a batch, or an upload
-        # about to be refused) wait in a temporary file (TMPDIR, a volume in the deployments),
-        # not in memory: 16 slow 60 MB uploads would otherwise hold 1 GB.
-        max_request_body_size=settings.body_hard_limit, inbuf_overflow=settings.max_upload_bytes)
+    return waitress.create_server(app, host=settings.host, port=settings.port, threads=settings.request_threads,
+                                  ident="catdog", **upload.waitress_body_limits(settings))
 
 
 def stop_listening(server):

@@ -20,6 +20,7 @@ from flask import Request, request
 import catdog
 
 HEAVY_DECODE_BYTES = 16 << 20  # a decode over this (about 4 MP of RGBA) is heavy: see DecodeBudget
+BATCH_BODY_PHOTOS = 4  # a POST /predict/batch body holds this many photos at the size limit (or 32 ordinary ones)
 # The HTTP status of each catdog.ImageError reason (others: 422).
 ERROR_STATUS = {"busy": 503, "no_file": 400, "empty": 400, "too_many_files": 400, "too_many_photos": 400, "too_large": 413,
                 "unsupported_media_type": 415, "unsupported_format": 415, "not_an_image": 422, "corrupt": 422,
@@ -35,6 +36,29 @@ class InMemoryRequest(Request):
     # big ones to temporary files, and the container's root file system is read-only.
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
         return io.BytesIO()
+
+
+def waitress_body_limits(settings):
+    """waitress.create_server's limits on request bodies. The app answers oversize uploads with a
+    JSON 413; waitress's own (plain-text) cap only guards against absurd bodies. Bodies over
+    MAX_UPLOAD_MB (a batch, or an upload about to be refused) wait in a temporary file (TMPDIR, a
+    volume in the deployments), not in memory: 16 slow 60 MB uploads would otherwise hold 1 GB."""
+    return {"max_request_body_size": max(BATCH_BODY_PHOTOS * settings.max_upload_bytes, 64 << 20),
+            "inbuf_overflow": settings.max_upload_bytes}
+
+
+def body_limit(settings):
+    """The most bytes the body of this request may hold: one photo's, or a batch's."""
+    return settings.max_upload_bytes * (BATCH_BODY_PHOTOS if request.endpoint == "catdog.predict_batch" else 1)
+
+
+def too_large(settings):
+    """(reason, message) of a body werkzeug refused with 413: over body_limit, or a small form in
+    too many parts."""
+    limit = body_limit(settings)
+    if request.content_length is not None and request.content_length <= limit:
+        return "too_many_parts", f"the form has more than {request.max_form_parts} parts"
+    return "too_large", f"the upload exceeds the {limit / (1 << 20):g} MB limit"
 
 
 def read_upload():

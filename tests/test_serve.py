@@ -23,6 +23,7 @@ from PIL import Image
 import catdog
 import post_eval
 import serve
+import upload as uploads
 from service_helpers import (
     ROOT,
     Server,
@@ -34,7 +35,6 @@ from service_helpers import (
     tiny_model,
     upload,
 )
-from upload import DecodeBudget
 
 
 @pytest.fixture
@@ -98,9 +98,11 @@ def test_settings_come_from_the_environment_in_one_place():
                                      "DECODE_WAIT_S": "5", "SHUTDOWN_TIMEOUT": "3", "UNRELATED": "x"})
     assert (given.port, given.model_path, given.max_upload_mb, given.decode_wait_s, given.shutdown_timeout) == (
         9000, "/m/model.onnx", 2.5, 5.0, 3.0)
-    assert given.reference_profile_path == "/m/reference_profile.json"  # beside the model unless PROFILE_PATH
-    assert dataclasses.replace(given, profile_path="/p.json").reference_profile_path == "/p.json"
-    assert given.body_hard_limit == 64 << 20 and dataclasses.replace(given, max_upload_mb=100).body_hard_limit == 400 << 20
+    assert serve.load_model(tiny_model()).profile is not None  # reference_profile.json beside the model,
+    assert serve.load_model(tiny_model(), profile_path=os.devnull + ".json").profile is None  # unless PROFILE_PATH
+    hard_limit = [uploads.waitress_body_limits(s)["max_request_body_size"]
+                  for s in (given, dataclasses.replace(given, max_upload_mb=100))]
+    assert hard_limit == [64 << 20, 400 << 20]  # waitress's own cap: far above the app's
     with pytest.raises(ValueError):
         serve.Settings.from_env({"PORT": "eighty"})
 
@@ -792,7 +794,7 @@ def test_heavy_decodes_leave_a_cpu_to_ordinary_photos(tmp_path):
 def test_heavy_decodes_run_at_the_lowest_cpu_priority():
     """A heavy decode runs on a lane thread at nice 19, so the ordinary photos beside it get the
     CPUs first; an ordinary decode stays on the request's own thread and priority."""
-    budget = DecodeBudget(64 << 20, 1, serve.log, heavy_bytes=1 << 20)
+    budget = uploads.DecodeBudget(64 << 20, 1, serve.log, heavy_bytes=1 << 20)
 
     def nice():
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
@@ -819,7 +821,7 @@ def test_a_lane_that_may_not_lower_its_priority_still_decodes(monkeypatch, capsy
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "setpriority", forbidden)
-    budget = DecodeBudget(64 << 20, 1, serve.log, heavy_bytes=1 << 20)
+    budget = uploads.DecodeBudget(64 << 20, 1, serve.log, heavy_bytes=1 << 20)
     assert budget.run(2 << 20, lambda: "decoded") == "decoded"
     assert "decode_lane_priority_unchanged" in capsys.readouterr().out
 
