@@ -1,5 +1,5 @@
-"""catdog inference service: the champion in ONNX Runtime behind Flask + waitress; its routes are
-openapi.yaml's. Settings come from the environment (Settings):
+"""catdog inference service: the champion in ONNX Runtime behind Flask + waitress, answering the
+routes of openapi.yaml, configured by environment variables (Settings):
 
     python serve.py                      # 0.0.0.0:8000, models/model.onnx
     PORT=9000 MODEL_PATH=... python serve.py
@@ -103,7 +103,7 @@ class Settings:
 
 
 def read_text(path):
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return f.read()
 
 
@@ -429,7 +429,8 @@ class Service:
         """The /stats answer."""
         model, metrics = self.model, self.metrics
         accuracy, judged = self.store.live_accuracy(self.settings.live_window)
-        requests_by = {f"{endpoint} {status}": int(n) for (endpoint, status), n in metrics.values(metrics.requests).items()}
+        requests_by = {f"{endpoint} {status}": int(n)
+                       for (endpoint, status), n in metrics.values(metrics.requests).items()}
         by_label = {label: int(n) for (label,), n in metrics.values(metrics.predictions).items()}
         predict_count = metrics.values(metrics.latency, "_count").get(("/predict",), 0)
         predict_seconds = metrics.values(metrics.latency, "_sum").get(("/predict",), 0.0)

@@ -1,10 +1,11 @@
-"""Uploads, from the request to the model's input: the photo's bytes out of the request, its
-limits, and its decoding within a memory budget, heavy images on low-priority lanes.
+"""Uploads, from the request to the model's input: the limits on request bodies, the photos'
+bytes out of the request, and their decoding within a memory budget, heavy images on
+low-priority lanes.
 
-serve.py's routes call read_upload() (or read the parts of a batch themselves), then
-prepare(bytes, ...) for (model input, image stats); every refusal is a catdog.ImageError whose
-reason ERROR_STATUS maps to an HTTP status. Decoding and preprocessing are catdog's
-(open_checked, decode_header_checked, preprocess): the functions training uses.
+serve.py's routes call read_upload() (POST /predict) or read_batch() (POST /predict/batch), then
+prepare(bytes, ...) for each photo's (model input, image stats). Every refusal is a
+catdog.ImageError whose reason status_of() turns into an HTTP status. Decoding and preprocessing
+are catdog's (open_checked, decode_header_checked, preprocess): the functions training uses.
 """
 import concurrent.futures
 import contextlib
@@ -21,13 +22,12 @@ import catdog
 
 HEAVY_DECODE_BYTES = 16 << 20  # a decode over this (about 4 MP of RGBA) is heavy: see DecodeBudget
 BATCH_BODY_PHOTOS = 4  # a POST /predict/batch body holds this many photos at the size limit (or 32 ordinary ones)
-# The HTTP status of each catdog.ImageError reason (others: 422).
-ERROR_STATUS = {"busy": 503, "no_file": 400, "empty": 400, "too_many_files": 400, "too_many_photos": 400, "too_large": 413,
-                "unsupported_media_type": 415, "unsupported_format": 415, "not_an_image": 422, "corrupt": 422,
-                "truncated": 422, "too_many_pixels": 422, "too_small": 422}
+ERROR_STATUS = {"busy": 503, "no_file": 400, "empty": 400, "too_many_files": 400, "too_many_photos": 400,
+                "too_large": 413, "unsupported_media_type": 415, "unsupported_format": 415}
 
 
 def status_of(e):
+    """The HTTP status of a catdog.ImageError: 422 for an unusable image, else ERROR_STATUS's."""
     return ERROR_STATUS.get(e.reason, 422)
 
 
@@ -69,7 +69,8 @@ def read_upload():
         if not uploads:
             raise catdog.ImageError("no_file", "send the photo as multipart field 'file' (or 'image')")
         if len(uploads) > 1:
-            raise catdog.ImageError("too_many_files", "one photo per POST /predict: send several to POST /predict/batch")
+            raise catdog.ImageError("too_many_files",
+                                    "one photo per POST /predict: send several to POST /predict/batch")
         return uploads[0].read()
     if not request.content_length and not request.headers.get("Transfer-Encoding"):
         raise catdog.ImageError("no_file", "no photo: send multipart field 'file' or an image/* body")

@@ -93,7 +93,8 @@ def test_settings_come_from_the_environment_in_one_place():
     assert default == serve.Settings()
     assert default.model_path == os.path.join(catdog.MODELS_DIR, "model.onnx")
     assert default.db_path == os.path.join(catdog.ROOT, "var", "catdog.db")
-    assert (default.port, default.infer_threads, default.live_window, default.max_upload_bytes) == (8000, 0, 500, 10 << 20)
+    assert (default.port, default.infer_threads, default.live_window, default.max_upload_bytes) == (
+        8000, 0, 500, 10 << 20)
     given = serve.Settings.from_env({"PORT": "9000", "MODEL_PATH": "/m/model.onnx", "MAX_UPLOAD_MB": "2.5",
                                      "DECODE_WAIT_S": "5", "SHUTDOWN_TIMEOUT": "3", "UNRELATED": "x"})
     assert (given.port, given.model_path, given.max_upload_mb, given.decode_wait_s, given.shutdown_timeout) == (
