@@ -1,4 +1,4 @@
-# The serving image: code + champion model, the immutable unit that gets deployed.
+# The serving image: code + champion model and its card, the immutable unit that gets deployed.
 # No torch: the service runs the exported ONNX model with ONNX Runtime.
 #   make image                      # docker build, tagged $(IMAGE):$(TAG)
 #   docker run --read-only -p 8000:8000 <image>
@@ -57,9 +57,11 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 WORKDIR /app
 # Owned by root and read-only to the service: code and model cannot change at run time.
-COPY catdog.py serve.py store.py openapi.json ./
+COPY catdog.py serve.py upload.py store.py openapi.yaml ./
 COPY static/ static/
-COPY ${MODEL_DIR}/model.onnx ${MODEL_DIR}/model.json ${MODEL_DIR}/reference_profile.json models/
+# MODEL_CARD.md (GET /model-card) is written by training beside the model; the build fails without
+# it, as without the model (make smoke-model's tiny model writes one too).
+COPY ${MODEL_DIR}/model.onnx ${MODEL_DIR}/model.json ${MODEL_DIR}/reference_profile.json ${MODEL_DIR}/MODEL_CARD.md models/
 # Byte-code compiled now, since nothing can be written at run time.
 RUN python3 -m compileall -q /app
 

@@ -1,40 +1,25 @@
-"""catdog inference service: the champion in ONNX Runtime behind Flask + waitress.
+"""catdog inference service: the champion in ONNX Runtime behind Flask + waitress, answering the
+routes of openapi.yaml, configured by environment variables (Settings):
 
     python serve.py                      # 0.0.0.0:8000, models/model.onnx
     PORT=9000 MODEL_PATH=... python serve.py
 
-Endpoints: GET / (staff page), POST /predict, POST /feedback, GET /health (ready),
-GET /live, GET /metrics (Prometheus text), GET /stats (JSON).
-
-In code (tests): app = create_app(Settings(model_path=..., db_path=...)) builds the Flask
-app around one Service (model, store, metrics, batcher), reachable as
-app.extensions["catdog"]; service.load("why") loads the model, service.start() starts the
-threads as main() does. Importing this module only defines things: no threads, no files.
-
-Serving imports numpy, Pillow, onnxruntime, Flask and prometheus_client only, never torch:
-decoding and preprocessing are catdog.open_image (open_checked, then decode_header_checked) +
-catdog.preprocess, the functions
-training uses. Waitress threads decode uploads in parallel and run the model, at most one
-ONNX Runtime run per usable CPU at a time; an optional batcher groups concurrent requests
-instead. Every prediction and every piece of staff feedback goes to the store (store.py): a
-small SQLite file (DB_PATH), the only thing the service writes, or PostgreSQL when
-DATABASE_URL is set, shared by every replica.
+In code (tests): create_app(Settings(model_path=..., db_path=...)) is the Flask app around one
+Service (model, store, drift, metrics); service.load("why") loads the model, service.start()
+starts the threads as main() does. Importing this module starts nothing.
+Never torch: upload.py reads and decodes uploads with catdog's functions, training's own.
+Predictions and feedback go to store.py's SQLite file (DB_PATH) or PostgreSQL (DATABASE_URL).
 Signals: SIGTERM/SIGINT drain in-flight requests then exit; SIGHUP reloads the model.
 """
 import base64
-import concurrent.futures
-import contextlib
-import ctypes
 import dataclasses
 import functools
 import hashlib
 import hmac
-import io
 import json
 import logging
 import math
 import os
-import queue
 import re
 import signal
 import sys
@@ -47,20 +32,24 @@ import numpy as np
 import onnxruntime as ort
 import waitress
 import waitress.channel
-from flask import Blueprint, Flask, Request, current_app, g, jsonify, request, send_from_directory
+import yaml
+from flask import Blueprint, Flask, current_app, g, jsonify, request, send_from_directory
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from werkzeug.exceptions import HTTPException
 
 import catdog
 import store as stores
+import upload
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-HEAVY_DECODE_BYTES = 16 << 20  # a decode over this (about 4 MP of RGBA) is heavy: see DecodeBudget
-ERROR_STATUS = {"busy": 503, "no_file": 400, "empty": 400, "too_large": 413, "unsupported_media_type": 415, "unsupported_format": 415,
-                "not_an_image": 422, "corrupt": 422, "truncated": 422, "too_many_pixels": 422, "too_small": 422}
+# The photos of one request run in ONNX Runtime runs of up to this many: a run of 2-4 images
+# costs less per image than single runs, and than larger ones (which outgrow the CPU cache).
+RUN_SIZE = 4
+MODEL_CARD = "MODEL_CARD.md"  # beside model.onnx, written by training
+OPENAPI_PATH = os.path.join(catdog.ROOT, "openapi.yaml")
 
 
 # ---------------------------------------------------------------- settings (env vars)
@@ -75,11 +64,9 @@ class Settings:
     database_url: str = ""  # postgresql://user:password@host/db: the store every replica shares; "": DB_PATH
     max_upload_mb: float = 10.0
     max_pixels: int = catdog.MAX_PIXELS
-    batch_max: int = 1  # >1 turns the batcher on (see Batcher)
-    batch_wait_ms: float = 0.0  # 0: batch what queued during the last run
     threads: int = 0  # waitress worker threads; 0: two per CPU this process may use
     ort_threads: int = 1  # intra-op threads per ORT run
-    infer_threads: int = 0  # ORT runs at once; 0: the CPUs this process may use
+    infer_threads: int = 0  # ORT runs at once; 0: the CPUs this process may use (more only fight over them)
     live_window: int = 500  # live accuracy over the last N predictions with feedback
     drift_window: int = 500  # drift over the last N inputs
     drift_min_samples: int = 100  # PSI of a handful of images is noise
@@ -99,21 +86,9 @@ class Settings:
         return cls(**{field.name: type(field.default)(environ[field.name.upper()])
                       for field in dataclasses.fields(cls) if field.name.upper() in environ})
 
-    def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
-
-    @property
-    def reference_profile_path(self):
-        return self.profile_path or os.path.join(os.path.dirname(self.model_path), "reference_profile.json")
-
     @property
     def max_upload_bytes(self):
         return int(self.max_upload_mb * 1024 * 1024)
-
-    @property
-    def max_batch_bytes(self):
-        """The whole body of a POST /predict/batch: four photos at the size limit, or 32 ordinary ones."""
-        return 4 * self.max_upload_bytes
 
     @property
     def allowed_origins(self):
@@ -123,18 +98,12 @@ class Settings:
     def request_threads(self):
         # Two request threads per CPU: one decodes while the other runs the model. Waitress
         # reads uploads and writes answers in its own loop, so a slow client holds no thread;
-        # more threads only made requests share the CPUs longer (8 on 2 cores: -9 % req/s and
-        # +30 % p99 at 8 clients against 4, interleaved runs).
+        # more threads only make requests share the CPUs longer.
         return self.threads or 2 * available_cpus()
-
-    @property
-    def body_hard_limit(self):
-        """Waitress's own cap on a request body (see make_server)."""
-        return max(4 * self.max_upload_bytes, 64 << 20)
 
 
 def read_text(path):
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return f.read()
 
 
@@ -192,6 +161,7 @@ class Model:
     session: ort.InferenceSession
     meta: dict  # model.json: classes, preprocess settings, version, arch
     profile: dict | None  # the training inputs' statistics, for drift (None: no drift scores)
+    card: str | None  # MODEL_CARD.md beside it (None: it has none)
     threads: int  # ORT intra-op threads
 
     @property
@@ -203,23 +173,16 @@ class Model:
         return list(zip(*self.session.run(list(catdog.ONNX_OUTPUTS), {"image": batch})))
 
     @property
-    def pet_threshold(self):
-        return float(self.meta["other"]["threshold"])
-
-    @property
     def identity(self):
         """Which model answered: its version, its registry version and MLflow run (None when unknown)."""
         registry = self.meta.get("registry_version")
         return {"model_version": self.version, "registry_version": None if registry is None else str(registry),
                 "run_id": self.meta.get("run_id")}
 
-    def answer(self, outputs):
-        """catdog.answer of one image's outputs."""
-        return catdog.answer(outputs, self.meta)
 
-
-def load_model(path, ort_threads=1, batch_sizes=(1,), profile_path=None):
-    """ONNX session + the meta saved beside it, warmed up at every batch size it will see first."""
+def load_model(path, ort_threads=1, profile_path=""):
+    """ONNX session + the meta, drift profile (profile_path, else the one beside it) and model
+    card saved beside it, warmed up."""
     meta = catdog.read_json(os.path.splitext(path)[0] + ".json")
     if "other" not in meta:
         raise ValueError(f"{path} has no \"other\" decision (model.json lacks \"other\"): retrain it with `make train`")
@@ -233,105 +196,12 @@ def load_model(path, ort_threads=1, batch_sizes=(1,), profile_path=None):
     if missing:
         raise ValueError(f"{path} lacks the outputs {', '.join(sorted(missing))}: retrain it with `make train`")
     crop = meta["preprocess"]["crop"]
-    for batch in sorted(set(batch_sizes)):
-        session.run(list(catdog.ONNX_OUTPUTS), {"image": np.zeros((batch, 3, crop, crop), np.float32)})
+    session.run(list(catdog.ONNX_OUTPUTS), {"image": np.zeros((1, 3, crop, crop), np.float32)})
     profile_path = profile_path or os.path.join(os.path.dirname(path), "reference_profile.json")
     profile = catdog.read_json(profile_path) if os.path.exists(profile_path) else None
-    return Model(session, meta, profile, options.intra_op_num_threads)
-
-
-# ---------------------------------------------------------------- inference, and the batcher
-class Job:
-    """One image waiting for the batcher; `done` is set once outputs or error is."""
-
-    def __init__(self, model, x):
-        self.model, self.x, self.done = model, x, threading.Event()
-        self.outputs = self.error = None
-
-
-class Batcher:
-    """Runs the model for the request threads.
-
-    Waitress threads decode in parallel, then run the model themselves, at most `workers`
-    runs at once (one per usable CPU): with 8 request threads free to fight over 2 cores
-    for inference, `make bench` gave 144-167 instead of 163-172 req/s.
-    On 2 cores with int8 EfficientNet-Lite0, ORT's intra-op threads do not speed up a run
-    and a batch of 8 costs 8 single runs, so batching saves no CPU and makes each request
-    wait for its batch: `make bench` measured it equal or slower, hence off by default.
-    With batch_max > 1, `workers` threads each take what is waiting (up to batch_max,
-    waiting at most wait_ms for more) and run it as one batch: for hardware where a batch
-    is cheaper per image (a GPU, many cores); `make bench` shows both so the choice is measured.
-    """
-
-    def __init__(self, batch_max, wait_ms, workers, on_run):
-        self.batch_max, self.wait_s, self.workers = batch_max, wait_ms / 1000, workers
-        self.on_run = on_run  # called with the number of images of every ORT run
-        self._slots = threading.BoundedSemaphore(workers)
-        self._jobs = queue.Queue()
-
-    @property
-    def batching(self):
-        return self.batch_max > 1
-
-    def start(self):
-        if self.batching:
-            for _ in range(self.workers):
-                threading.Thread(target=self._loop, daemon=True, name="batcher").start()
-
-    def infer(self, model, x):
-        """The model's outputs (Model.run) for one preprocessed image (3, crop, crop)."""
-        if not self.batching:
-            with self._slots:
-                outputs = model.run(x[None])[0]
-            self.on_run(1)
-            return outputs
-        job = Job(model, x)
-        self._jobs.put(job)
-        if not job.done.wait(60):
-            raise RuntimeError("inference timed out")
-        if job.error is not None:
-            raise job.error
-        return job.outputs
-
-    def infer_many(self, model, xs, chunk=4):
-        """Outputs for several images of one request, in ONNX Runtime runs of up to `chunk`
-        images (each in one slot). Measured with int8 Lite2 on one thread: 7.1 ms per image
-        alone, 6.2 in runs of 2-4, 7.7 in runs of 8, 8.8 in one run of 32 (cache)."""
-        outputs = []
-        for start in range(0, len(xs), chunk):
-            with self._slots:
-                outputs += model.run(np.stack(xs[start:start + chunk]))
-            self.on_run(min(chunk, len(xs) - start))
-        return outputs
-
-    def _loop(self):
-        while True:
-            self._run(self._next_batch())
-
-    def _next_batch(self):
-        batch = [self._jobs.get()]
-        deadline = time.monotonic() + self.wait_s
-        while len(batch) < self.batch_max:
-            try:
-                batch.append(self._jobs.get(timeout=max(0.0, deadline - time.monotonic())))
-            except queue.Empty:
-                break
-        return batch
-
-    def _run(self, batch):
-        # After a reload, jobs preprocessed for the old model still run on the old model.
-        for model in {id(job.model): job.model for job in batch}.values():
-            group = [job for job in batch if job.model is model]
-            try:
-                for job, row in zip(group, model.run(np.stack([job.x for job in group]))):
-                    job.outputs = row
-            except Exception as e:  # noqa: BLE001 (whatever failed, each waiting request gets it)
-                for job in group:
-                    job.error = e
-            finally:
-                self.on_run(len(group))
-                for job in group:
-                    job.done.set()
+    card_path = os.path.join(os.path.dirname(path), MODEL_CARD)
+    card = read_text(card_path) if os.path.exists(card_path) else None
+    return Model(session, meta, profile, card, options.intra_op_num_threads)
 
 
 # ---------------------------------------------------------------- drift
@@ -383,14 +253,42 @@ class Registry(CollectorRegistry):
             yield family
 
 
-class ScrapeTimeMetrics:
-    """Families computed at each scrape: live accuracy from the store, drift of the recent
-    inputs, the model being served."""
+class Metrics:
+    """The service's Prometheus metrics, in a registry of its own (never prometheus_client's
+    process-wide default one), so several apps can live in one process."""
 
     def __init__(self, service):
         self.service = service
+        self.registry = registry = Registry()
+        self.requests = Counter("catdog_requests", "HTTP requests by endpoint and status.",
+                                ("endpoint", "status"), registry=registry)
+        self.latency = Histogram("catdog_request_duration_seconds", "Request latency by endpoint.",
+                                 ("endpoint",), buckets=LATENCY_BUCKETS, registry=registry)
+        self.predictions = Counter("catdog_predictions", "Predictions by label.", ("label",), registry=registry)
+        self.confidence = Histogram("catdog_prediction_confidence", "Confidence of the predicted label.",
+                                    buckets=catdog.CONFIDENCE_EDGES[:-1], registry=registry)
+        self.feedback = Counter("catdog_feedback", "Staff feedback by whether the prediction was right.",
+                                ("correct",), registry=registry)
+        for label in catdog.ANSWERS:  # every series exists from 0, so rate() sees the first one
+            self.predictions.labels(label)
+        for correct in ("true", "false"):
+            self.feedback.labels(correct)
+        self.batch_size = Histogram("catdog_inference_batch_size", "Images per ONNX Runtime run.",
+                                    buckets=BATCH_BUCKETS, registry=registry)
+        registry.register(self)  # collect()
+        Gauge("catdog_model_ready", "1 when the model is loaded and warmed up.",
+              registry=registry).set_function(lambda: service.model is not None and not service.stopping.is_set())
+        self.load_failures = Counter("catdog_model_load_failures", "Model loads (start or SIGHUP reload) that failed.",
+                                     registry=registry)
+        Gauge("catdog_model_load_failed", "1 while the latest model load failed (a reload keeps the old model).",
+              registry=registry).set_function(lambda: service.load_error is not None)
+        Gauge("catdog_in_flight_requests", "Requests being handled now.",
+              registry=registry).set_function(lambda: service.in_flight)
+        Gauge("catdog_start_time_seconds", "Process start, Unix time.", registry=registry).set(service.started_at)
 
     def collect(self):
+        """The families computed at each scrape: live accuracy from the store, drift of the
+        recent inputs, the model being served."""
         service = self.service
         accuracy, judged = service.store.live_accuracy(service.settings.live_window)
         live = GaugeMetricFamily("catdog_live_accuracy",
@@ -419,88 +317,18 @@ class ScrapeTimeMetrics:
             info.add_metric([model.version, str(model.meta.get("arch"))], 1)
         yield info
 
-
-class Metrics:
-    """The service's Prometheus metrics, in a registry of its own (never prometheus_client's
-    process-wide default one), so several apps can live in one process."""
-
-    def __init__(self, service):
-        self.registry = registry = Registry()
-        self.requests = Counter("catdog_requests", "HTTP requests by endpoint and status.",
-                                ("endpoint", "status"), registry=registry)
-        self.latency = Histogram("catdog_request_duration_seconds", "Request latency by endpoint.",
-                                 ("endpoint",), buckets=LATENCY_BUCKETS, registry=registry)
-        self.predictions = Counter("catdog_predictions", "Predictions by label.", ("label",), registry=registry)
-        self.confidence = Histogram("catdog_prediction_confidence", "Confidence of the predicted label.",
-                                    buckets=catdog.CONFIDENCE_EDGES[:-1], registry=registry)
-        self.feedback = Counter("catdog_feedback", "Staff feedback by whether the prediction was right.",
-                                ("correct",), registry=registry)
-        for label in catdog.ANSWERS:  # every series exists from 0, so rate() sees the first one
-            self.predictions.labels(label)
-        for correct in ("true", "false"):
-            self.feedback.labels(correct)
-        self.batch_size = Histogram("catdog_inference_batch_size", "Images per ONNX Runtime run.",
-                                    buckets=BATCH_BUCKETS, registry=registry)
-        registry.register(ScrapeTimeMetrics(service))
-        Gauge("catdog_model_ready", "1 when the model is loaded and warmed up.",
-              registry=registry).set_function(lambda: service.ready)
-        self.load_failures = Counter("catdog_model_load_failures", "Model loads (start or SIGHUP reload) that failed.",
-                                     registry=registry)
-        Gauge("catdog_model_load_failed", "1 while the latest model load failed (a reload keeps the old model).",
-              registry=registry).set_function(lambda: service.load_error is not None)
-        Gauge("catdog_in_flight_requests", "Requests being handled now.",
-              registry=registry).set_function(lambda: service.in_flight)
-        Gauge("catdog_start_time_seconds", "Process start, Unix time.", registry=registry).set(service.started_at)
-
-    def count_request(self, endpoint, status, seconds):
-        self.requests.labels(endpoint, status).inc()
-        self.latency.labels(endpoint).observe(seconds)
-
-    def count_prediction(self, label, confidence):
-        self.predictions.labels(label).inc()
-        self.confidence.observe(confidence)
-
-    def text(self):
-        """Prometheus text format 0.0.4, whatever the Accept header asks."""
-        return generate_latest(self.registry)
-
     @staticmethod
-    def samples(metric, suffix):
-        return [s for family in metric.collect() for s in family.samples if s.name == family.name + suffix]
-
-    def requests_by_endpoint(self):
-        """{(endpoint, status): requests answered}"""
-        return {(s.labels["endpoint"], s.labels["status"]): int(s.value) for s in self.samples(self.requests, "_total")}
-
-    def predictions_by_label(self):
-        return {s.labels["label"]: int(s.value) for s in self.samples(self.predictions, "_total")}
-
-    def latency_of(self, endpoint):
-        """(requests, seconds in all) of one endpoint."""
-        count, seconds = ({s.labels["endpoint"]: s.value for s in self.samples(self.latency, suffix)}
-                          for suffix in ("_count", "_sum"))
-        return int(count.get(endpoint, 0)), seconds.get(endpoint, 0.0)
+    def values(metric, suffix="_total"):
+        """{label values: value} of a metric's samples named with this suffix ("_total", "_sum", ...)."""
+        return {tuple(s.labels.values()): s.value for family in metric.collect() for s in family.samples
+                if s.name == family.name + suffix}
 
 
 # ---------------------------------------------------------------- the service
-@dataclasses.dataclass
-class Answer:
-    prediction_id: str  # the server's key of the stored prediction: what /feedback names
-    label: str
-    confidence: float
-    probabilities: dict
-    pet_probability: float
-
-    def fields(self):
-        return {"label": self.label, "confidence": round(self.confidence, 6),
-                "pet_probability": round(self.pet_probability, 6),
-                "probabilities": {c: round(p, 6) for c, p in self.probabilities.items()},
-                "prediction_id": self.prediction_id}
-
-
 class Service:
     """One serving instance: the model (swapped whole on reload), the store, the drift window,
-    the metrics and the batcher. Nothing runs in the background until start()."""
+    the metrics, the decode budget and the inference slots. Nothing runs in the background
+    until start()."""
 
     def __init__(self, settings):
         self.settings = settings
@@ -508,22 +336,20 @@ class Service:
         self.load_error = None  # why the last load failed, for /health
         self.stopping = threading.Event()
         self.started_at = time.time()
-        self._in_flight = 0
+        self.in_flight = 0  # requests being handled now
         self._in_flight_lock = threading.Lock()
         self._load_lock = threading.Lock()  # one load at a time
         # A connection per request thread, and one for the retention thread.
         self.store = stores.open_store(settings.database_url, settings.db_path, settings.request_threads + 1)
         self.drift = DriftWindow(settings.drift_window, settings.drift_min_samples)
-        self.decode_budget = DecodeBudget(int(settings.decode_budget_mb * 1024 * 1024), settings.decode_wait_s,
-                                          heavy_lanes=max(1, available_cpus() - 1))
+        self.decode_budget = upload.DecodeBudget(int(settings.decode_budget_mb * 1024 * 1024), settings.decode_wait_s,
+                                                 log, heavy_lanes=max(1, available_cpus() - 1))
+        self.inference_slots = threading.BoundedSemaphore(settings.infer_threads or available_cpus())
         self.metrics = Metrics(self)
-        self.batcher = Batcher(settings.batch_max, settings.batch_wait_ms,
-                               settings.infer_threads or available_cpus(), self.metrics.batch_size.observe)
 
     def start(self):
-        """The batcher's threads, and the model loading in the background: /live answers at
-        once, /health once the model is warm."""
-        self.batcher.start()
+        """The model loading in the background (/live answers at once, /health once the model
+        is warm), and the retention thread."""
         self.load_in_background("start")
         threading.Thread(target=self.keep_pruning, daemon=True, name="retention").start()
 
@@ -548,8 +374,7 @@ class Service:
         with self._load_lock:
             started = time.perf_counter()
             try:
-                new = load_model(settings.model_path, settings.ort_threads, (1, max(1, settings.batch_max)),
-                                 settings.reference_profile_path)
+                new = load_model(settings.model_path, settings.ort_threads, settings.profile_path)
             except Exception as e:  # noqa: BLE001 (keep serving the old model rather than none)
                 self.load_error = f"{type(e).__name__}: {e}"
                 self.metrics.load_failures.inc()
@@ -559,45 +384,42 @@ class Service:
                 self.drift.forget_confidences()
             self.model, self.load_error = new, None
         log(event="model_loaded", reason=reason, model_version=new.version, arch=new.meta.get("arch"),
-            ort_threads=new.threads, drift_profile=new.profile is not None,
+            ort_threads=new.threads, drift_profile=new.profile is not None, model_card=new.card is not None,
             load_ms=round((time.perf_counter() - started) * 1000, 1))
         return True
 
-    @property
-    def ready(self):
-        return self.model is not None and not self.stopping.is_set()
-
-    @property
-    def in_flight(self):
-        return self._in_flight
-
     def enter(self):
         with self._in_flight_lock:
-            self._in_flight += 1
+            self.in_flight += 1
 
     def leave(self):
         with self._in_flight_lock:
-            self._in_flight -= 1
+            self.in_flight -= 1
 
-    def predict(self, model, x, stats, request_id):
-        """The Answer for a preprocessed photo (and its image stats), recorded for monitoring."""
-        return self.record(model, stats, request_id, self.batcher.infer(model, x))
-
-    def predict_many(self, model, photos):
-        """predict for [(preprocessed image, image stats, request id)], in a few ONNX Runtime runs (infer_many)."""
-        outputs = self.batcher.infer_many(model, [x for x, _, _ in photos])
+    def predict(self, model, photos):
+        """The answers for [(preprocessed image, image stats, request id)], each recorded for
+        monitoring: ONNX Runtime runs of up to RUN_SIZE images, each in an inference slot."""
+        outputs = []
+        for start in range(0, len(photos), RUN_SIZE):
+            batch = np.stack([x for x, _, _ in photos[start:start + RUN_SIZE]])
+            with self.inference_slots:
+                outputs += model.run(batch)
+            self.metrics.batch_size.observe(len(batch))
         return [self.record(model, stats, request_id, out) for (_, stats, request_id), out in zip(photos, outputs)]
 
     def record(self, model, stats, request_id, outputs):
-        """The Answer of one image's outputs, stored under a new prediction id and counted."""
-        label, confidence, probabilities, pet_probability, distance = model.answer(outputs)
-        answer = Answer(uuid.uuid4().hex, label, confidence, probabilities, pet_probability)
+        """The answer's fields of one image's outputs, stored under a new prediction id (the
+        server's key of the prediction: what /feedback names) and counted."""
+        label, confidence, probabilities, pet_probability, distance = catdog.answer(outputs, model.meta)
+        prediction_id = uuid.uuid4().hex
         stats = {**stats, "pet_distance": distance, catdog.OTHER: float(label == catdog.OTHER)}
-        self.store.record_prediction(answer.prediction_id, request_id, model.version, label, confidence, stats)
+        self.store.record_prediction(prediction_id, request_id, model.version, label, confidence, stats)
         # The reference confidences are of cat/dog answers; an "other" answer's is another quantity.
         self.drift.add(stats, confidence if label != catdog.OTHER else None)
-        self.metrics.count_prediction(label, confidence)
-        return answer
+        self.metrics.predictions.labels(label).inc()
+        self.metrics.confidence.observe(confidence)
+        return {"label": label, "confidence": round(confidence, 6), "pet_probability": round(pet_probability, 6),
+                "probabilities": {c: round(p, 6) for c, p in probabilities.items()}, "prediction_id": prediction_id}
 
     def drift_report(self):
         model = self.model
@@ -605,19 +427,19 @@ class Service:
 
     def stats(self):
         """The /stats answer."""
-        model = self.model
+        model, metrics = self.model, self.metrics
         accuracy, judged = self.store.live_accuracy(self.settings.live_window)
-        requests_by = self.metrics.requests_by_endpoint()
-        by_label = self.metrics.predictions_by_label()
-        predict_count, predict_seconds = self.metrics.latency_of("/predict")
-        return {
-            "model_version": model and model.version, "uptime_s": round(time.time() - self.started_at, 1),
-            "requests": sum(requests_by.values()),
-            "requests_by_endpoint": {f"{e} {s}": n for (e, s), n in sorted(requests_by.items())},
-            "predictions": sum(by_label.values()), "predictions_by_label": by_label,
-            "mean_latency_ms": round(predict_seconds / predict_count * 1000, 2) if predict_count else None,
-            "live_accuracy": accuracy, "live_accuracy_samples": judged, "live_window": self.settings.live_window,
-            "feedback_count": self.store.feedback_count(), "drift": self.drift_report()}
+        requests_by = {f"{endpoint} {status}": int(n)
+                       for (endpoint, status), n in metrics.values(metrics.requests).items()}
+        by_label = {label: int(n) for (label,), n in metrics.values(metrics.predictions).items()}
+        predict_count = metrics.values(metrics.latency, "_count").get(("/predict",), 0)
+        predict_seconds = metrics.values(metrics.latency, "_sum").get(("/predict",), 0.0)
+        return {"model_version": model and model.version, "uptime_s": round(time.time() - self.started_at, 1),
+                "requests": sum(requests_by.values()), "requests_by_endpoint": dict(sorted(requests_by.items())),
+                "predictions": sum(by_label.values()), "predictions_by_label": by_label,
+                "mean_latency_ms": round(predict_seconds / predict_count * 1000, 2) if predict_count else None,
+                "live_accuracy": accuracy, "live_accuracy_samples": judged, "live_window": self.settings.live_window,
+                "feedback_count": self.store.feedback_count(), "drift": self.drift_report()}
 
     def close(self):
         self.decode_budget.close()
@@ -625,13 +447,6 @@ class Service:
 
 
 # ---------------------------------------------------------------- the app
-class InMemoryRequest(Request):
-    # Uploads are capped by MAX_UPLOAD_MB, so keep them in memory: werkzeug would spool
-    # big ones to temporary files, and the container's root file system is read-only.
-    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
-        return io.BytesIO()
-
-
 api = Blueprint("catdog", __name__)
 
 
@@ -639,9 +454,9 @@ def create_app(settings, service=None):
     """The Flask app around `service` (by default a new Service of `settings`), which it keeps
     in app.extensions["catdog"]. Starts nothing: main() calls service.start()."""
     service = service or Service(settings)
+    openapi_json()  # a broken document fails the start, not its first request
     app = Flask(__name__)
-    app.request_class = InMemoryRequest
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
+    app.request_class = upload.InMemoryRequest
     app.extensions["catdog"] = service
     app.register_blueprint(api)
     return app
@@ -653,8 +468,7 @@ def current_service():
 
 @api.before_app_request
 def start_request():
-    if request.endpoint == "catdog.predict_batch":  # several photos, each within max_upload_mb
-        request.max_content_length = current_service().settings.max_batch_bytes
+    request.max_content_length = upload.body_limit(current_service().settings)
     g.started = time.perf_counter()
     given = request.headers.get("X-Request-ID", "")
     g.request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
@@ -682,7 +496,9 @@ def finish_request(response):
     g.request_id = g.get("request_id") or uuid.uuid4().hex
     response.headers["X-Request-ID"] = g.request_id
     add_security_headers(response)
-    current_service().metrics.count_request(endpoint, str(response.status_code), seconds)
+    metrics = current_service().metrics
+    metrics.requests.labels(endpoint, str(response.status_code)).inc()
+    metrics.latency.labels(endpoint).observe(seconds)
     log(request_id=g.request_id, method=request.method, endpoint=endpoint, status=response.status_code,
         latency_ms=round(seconds * 1000, 2), label=g.get("label"), error=g.get("reason"))
     return response
@@ -720,11 +536,7 @@ def error(status, reason, message):
 @api.app_errorhandler(HTTPException)
 def http_error(e):
     if e.code == 413:
-        settings = current_service().settings
-        limit = settings.max_batch_bytes if request.endpoint == "catdog.predict_batch" else settings.max_upload_bytes
-        if request.content_length is not None and request.content_length <= limit:  # small, but in too many parts
-            return error(413, "too_many_parts", f"the form has more than {request.max_form_parts} parts")
-        return error(413, "too_large", f"the upload exceeds the {limit / (1 << 20):g} MB limit")
+        return error(413, *upload.too_large(current_service().settings))
     return error(e.code, re.sub(r"\W+", "_", e.name.lower()), e.description)
 
 
@@ -737,148 +549,6 @@ def server_error(e):
     return error(500, "internal_error", "the server failed to handle this request")
 
 
-class TooManyFiles(Exception):
-    pass
-
-
-def read_upload():
-    """Bytes of the photo: multipart field `file` (or `image`), or a raw image/* body."""
-    if request.mimetype == "multipart/form-data":
-        uploads = request.files.getlist("file") + request.files.getlist("image")
-        if not uploads:
-            raise catdog.ImageError("no_file", "send the photo as multipart field 'file' (or 'image')")
-        if len(uploads) > 1:
-            raise TooManyFiles()
-        return uploads[0].read()
-    if not request.content_length and not request.headers.get("Transfer-Encoding"):
-        raise catdog.ImageError("no_file", "no photo: send multipart field 'file' or an image/* body")
-    if request.mimetype.startswith("image/") or request.mimetype == "application/octet-stream":
-        return request.get_data()
-    raise catdog.ImageError("unsupported_media_type",
-                            f"content type {request.mimetype or 'none'} is not accepted: "
-                            "send multipart/form-data or an image/* body")
-
-
-class DecodeBudget:
-    """Bytes of images being decoded at once, across request threads: a decode waits until its
-    bytes fit (or nothing else is decoding), at most `wait_s`, else ImageError "busy" (503).
-    Bounds the service's memory whatever several worst-case uploads arrive together.
-    A heavy decode (over `heavy_bytes`: a 16 MP PNG takes a CPU for a second) also needs one of
-    `heavy_lanes`, fewer than the CPUs, so that ordinary photos always have a CPU left. When
-    every lane is taken it gets the 503 at once: waiting, it would hold a request thread that
-    an ordinary photo queued behind it needs. Each lane is a thread of its own at the lowest
-    CPU priority, so that where a heavy decode and ordinary photos want the same CPU (the
-    model's threads run on every CPU), the ordinary photos mostly get it first (the lane still
-    takes the GIL between blocks of the file)."""
-
-    def __init__(self, limit_bytes, wait_s, heavy_bytes=HEAVY_DECODE_BYTES, heavy_lanes=1):
-        self.limit, self.wait_s, self.used = limit_bytes, wait_s, 0
-        self.heavy_bytes, self.heavy_lanes, self.heavy = heavy_bytes, heavy_lanes, 0
-        self._cond = threading.Condition()
-        self._lanes = concurrent.futures.ThreadPoolExecutor(heavy_lanes, "heavy-decode", lowest_cpu_priority)
-
-    def run(self, cost, decode):
-        """decode() once `cost` bytes fit the budget: on a low-priority lane when it is heavy.
-        A lane pool that is shut down (the process exiting) answers 503, not the client's
-        fault. (It cannot break: lowest_cpu_priority, its initializer, never raises.)"""
-        with self.reserve(cost):
-            if cost <= self.heavy_bytes:
-                return decode()
-            try:
-                future = self._lanes.submit(decode)
-            except RuntimeError:  # "cannot schedule new futures after shutdown"
-                raise catdog.ImageError("busy", "the service cannot decode large images now: retry in a second") from None
-            return future.result()
-
-    def close(self):
-        """Let the lane threads go once their decodes are done."""
-        self._lanes.shutdown(wait=False)
-
-    def _lanes_taken(self, heavy):
-        return heavy and self.heavy >= self.heavy_lanes
-
-    def _fits(self, cost, heavy):
-        if self._lanes_taken(heavy):
-            return False
-        return self.used == 0 or self.used + cost <= self.limit
-
-    @contextlib.contextmanager
-    def reserve(self, cost):
-        heavy = cost > self.heavy_bytes
-        with self._cond:
-            if self._lanes_taken(heavy) or not self._cond.wait_for(lambda: self._fits(cost, heavy), self.wait_s):
-                raise catdog.ImageError("busy", "the service is decoding other large images: retry in a second")
-            self.used += cost
-            self.heavy += heavy
-        try:
-            yield
-        finally:
-            with self._cond:
-                self.used -= cost
-                self.heavy -= heavy
-                self._cond.notify_all()
-            if cost > 32 << 20:
-                release_memory()
-
-
-def lowest_cpu_priority():
-    """Nice 19 for the calling thread alone: Linux keeps a nice value per thread (elsewhere the
-    id would name a process, so nothing is changed there). Where a sandbox forbids it, the
-    lane keeps its priority: a failed initializer would break the lane for every heavy photo."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except OSError as e:
-        log(event="decode_lane_priority_unchanged", error=str(e))
-
-
-@functools.cache
-def glibc():
-    """The C library when it is glibc (malloc_trim, mallopt), else None. Loaded on first use:
-    importing serve opens nothing."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "malloc_trim") else None
-
-
-def release_memory():
-    """Give freed heap back to the system after a large decode (glibc keeps it otherwise)."""
-    if glibc():
-        glibc().malloc_trim(0)
-
-
-def tune_malloc():
-    """Blocks of 1 MB and more come from mmap and go back to the system when freed: glibc's
-    default threshold grows with use, after which a decoded 16 MP image stays in the heap."""
-    if glibc():
-        glibc().mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (a fixed one also stops the growth)
-
-
-def model_input(img, settings):
-    """(preprocessed image, image stats) of an opened image, decoding it (header checked)."""
-    img = catdog.decode_header_checked(img)
-    return catdog.preprocess(img, settings), catdog.image_stats(img)
-
-
-def prepare(data, model, settings, budget):
-    """(preprocessed image, image stats) of untrusted bytes; ImageError when they are not a
-    usable photo. The format is sniffed from the bytes, never the name; big JPEGs decode at
-    a reduced scale that still covers the model's input (catdog.open_checked). The decode
-    budget is held from decoding until only the small model input is left."""
-    if len(data) > settings.max_upload_bytes:
-        raise catdog.ImageError("too_large", f"the photo exceeds the {settings.max_upload_mb:g} MB limit")
-    try:
-        img = catdog.open_checked(data, settings.max_pixels, model.meta["preprocess"]["resize"])
-        return budget.run(catdog.decoding_bytes(img), lambda: model_input(img, model.meta["preprocess"]))
-    except catdog.ImageError:
-        raise
-    except Exception as e:  # noqa: BLE001 (any other failure inside a decoder is still a bad file)
-        raise catdog.ImageError("corrupt", f"the image could not be decoded ({type(e).__name__})") from None
-
-
 @api.post("/predict")
 def predict():
     service = current_service()
@@ -886,14 +556,13 @@ def predict():
     if model is None:
         return error(503, "not_ready", "the model is not loaded yet")
     try:
-        x, stats = prepare(read_upload(), model, service.settings, service.decode_budget)
+        x, stats = upload.prepare(upload.read_upload(), model.meta["preprocess"], service.settings,
+                                  service.decode_budget)
     except catdog.ImageError as e:
-        return error(ERROR_STATUS.get(e.reason, 422), e.reason, str(e))
-    except TooManyFiles:
-        return error(400, "too_many_files", "one photo per POST /predict: send several to POST /predict/batch")
-    answer = service.predict(model, x, stats, g.request_id)
-    g.label = answer.label
-    return jsonify(**answer.fields(), **model.identity, request_id=g.request_id,
+        return error(upload.status_of(e), e.reason, str(e))
+    (answer,) = service.predict(model, [(x, stats, g.request_id)])
+    g.label = answer["label"]
+    return jsonify(**answer, **model.identity, request_id=g.request_id,
                    latency_ms=round((time.perf_counter() - g.started) * 1000, 2))
 
 
@@ -905,25 +574,23 @@ def predict_batch():
     model, settings = service.model, service.settings
     if model is None:
         return error(503, "not_ready", "the model is not loaded yet")
-    if request.mimetype != "multipart/form-data":
-        return error(415, "unsupported_media_type", "send multipart/form-data with one part 'file' per photo")
-    uploads = request.files.getlist("file")
-    if not uploads:
-        return error(400, "no_file", "send each photo as a multipart part named 'file'")
-    if len(uploads) > settings.max_photos:
-        return error(400, "too_many_photos", f"{len(uploads)} photos: at most {settings.max_photos} per request")
+    try:
+        parts = upload.read_batch(settings.max_photos)
+    except catdog.ImageError as e:
+        return error(upload.status_of(e), e.reason, str(e))
     results, photos = [], []
-    for index, upload in enumerate(uploads):
-        results.append({"index": index, "filename": upload.filename or ""})
+    for index, part in enumerate(parts):
+        results.append({"index": index, "filename": part.filename or ""})
         try:
-            photos.append((index, *prepare(upload.read(), model, settings, service.decode_budget)))
+            photos.append((index, *upload.prepare(part.read(), model.meta["preprocess"], settings,
+                                                  service.decode_budget)))
         except catdog.ImageError as e:
-            results[index].update(status=ERROR_STATUS.get(e.reason, 422), error=e.reason, message=str(e))
+            results[index].update(status=upload.status_of(e), error=e.reason, message=str(e))
     if photos:
-        answers = service.predict_many(model, [(x, stats, g.request_id) for _, x, stats in photos])
+        answers = service.predict(model, [(x, stats, g.request_id) for _, x, stats in photos])
         for (index, _, _), answer in zip(photos, answers):
             # request_id: the photo's own id for its feedback, as clients of /predict use it.
-            results[index].update(status=200, **answer.fields(), request_id=answer.prediction_id)
+            results[index].update(status=200, **answer, request_id=answer["prediction_id"])
     return jsonify(request_id=g.request_id, **model.identity, count=len(results), results=results)
 
 
@@ -969,8 +636,8 @@ def health():
         return jsonify(status=status, model_path=path, error=service.load_error), 503
     # Still ready after a failed reload (the old model serves), but say so: the new file is broken.
     failed = {"reload_error": service.load_error} if service.load_error else {}
-    return jsonify(status="ok", **model.identity, arch=model.meta.get("arch"), pet_threshold=model.pet_threshold,
-                   store=service.store.kind, **failed)
+    return jsonify(status="ok", **model.identity, arch=model.meta.get("arch"),
+                   pet_threshold=float(model.meta["other"]["threshold"]), store=service.store.kind, **failed)
 
 
 @api.get("/live")
@@ -980,9 +647,10 @@ def live():
 
 @api.get("/metrics")
 def metrics():
-    # The Content-Type the service always sent. prometheus_client 0.26's CONTENT_TYPE_LATEST
-    # says text format 1.0.0, which only adds UTF-8 metric names, which the service has none of.
-    return current_service().metrics.text(), 200, {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4}
+    # Text format 0.0.4 whatever the Accept header asks: the Content-Type the service always sent.
+    # prometheus_client 0.26's CONTENT_TYPE_LATEST says text format 1.0.0, which only adds UTF-8
+    # metric names, which the service has none of.
+    return generate_latest(current_service().metrics.registry), 200, {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4}
 
 
 @api.get("/stats")
@@ -990,10 +658,29 @@ def stats():
     return jsonify(current_service().stats())
 
 
+@api.get("/model-card")
+def model_card():
+    """The served model's card (MODEL_CARD.md beside it, from training): what it learnt from,
+    how it was measured, where it fails."""
+    model = current_service().model
+    if model is None:
+        return error(503, "not_ready", "the model is not loaded yet")
+    if model.card is None:
+        return error(404, "no_model_card", f"the model being served has no {MODEL_CARD} beside it")
+    return model.card, 200, {"Content-Type": "text/markdown; charset=utf-8"}
+
+
 @api.get("/openapi.json")
 def openapi():
-    """The API's OpenAPI 3.1 description, kept beside this file."""
-    return send_from_directory(catdog.ROOT, "openapi.json", mimetype="application/json")
+    return current_app.response_class(openapi_json(), mimetype="application/json")
+
+
+@functools.cache
+def openapi_json():
+    """The API's OpenAPI 3.1 description (openapi.yaml, kept beside this file) as JSON, read once
+    (by libyaml, which PyYAML's wheels carry: the pure-Python parser would slow the start)."""
+    with open(OPENAPI_PATH, encoding="utf-8") as f:
+        return json.dumps(yaml.load(f, Loader=yaml.CSafeLoader), indent=2, ensure_ascii=False) + "\n"
 
 
 @api.get("/")
@@ -1020,14 +707,8 @@ def page_policy(path):
 
 # ---------------------------------------------------------------- process: start, reload, stop
 def make_server(app, settings):
-    return waitress.create_server(
-        app, host=settings.host, port=settings.port, threads=settings.request_threads,
-        ident="catdog",
-        # The app answers oversize uploads with a JSON 413; waitress's own (plain-text) cap
-        # only guards against absurd bodies. Bodies over MAX_UPLOAD_MB (a batch, or an upload
-        # about to be refused) wait in a temporary file (TMPDIR, a volume in the deployments),
-        # not in memory: 16 slow 60 MB uploads would otherwise hold 1 GB.
-        max_request_body_size=settings.body_hard_limit, inbuf_overflow=settings.max_upload_bytes)
+    return waitress.create_server(app, host=settings.host, port=settings.port, threads=settings.request_threads,
+                                  ident="catdog", **upload.waitress_body_limits(settings))
 
 
 def stop_listening(server):
@@ -1040,10 +721,6 @@ def stop_listening(server):
 
 def connections(server):
     return [channel for channel in list(server._map.values()) if isinstance(channel, waitress.channel.HTTPChannel)]
-
-
-def open_connections(server):
-    return len(connections(server))
 
 
 IDLE_BEFORE_CLOSE_S = 0.25  # a keep-alive client still sending sends its next request sooner
@@ -1069,7 +746,7 @@ def handle_signals(server, service):
         # leave, winding down keep-alive connections (finish_connections); then stop the event loop.
         deadline = time.monotonic() + service.settings.shutdown_timeout
         tasks = server.task_dispatcher
-        while ((service.in_flight or tasks.queue or tasks.active_count or open_connections(server))
+        while ((service.in_flight or tasks.queue or tasks.active_count or connections(server))
                and time.monotonic() < deadline):
             server.trigger.pull_trigger(lambda: finish_connections(server))  # in the event loop's thread
             time.sleep(0.02)
@@ -1092,23 +769,22 @@ def handle_signals(server, service):
 
 
 def main():
-    tune_malloc()
+    upload.tune_malloc()
     log_libraries_as_json("psycopg")
     settings = Settings.from_env()
+    database = stores.redacted(settings.database_url) if settings.database_url else settings.db_path
     try:
         service = Service(settings)
     except Exception as e:  # noqa: BLE001 (the database away or refusing: say so in one line, exit)
-        log(event="store_failed", store="postgresql" if settings.database_url else "sqlite",
-            database=stores.redacted(settings.database_url) if settings.database_url else settings.db_path,
+        log(event="store_failed", store="postgresql" if settings.database_url else "sqlite", database=database,
             error=f"{type(e).__name__}: {e}")
         sys.exit(1)
     server = make_server(create_app(settings, service), settings)
     handle_signals(server, service)
     service.start()
     log(event="listening", host=settings.host, port=int(server.effective_port), threads=server.adj.threads,
-        batch_max=settings.batch_max, infer_threads=service.batcher.workers if service.batcher.batching else None,
-        batch_wait_ms=settings.batch_wait_ms, model_path=settings.model_path, store=service.store.kind,
-        database=stores.redacted(settings.database_url) if settings.database_url else settings.db_path)
+        infer_threads=settings.infer_threads or available_cpus(), model_path=settings.model_path,
+        store=service.store.kind, database=database)
     server.run()  # returns on SystemExit after waitress stops its threads
     service.close()
     log(event="stopped")

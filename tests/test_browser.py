@@ -9,6 +9,7 @@ import contextlib
 import io
 import os
 import re
+import shutil
 import sqlite3
 
 import numpy as np
@@ -18,7 +19,7 @@ from PIL import Image
 import catdog
 
 CHAMPION = os.environ.get("MODEL_PATH", os.path.join(catdog.MODELS_DIR, "model.onnx"))  # or a candidate
-from service_helpers import served, synthetic_photo  # noqa: E402
+from service_helpers import served, synthetic_photo, tiny_model  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -28,6 +29,7 @@ SHOTS = os.path.join(catdog.ROOT, "reports", "browser")
 PHONE, DESKTOP = (390, 844), (1280, 800)
 SIZES = pytest.mark.parametrize("size", [PHONE, DESKTOP], ids=["390x844", "1280x800"])
 GREEN = (20, 250, 30)  # the tiny model's "other"
+CARD = "# catdog model card: tiny-1\n\nReddish photos are cats, bluish ones dogs, very green ones neither.\n"
 WAIT = 15_000
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
@@ -45,6 +47,15 @@ def champion_server(tmp_path_factory):
     if not os.path.exists(CHAMPION):
         pytest.skip("no champion yet: models/model.onnx comes from `make train`")
     yield from served(tmp_path_factory, CHAMPION)
+
+
+@pytest.fixture(scope="module")
+def card_server(tmp_path_factory):
+    """The tiny model with a model card beside it, as training writes one beside the champion."""
+    models = tmp_path_factory.mktemp("carded") / "models"
+    shutil.copytree(os.path.dirname(tiny_model()), models)
+    (models / "MODEL_CARD.md").write_text(CARD, encoding="utf-8")
+    yield from served(tmp_path_factory, str(models / "model.onnx"))
 
 
 @pytest.fixture(scope="module")
@@ -372,6 +383,19 @@ def test_keyboard_only(server, page, tmp_path):
     results = response.value.json()["results"]
     assert said == [(results[0]["request_id"], "cat", "dog"), (results[1]["request_id"], "other", "other")]
     assert page.locator("#photo-1").get_by_role("button", name="Dog").get_attribute("aria-pressed") == "true"
+
+
+def test_the_model_card_is_a_link_the_keyboard_reaches(card_server, page):
+    """The link after the photos reaches the model card by Tab (after the file picker), and Enter
+    opens it, shown as the text it is."""
+    page.goto(card_server.url + "/")
+    page.keyboard.press("Tab")
+    page.keyboard.press("Tab")
+    assert focused(page) == ["card-link", "Model card"]
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+    assert page.url == card_server.url + "/model-card"
+    assert page.locator("body").inner_text().strip() == CARD.strip()
 
 
 @SIZES

@@ -1,8 +1,8 @@
-"""openapi.json, the service's contract: it names every route of serve.create_app and no
-other, the app serves it as it is, and schemathesis holds the in-process app (the tiny
-model, a fresh database) to it: no 5xx, and only the documented status codes, content
-types, bodies and headers, for generated requests and for every answer and refusal the
-service has."""
+"""openapi.yaml, the service's contract: it names every route of serve.create_app and no
+other, the app serves it (as JSON, at /openapi.json), and schemathesis holds the in-process
+app (the tiny model, a fresh database) to it: no 5xx, and only the documented status codes,
+content types, bodies and headers, for generated requests and for every answer and refusal
+the service has."""
 import dataclasses
 import functools
 import io
@@ -17,6 +17,7 @@ import jsonschema
 import numpy as np
 import pytest
 import schemathesis
+import yaml
 from hypothesis import strategies as st
 from PIL import Image
 from schemathesis.checks import not_a_server_error
@@ -30,7 +31,7 @@ from schemathesis.specs.openapi.checks import (
 import serve
 from service_helpers import ROOT, in_process, png_chunks, synthetic_photo, tiny_model
 
-SPEC_PATH = os.path.join(ROOT, "openapi.json")
+SPEC_PATH = os.path.join(ROOT, "openapi.yaml")
 METHODS = {"get", "put", "post", "delete", "patch"}
 CONFORMANCE = [status_code_conformance, content_type_conformance, response_schema_conformance,
                response_headers_conformance]
@@ -40,8 +41,8 @@ TOO_LARGE = b"\xff\xd8\xff" + bytes(10 * 1024 * 1024)  # just over the default M
 
 
 def read_spec():
-    with open(SPEC_PATH) as f:
-        return json.load(f)
+    with open(SPEC_PATH, encoding="utf-8") as f:
+        return yaml.safe_load(f)
 
 
 def encode(img, fmt):
@@ -81,8 +82,9 @@ def flask_routes(app):
 def test_the_document_is_openapi_3_1_in_one_style():
     spec = read_spec()
     assert spec["openapi"].startswith("3.1.") and spec["info"]["title"] == "catdog" and spec["info"]["version"]
-    with open(SPEC_PATH) as f:
-        assert f.read() == json.dumps(spec, indent=2, ensure_ascii=False) + "\n"  # 2-space indent throughout
+    with open(SPEC_PATH, encoding="utf-8") as f:
+        indents = {len(line) - len(line.lstrip(" ")) for line in f.read().splitlines() if line.strip()}
+    assert all(indent % 2 == 0 for indent in indents), sorted(indents)  # 2-space indent throughout (YAML: no tabs)
     for name, schema in spec["components"]["schemas"].items():
         jsonschema.Draft202012Validator.check_schema(schema)  # JSON Schema 2020-12, as OpenAPI 3.1 says
         if schema.get("type") == "object":
@@ -105,8 +107,8 @@ def test_every_route_is_documented_and_every_documented_operation_is_a_route(tmp
         documented = {(path, method) for path, item in read_spec()["paths"].items() for method in item
                       if method in METHODS}
         routes = flask_routes(app)
-        assert routes - documented == set(), "routes missing from openapi.json"
-        assert documented - routes == set(), "openapi.json documents what serve.py does not serve"
+        assert routes - documented == set(), "routes missing from openapi.yaml"
+        assert documented - routes == set(), "openapi.yaml documents what serve.py does not serve"
     finally:
         app.extensions["catdog"].close()
 
@@ -116,18 +118,17 @@ def test_the_app_serves_the_document(tmp_path):
     try:
         r = client.get("/openapi.json")
         assert r.status_code == 200 and r.mimetype == "application/json"
-        with open(SPEC_PATH, "rb") as f:
-            assert r.data == f.read()
+        assert json.loads(r.data) == read_spec()
     finally:
         service.close()
 
 
 # ---------------------------------------------------------------- schemathesis against the app
-# The document is read from the file (test_the_app_serves_the_document: the same bytes the app
-# serves); every request goes to the in-process app of the fixture (`app=`).
+# The document is read from the file (test_the_app_serves_the_document: the same document the
+# app serves); every request goes to the in-process app of the fixture (`app=`).
 # schemathesis.pytest.from_fixture would load it from the app instead, but fails on pytest 9
 # (it reads the Function._nodeid pytest removed).
-schema = schemathesis.openapi.from_path(SPEC_PATH)
+schema = schemathesis.openapi.from_dict(read_spec())
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +198,8 @@ def test_every_answer_and_refusal_keeps_the_contract(app):
         call(app, "/predict", body=uploads()["dog"], media_type="image/png", headers={"X-Request-ID": "album-7"})
     assert call(app, "/feedback", body={"request_id": "album-7", "label": "dog"},
                 media_type="application/json")[1]["error"] == "ambiguous_request_id"
+    status, body = call(app, "/model-card", method="GET")  # the tiny model has no card
+    assert (status, body["error"]) == (404, "no_model_card")
 
 
 def test_the_answers_without_a_model_keep_the_contract(tmp_path):
@@ -209,6 +212,7 @@ def test_the_answers_without_a_model_keep_the_contract(tmp_path):
         assert call(app, "/predict", checks=checks, **photo)[1]["error"] == "not_ready"
         assert call(app, "/predict/batch", checks=checks, **{**photo, "body": {"file": [uploads()["cat"]]}}
                     )[1]["error"] == "not_ready"
+        assert call(app, "/model-card", method="GET", checks=checks)[1]["error"] == "not_ready"
         service.stopping.set()
         assert call(app, "/health", method="GET", checks=checks) == (503, {"status": "stopping"})
         assert call(app, "/stats", method="GET")[1]["model_version"] is None
@@ -234,5 +238,18 @@ def test_busy_and_a_failed_reload_keep_the_contract(tmp_path):
         assert service.load("test") is False
         status, health = call(app, "/health", method="GET")
         assert status == 200 and health["reload_error"] == service.load_error
+    finally:
+        service.close()
+
+
+def test_the_model_card_keeps_the_contract(tmp_path):
+    """200 in Markdown when the model has a card (the tiny model of the other tests has none)."""
+    model_dir = tmp_path / "models"
+    shutil.copytree(os.path.dirname(tiny_model()), model_dir)
+    (model_dir / "MODEL_CARD.md").write_text("# catdog model card: tiny-1\n", encoding="utf-8")
+    client, service = in_process(str(model_dir / "model.onnx"), str(tmp_path / "catdog.db"))
+    try:
+        response = schema["/model-card"]["GET"].Case().call_and_validate(app=client.application, checks=CHECKS)
+        assert response.status_code == 200 and response.text == "# catdog model card: tiny-1\n"
     finally:
         service.close()

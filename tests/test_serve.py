@@ -1,7 +1,8 @@
 """The inference service with a real (tiny) exported model. Its HTTP contract runs
 in-process on Flask's test client (serve.create_app); what needs a real serve.py process
-(signals, kill -9, JSON logs on stdout, the batcher under concurrency) runs one on
-127.0.0.1, stopped by PID."""
+(signals, kill -9, JSON logs on stdout, concurrent requests) runs one on 127.0.0.1, stopped
+by PID."""
+import dataclasses
 import io
 import json
 import os
@@ -22,6 +23,7 @@ from PIL import Image
 import catdog
 import post_eval
 import serve
+import upload as uploads
 from service_helpers import (
     ROOT,
     Server,
@@ -57,9 +59,9 @@ def test_serving_never_imports_torch():
 IMPORT_WATCH = r"""
 import os, sys, threading
 # serve's own imports first: what is left is what importing serve.py itself does
-import base64, concurrent.futures, contextlib, ctypes, dataclasses, functools, hashlib, io, json, math, queue, re, signal, sqlite3, time
+import base64, concurrent.futures, contextlib, ctypes, dataclasses, functools, hashlib, io, json, math, re, signal, sqlite3, time
 import uuid, collections
-import numpy, onnxruntime, waitress, flask, prometheus_client, prometheus_client.core, werkzeug.exceptions, catdog
+import numpy, onnxruntime, waitress, flask, yaml, prometheus_client, prometheus_client.core, werkzeug.exceptions, catdog
 def no_cpu_probe(pid):
     raise AssertionError("import read the CPU affinity")
 os.sched_getaffinity = no_cpu_probe
@@ -91,14 +93,17 @@ def test_settings_come_from_the_environment_in_one_place():
     assert default == serve.Settings()
     assert default.model_path == os.path.join(catdog.MODELS_DIR, "model.onnx")
     assert default.db_path == os.path.join(catdog.ROOT, "var", "catdog.db")
-    assert (default.port, default.batch_max, default.live_window, default.max_upload_bytes) == (8000, 1, 500, 10 << 20)
+    assert (default.port, default.infer_threads, default.live_window, default.max_upload_bytes) == (
+        8000, 0, 500, 10 << 20)
     given = serve.Settings.from_env({"PORT": "9000", "MODEL_PATH": "/m/model.onnx", "MAX_UPLOAD_MB": "2.5",
-                                     "BATCH_WAIT_MS": "5", "SHUTDOWN_TIMEOUT": "3", "UNRELATED": "x"})
-    assert (given.port, given.model_path, given.max_upload_mb, given.batch_wait_ms, given.shutdown_timeout) == (
+                                     "DECODE_WAIT_S": "5", "SHUTDOWN_TIMEOUT": "3", "UNRELATED": "x"})
+    assert (given.port, given.model_path, given.max_upload_mb, given.decode_wait_s, given.shutdown_timeout) == (
         9000, "/m/model.onnx", 2.5, 5.0, 3.0)
-    assert given.reference_profile_path == "/m/reference_profile.json"  # beside the model unless PROFILE_PATH
-    assert given.replace(profile_path="/p.json").reference_profile_path == "/p.json"
-    assert given.body_hard_limit == 64 << 20 and given.replace(max_upload_mb=100).body_hard_limit == 400 << 20
+    assert serve.load_model(tiny_model()).profile is not None  # reference_profile.json beside the model,
+    assert serve.load_model(tiny_model(), profile_path=os.devnull + ".json").profile is None  # unless PROFILE_PATH
+    hard_limit = [uploads.waitress_body_limits(s)["max_request_body_size"]
+                  for s in (given, dataclasses.replace(given, max_upload_mb=100))]
+    assert hard_limit == [64 << 20, 400 << 20]  # waitress's own cap: far above the app's
     with pytest.raises(ValueError):
         serve.Settings.from_env({"PORT": "eighty"})
 
@@ -216,6 +221,7 @@ def test_health_live_metrics_stats_and_page(app):
     page = client.get("/")
     assert page.status_code == 200 and "/predict" not in page.text.split("<script>")[0]
     assert 'send("predict/batch"' in page.text and 'send("feedback"' in page.text  # relative URLs
+    assert 'href="model-card"' in page.text
 
 
 def test_errors_are_json_with_a_request_id_and_counted(app, monkeypatch):
@@ -492,10 +498,10 @@ def direct_probabilities(model_path, photos):
     return [catdog.softmax(session.run(["logits"], {"image": x[None]})[0][0]) for x in inputs]
 
 
-def test_batcher_groups_concurrent_requests_and_matches_unbatched(tmp_path):
+def test_concurrent_requests_each_run_once_and_match_direct_onnx_runs(tmp_path):
     rng = np.random.default_rng(7)
     photos = [synthetic_photo(rng, kind) for kind in ("cat", "dog") * 12]
-    s = Server(tiny_model(), str(tmp_path / "catdog.db"), BATCH_MAX=8, BATCH_WAIT_MS=50, THREADS=24)
+    s = Server(tiny_model(), str(tmp_path / "catdog.db"), THREADS=24)
     try:
         with ThreadPoolExecutor(24) as pool:
             answers = list(pool.map(lambda p: s.predict(p).json(), photos))
@@ -504,10 +510,8 @@ def test_batcher_groups_concurrent_requests_and_matches_unbatched(tmp_path):
         s.stop()
     for answer, expected in zip(answers, direct_probabilities(tiny_model(), photos)):
         assert np.allclose([answer["probabilities"]["cat"], answer["probabilities"]["dog"]], expected, atol=1e-5)
-    runs = {bound: sample(metrics, "catdog_inference_batch_size_bucket", le=bound) for bound in ("4.0", "8.0", "+Inf")}
-    assert sample(metrics, "catdog_inference_batch_size_sum") == len(photos)  # every image ran exactly once
-    assert runs["+Inf"] < len(photos), "no two requests shared a batch"
-    assert runs["4.0"] < runs["+Inf"] and runs["+Inf"] == runs["8.0"], runs  # some batches of 5-8, none above 8
+    assert sample(metrics, "catdog_inference_batch_size_sum") == len(photos)  # every image ran exactly once,
+    assert sample(metrics, "catdog_inference_batch_size_bucket", le="1.0") == len(photos)  # each request alone
 
 
 def test_sighup_reloads_the_model_without_dropping_requests(tmp_path):
@@ -554,20 +558,30 @@ def test_sighup_reloads_the_model_without_dropping_requests(tmp_path):
 
 
 def test_sigterm_lets_in_flight_requests_finish(tmp_path):
-    # A long batching wait keeps requests in flight while the signal arrives; with 2 request
-    # threads, 4 of the 6 are still queued for a thread then.
-    s = Server(tiny_model(), str(tmp_path / "catdog.db"), BATCH_MAX=64, BATCH_WAIT_MS=600, THREADS=2)
+    # The test holds the database's write lock, so each request waits to store its prediction
+    # (the store waits up to 10 s for the lock) while the signal arrives: with 2 request
+    # threads, 2 of the 6 requests are in the app and 4 queued for a thread then.
+    db_path = str(tmp_path / "catdog.db")
+    s = Server(tiny_model(), db_path, THREADS=2)
     rng = np.random.default_rng(9)
     photos = [synthetic_photo(rng, "dog") for _ in range(6)]
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(s.predict, p) for p in photos]
-        time.sleep(0.3)
+        time.sleep(1.0)
         s.send(signal.SIGTERM)
+        time.sleep(0.5)
+        holder.execute("ROLLBACK")
         answers = [f.result() for f in futures]
+    holder.close()
     assert [a.status_code for a in answers] == [200] * 6
     assert all(a.json()["label"] == "dog" for a in answers)
     assert s.proc.wait(15) == 0
-    assert '"event": "stopped"' in s.logs()
+    logs = s.logs()
+    assert "Task queue depth is 4" in logs, logs  # waitress's own warning (plain text): 4 were queued
+    events = {line["event"]: line for line in map(json.loads, re.findall(r"^\{.*", logs, re.M)) if "event" in line}
+    assert events["stopping"]["in_flight"] == 2 and "stopped" in events, logs
     s.stop()
 
 
@@ -781,7 +795,7 @@ def test_heavy_decodes_leave_a_cpu_to_ordinary_photos(tmp_path):
 def test_heavy_decodes_run_at_the_lowest_cpu_priority():
     """A heavy decode runs on a lane thread at nice 19, so the ordinary photos beside it get the
     CPUs first; an ordinary decode stays on the request's own thread and priority."""
-    budget = serve.DecodeBudget(64 << 20, 1, heavy_bytes=1 << 20)
+    budget = uploads.DecodeBudget(64 << 20, 1, serve.log, heavy_bytes=1 << 20)
 
     def nice():
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
@@ -808,7 +822,7 @@ def test_a_lane_that_may_not_lower_its_priority_still_decodes(monkeypatch, capsy
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "setpriority", forbidden)
-    budget = serve.DecodeBudget(64 << 20, 1, heavy_bytes=1 << 20)
+    budget = uploads.DecodeBudget(64 << 20, 1, serve.log, heavy_bytes=1 << 20)
     assert budget.run(2 << 20, lambda: "decoded") == "decoded"
     assert "decode_lane_priority_unchanged" in capsys.readouterr().out
 
@@ -829,4 +843,26 @@ def test_api_token_guards_feedback_stats_and_metrics_only(tmp_path):
     assert sample(text, "catdog_requests_total", endpoint="/feedback", status="401") == 3
     for path in ("/health", "/live", "/", "/openapi.json"):
         assert client.get(path).status_code == 200, path
+    assert client.get("/model-card").status_code == 404  # public: the tiny model has no card, and no 401
     service.close()
+
+
+def test_the_model_card_beside_the_model_is_served_with_it(tmp_path):
+    model_dir = tmp_path / "models"
+    shutil.copytree(os.path.dirname(tiny_model()), model_dir)
+    client, service = in_process(str(model_dir / "model.onnx"), str(tmp_path / "catdog.db"))
+    try:
+        r = client.get("/model-card", headers={"X-Request-ID": "card-1"})
+        assert (r.status_code, r.json["error"], r.json["request_id"]) == (404, "no_model_card", "card-1")
+        card = "# catdog model card: tiny-1\n\nReddish photos are cats, bluish ones dogs (95 % \u2264 p).\n"
+        (model_dir / "MODEL_CARD.md").write_text(card, encoding="utf-8")
+        assert client.get("/model-card").status_code == 404  # the card is the served model's: read with it
+        assert service.load("test")
+        r = client.get("/model-card")
+        assert r.status_code == 200 and r.headers["Content-Type"] == "text/markdown; charset=utf-8"
+        assert r.get_data(as_text=True) == card and r.headers["X-Content-Type-Options"] == "nosniff"
+        service.model = None  # as before the first load
+        r = client.get("/model-card")
+        assert (r.status_code, r.json["error"], r.headers["Retry-After"]) == (503, "not_ready", "1")
+    finally:
+        service.close()

@@ -2,7 +2,8 @@
 shared photos correctly: held-out test-split photos when data/manifest.csv says which. It
 answers "other" for non-pets (the not-pets test part, which no decision was tuned on, and
 generated blanks, noise, documents), and its drift monitor stays quiet for the same pets at
-phone size or resized, and speaks up for dark, greyscale and non-pet inputs."""
+phone size or resized, and speaks up for dark, greyscale and non-pet inputs. Its model card is
+served."""
 import io
 import os
 import re
@@ -88,6 +89,20 @@ def test_champion_sees_no_drift_on_held_out_photos(tmp_path):
         s.stop()
     assert drift["samples"] == len(photos) and drift["psi"], drift
     assert drift["drifted"] == [], drift
+
+
+def test_champion_serves_its_model_card(tmp_path):
+    """`make train` writes MODEL_CARD.md beside the champion; GET /model-card serves it as it is."""
+    card = os.path.join(os.path.dirname(MODEL), "MODEL_CARD.md")
+    if not os.path.exists(card):
+        pytest.skip("the champion has no MODEL_CARD.md beside it: `make train` writes one")
+    client, service = in_process(MODEL, str(tmp_path / "catdog.db"))
+    try:
+        r = client.get("/model-card")
+    finally:
+        service.close()
+    with open(card, encoding="utf-8") as f:
+        assert (r.status_code, r.mimetype, r.get_data(as_text=True)) == (200, "text/markdown", f.read())
 
 
 def predict_in_process(client, img, fmt="JPEG"):
