@@ -235,7 +235,7 @@ smoke:  ## smoke-test the service at URL
 
 # A model and two photos for the image and smoke.sh without any dataset (CI's image job): the
 # red/blue rule of harness.export_tiny_model (reddish = cat, bluish = dog) as
-# model.onnx, model.json and reference_profile.json in SMOKE_MODEL_DIR, and a red cat.jpg and
+# model.onnx, model.json, reference_profile.json and MODEL_CARD.md in SMOKE_MODEL_DIR, and a red cat.jpg and
 # a blue dog.jpg in SMOKE_PHOTOS:  ./smoke.sh URL reports/smoke/cat.jpg reports/smoke/dog.jpg
 # A trained model already in SMOKE_MODEL_DIR is never overwritten.
 SMOKE_MODEL_DIR ?= models
@@ -245,7 +245,7 @@ smoke-model: setup  ## a tiny model (red cat, blue dog) in models/ + two smoke p
 	  models, photos = sys.argv[1:]; meta = os.path.join(models, "model.json"); \
 	  version = catdog.read_json(meta).get("version", "") if os.path.exists(meta) else "smoke"; \
 	  version.startswith("smoke") or sys.exit(f"{meta} is the trained model {version}: not overwriting it"); \
-	  harness.export_tiny_model(models, version="smoke-1"); \
+	  harness.export_tiny_model(models, version="smoke-1", card=True); \
 	  os.makedirs(photos, exist_ok=True); \
 	  [Image.new("RGB", (200, 160), rgb).save(os.path.join(photos, f"{name}.jpg"), "JPEG", quality=90) \
 	   for name, rgb in (("cat", (230, 60, 40)), ("dog", (40, 60, 230)))]' \

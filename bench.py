@@ -11,11 +11,9 @@ batching. Both are driven over loopback with real photos by 1, 8 and 32 concurre
 each a keep-alive connection posting multipart uploads back to back: --rounds rounds of
 --seconds per level, services taking turns, the median round reported. Prints requests/s,
 p50/p95/p99 and server CPU per request for each service, the speed-up and start -> ready.
-serve.py runs twice: as configured (the batcher off by default) and with the batcher
-flipped (BATCH_MAX=16, or 1 when it is on), to show what batching buys on this machine, and
-a third time storing into PostgreSQL (a server of its own on this machine, started like the
-tests' one) instead of its SQLite file, to show what the shared store costs.
-Settings of serve.py come from the environment as usual (e.g. BATCH_MAX=8 BATCH_WAIT_MS=5).
+serve.py runs a second time storing into PostgreSQL (a server of its own on this machine,
+started like the tests' one) instead of its SQLite file, to show what the shared store costs.
+Settings of serve.py come from the environment as usual (e.g. ORT_THREADS=2).
 This prints figures; it is not a test.
 """
 import contextlib
@@ -284,12 +282,11 @@ def check_inputs(cfg):
         sys.exit(f"no photos at {cfg.photos}")
 
 
-# The services driven; the second is serve.py with the batcher flipped, the fourth serve.py
-# storing into PostgreSQL instead of its SQLite file.
-SERVICES = ("serve.py (ONNX Runtime)", "serve.py, BATCH_MAX={}", "baseline (Flask + eager)", "serve.py, PostgreSQL store")
+# The services driven; the third is serve.py storing into PostgreSQL instead of its SQLite file.
+SERVICES = ("serve.py (ONNX Runtime)", "baseline (Flask + eager)", "serve.py, PostgreSQL store")
 
 
-def run_services(cfg, photos, bodies, levels, serve_env, flipped, database_url=None):
+def run_services(cfg, photos, bodies, levels, serve_env, database_url=None):
     """Start every service, drive them all (measure), stop them; (results, serve.py start -> ready s,
     batch_cost of serve.py)."""
     peer = lambda port: [sys.executable, "bench.py", "--models", cfg.models, "--baseline-server", str(port)]  # noqa: E731
@@ -298,11 +295,9 @@ def run_services(cfg, photos, bodies, levels, serve_env, flipped, database_url=N
         ours, ready_s = start(serve_env, bodies)  # alone: start -> ready undisturbed
         services[SERVICES[0]] = ours
         print(f"  serve.py start -> ready: {ready_s:.2f} s", flush=True)
-        others = [(SERVICES[1].format(flipped), {**serve_env, "BATCH_MAX": flipped}, None)]
-        if not cfg.skip_baseline:
-            others.append((SERVICES[2], {}, peer))
+        others = [] if cfg.skip_baseline else [(SERVICES[1], {}, peer)]
         if database_url:
-            others.append((SERVICES[3], {**serve_env, "DATABASE_URL": database_url}, None))
+            others.append((SERVICES[2], {**serve_env, "DATABASE_URL": database_url}, None))
         for name, env, command in others:
             services[name] = start(env, bodies, command)[0]
         results = measure(services, bodies, levels, cfg.rounds, cfg.seconds)
@@ -312,14 +307,12 @@ def run_services(cfg, photos, bodies, levels, serve_env, flipped, database_url=N
             server.stop()
 
 
-def print_summary(results, levels, flipped, ready_s):
-    ours, other = results[SERVICES[0]], results[SERVICES[1].format(flipped)]
-    baseline = results.get(SERVICES[2])
-    print(f"\nclients | serve.py req/s p50/p95/p99 ms | BATCH_MAX={flipped} req/s p99 | "
-          "baseline req/s p50/p95/p99 ms | speed-up")
+def print_summary(results, levels, ready_s):
+    ours, baseline = results[SERVICES[0]], results.get(SERVICES[1])
+    print("\nclients | serve.py req/s p50/p95/p99 ms | baseline req/s p50/p95/p99 ms | speed-up")
     for c in levels:
-        o, u = ours[c], other[c]
-        line = f"{c:>7} | {o['rps']:6.1f} {o['p50']:5.1f}/{o['p95']:5.1f}/{o['p99']:5.1f} | {u['rps']:6.1f} {u['p99']:6.1f}"
+        o = ours[c]
+        line = f"{c:>7} | {o['rps']:6.1f} {o['p50']:5.1f}/{o['p95']:5.1f}/{o['p99']:5.1f}"
         if baseline:
             b = baseline[c]
             line += f" | {b['rps']:6.1f} {b['p50']:6.1f}/{b['p95']:6.1f}/{b['p99']:6.1f} | {o['rps'] / b['rps']:5.1f}x"
@@ -336,7 +329,7 @@ def print_summary(results, levels, flipped, ready_s):
     if 8 in ours:
         print(f"  p99 at 8 clients: {ours[8]['p99']:.1f} ms (target <= 100 ms) {'PASS' if ours[8]['p99'] <= 100 else 'MISS'}")
     print(f"  start -> ready: {ready_s:.2f} s (target <= 3 s) {'PASS' if ready_s <= 3 else 'MISS'}")
-    postgres = results.get(SERVICES[3])
+    postgres = results.get(SERVICES[2])
     if postgres and 8 in ours:
         cost = 1 - postgres[8]["rps"] / ours[8]["rps"]
         print(f"  PostgreSQL store at 8 clients: {postgres[8]['rps']:.1f} req/s (p99 {postgres[8]['p99']:.1f} ms) "
@@ -359,17 +352,14 @@ def main(argv=None):
     meta = catdog.read_json(os.path.join(cfg.models, "model.json"))
     from serve import available_cpus  # for the printout only
 
-    batch_max = os.environ.get("BATCH_MAX", "1")
-    flipped = "16" if int(batch_max) <= 1 else "1"
     print(f"bench: {where}; model {meta['arch']} ({meta.get('backbone', 'efficientnet-lite0')}) "
           f"{meta.get('served_as', '')} {meta.get('version')}; "
-          f"{available_cpus()} CPUs available; loopback; BATCH_MAX={batch_max} "
-          f"BATCH_WAIT_MS={os.environ.get('BATCH_WAIT_MS', '0')}", flush=True)
+          f"{available_cpus()} CPUs available; loopback", flush=True)
     with tempfile.TemporaryDirectory(prefix="catdog-bench-") as db_dir:
         serve_env = {"MODEL_PATH": os.path.join(cfg.models, "model.onnx"), "DB_PATH": os.path.join(db_dir, "bench.db")}
         with postgres_database() as database_url:
-            results, ready_s, album = run_services(cfg, photos, bodies, levels, serve_env, flipped, database_url)
-    print_summary(results, levels, flipped, ready_s)
+            results, ready_s, album = run_services(cfg, photos, bodies, levels, serve_env, database_url)
+    print_summary(results, levels, ready_s)
     (single_ms, single_cpu), (batch_ms, batch_cpu) = album["single"], album["batch"]
     print(f"\n{album['photos']} photos, one client: one POST /predict/batch (runs of 4) {batch_ms:.1f} ms "
           f"and {batch_cpu:.1f} ms server CPU per photo; one POST /predict each {single_ms:.1f} ms and "

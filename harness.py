@@ -325,8 +325,8 @@ def hostile_files(seed, count):
 
 
 # ---------------------------------------------------------------- the tiny model
-def export_tiny_model(folder, version="tiny-1", dog_if_blue=True, profile=True):
-    """model.onnx + model.json (+ reference_profile.json) in `folder` of a rule a test can check:
+def export_tiny_model(folder, version="tiny-1", dog_if_blue=True, profile=True, card=False):
+    """model.onnx + model.json (+ reference_profile.json, + MODEL_CARD.md) in `folder` of a rule a test can check:
     a reddish photo is a cat, a bluish one a dog, a very green one (mean green above 229) is
     "other". The champion's layout (features -> Linear head), exported by nets.export_onnx like
     the real model, so the service cannot tell the difference. The path of model.onnx."""
@@ -351,6 +351,10 @@ def export_tiny_model(folder, version="tiny-1", dog_if_blue=True, profile=True):
         rng = np.random.default_rng(0)
         stats = [catdog.image_stats(catdog.open_image(synthetic_photo(rng))) for _ in range(400)]
         catdog.write_json(os.path.join(folder, "reference_profile.json"), catdog.reference_profile(stats))
+    if card:  # the image ships a card beside every model
+        with open(os.path.join(folder, "MODEL_CARD.md"), "w") as f:
+            f.write(f"# catdog model card: {version}\n\nNot a trained model: a fixed rule for smoke tests "
+                    "(reddish = cat, bluish = dog, very green = other).\n")
     return os.path.join(folder, "model.onnx")
 
 

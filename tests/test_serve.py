@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 import catdog
-import post_eval
+import harness
 import serve
 import upload as uploads
 from service_helpers import (
@@ -116,7 +116,7 @@ def test_serving_requirements_are_a_subset_of_the_project_pins():
     with open(os.path.join(ROOT, "requirements-serve.txt")) as f:
         text = f.read()
     assert text.count("==") <= text.count("--hash=sha256:")  # every pin with its hashes: pip --require-hashes
-    assert {"onnxruntime", "numpy", "pillow", "flask", "waitress", "prometheus-client"} <= {
+    assert {"onnxruntime", "numpy", "pillow", "flask", "waitress", "prometheus-client", "pyyaml"} <= {
         p.split("==")[0] for p in serving}
     assert serving <= project, f"not pinned the same in requirements.txt: {sorted(serving - project)}"
     assert not any(p.startswith("torch") for p in serving)
@@ -592,7 +592,8 @@ def test_sigterm_under_keep_alive_load_refuses_new_connections_and_exits_once_an
     import http.client
 
     s = Server(tiny_model(), str(tmp_path / "catdog.db"), THREADS=2)
-    body, headers = post_eval.multipart("file", "a.jpg", synthetic_photo(np.random.default_rng(26), "cat"))
+    body, content_type = harness.multipart([("file", "a.jpg", synthetic_photo(np.random.default_rng(26), "cat"))])
+    headers = {"Content-Type": content_type}
     failures, last_answer, closed = [], [0.0], []
 
     def keep_alive_client():
