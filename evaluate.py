@@ -318,18 +318,6 @@ def original_photos(items, data_dir):
     return [(originals.get(os.path.normpath(os.path.abspath(path))) or path, label) for path, label in items]
 
 
-def training_image_stats(items, data_dir, limit=3000):
-    """catdog.image_stats of the training photos (up to `limit`, evenly spaced) for the drift
-    profile. The service sees original uploads of any size, so each photo is the original
-    the manifest names when it is here, else the processed copy (always 224x224); without a
-    manifest, the processed `items`."""
-    manifest = manifest_path(data_dir)
-    rows = catdog.read_manifest(manifest, split="train") if manifest else []
-    paths = [row["photo"] for row in rows if row["photo"]] or [path for path, _ in items]
-    step = max(1, len(paths) // limit)
-    return [catdog.image_stats(catdog.open_image(path)) for path in paths[::step]]
-
-
 def evaluation_set(test_items, extra_folder, data_dir):
     """The test split, then the photos of extra_folder that decode and are none of the
     manifest's photos (an extra set that overlaps training would flatter the model)."""
@@ -449,7 +437,7 @@ def write_reports(folder, run, candidate):
     served file on the evaluation set (run: train.Run, candidate: train.Candidate)."""
     os.makedirs(folder)
     plots(folder, candidate.trained.history, candidate.eval_probs, run.evaluation, candidate.trained.which)
-    other_plot(folder, candidate.other, candidate.trained.which)
+    other_plot(folder, candidate.other_rates, candidate.trained.which)
     with open(os.path.join(folder, "classification_report.txt"), "w") as f:
         f.write(classification_report(candidate.eval_probs, run.evaluation.labels))
     write_evaluation_csv(os.path.join(folder, "evaluation.csv"), run.evaluation, candidate.eval_probs)

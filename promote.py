@@ -2,7 +2,8 @@
 of it, the gate, and the registry.
 
 - lineage: the code's commit, the data's DVC md5, dvc.lock, the manifest, the test split and
-  the evaluation set, as MLflow tags and in model.json;
+  the evaluation set, as MLflow tags and in model.json; and the training photos' statistics,
+  the drift profile's reference (reference_profile.json);
 - MLflow: params, metrics and tags of the run, the model files as model/, the reports as
   reports/, and the MLflow model the registry releases (registry_model.py: the served files and
   the model card);
@@ -11,8 +12,9 @@ of it, the gate, and the registry.
 - the registry: a new version of `catdog`, aliased champion (its files written to --out, for
   serving) or challenger.
 
-train.py calls open_registry and lineage_of once, then log_run and register_and_gate for each
-model; `run` is its train.Run, `candidate` its train.Candidate. Only rank 0 gets here.
+train.py calls open_registry, lineage_of and training_image_stats once, then log_run and
+register_and_gate for each model; `run` is its train.Run, `candidate` its train.Candidate.
+Only rank 0 gets here.
 """
 import hashlib
 import os
@@ -31,7 +33,7 @@ RELEASED_FILES = (*catdog.SERVED_FILES, MODEL_CARD)  # the registry's MLflow mod
 DVC_LOCK = os.path.join(catdog.ROOT, "dvc.lock")
 
 
-# ---------------------------------------------------------------- lineage
+# ---------------------------------------------------------------- lineage, and the photos the drift profile describes
 def lineage_of(data_dir, test_items, evaluation):
     """Where a model comes from, as MLflow tags (strings, "None" when unknown): the code's
     commit, the data's DVC md5, dvc.lock and manifest, the identity of the test split and of the
@@ -92,6 +94,18 @@ def split_hash(items, root):
     for path, label in items:
         digest.update(f"{os.path.relpath(path, root)}\t{label}\t{catdog.sha256_file(path)}\n".encode())
     return digest.hexdigest()
+
+
+def training_image_stats(items, data_dir, limit=3000):
+    """catdog.image_stats of the training photos (up to `limit`, evenly spaced) for the drift
+    profile. The service sees original uploads of any size, so each photo is the original
+    the manifest names when it is here, else the processed copy (always 224x224); without a
+    manifest, the processed `items`."""
+    manifest = evaluate.manifest_path(data_dir)
+    rows = catdog.read_manifest(manifest, split="train") if manifest else []
+    paths = [row["photo"] for row in rows if row["photo"]] or [path for path, _ in items]
+    step = max(1, len(paths) // limit)
+    return [catdog.image_stats(catdog.open_image(path)) for path in paths[::step]]
 
 
 # ---------------------------------------------------------------- the registry

@@ -403,7 +403,7 @@ class Candidate:
     eval_probs: np.ndarray     # cat/dog probabilities of the evaluation set
     val_probs: np.ndarray
     val_distances: np.ndarray  # pet_distance of the val photos, for the drift profile
-    other: dict                # evaluate.other_rates on the evaluation set's pets and the test non-pets
+    other_rates: dict          # evaluate.other_rates on the evaluation set's pets and the test non-pets
 
 
 def prepare(cfg, device, synthetic_folder):
@@ -421,7 +421,7 @@ def prepare(cfg, device, synthetic_folder):
     if RANK == 0:
         client = promote.open_registry(cfg)
         lineage = promote.lineage_of(cfg.data, splits["test"], evaluation)
-        train_stats = evaluate.training_image_stats(splits["train"], cfg.data)
+        train_stats = promote.training_image_stats(splits["train"], cfg.data)
     others = other.non_pets(cfg, synthetic_folder)
     if not others.parts["train"]:
         raise NoData(f"no photos that are neither cats nor dogs in {cfg.not_pets!r} and --synthetic 0: "
