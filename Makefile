@@ -178,7 +178,7 @@ lint: $(if $(filter $(VENV)/bin/ruff,$(RUFF)),setup-dev)  ## ruff over every Pyt
 # reports/post_eval/); fails below 99 % accuracy. Default photos: the held-out test split
 # (the original photos when present); or `make post-eval IMAGES="dir-or-files"` (cat.N.jpg,
 # other.N.jpg or cat/ dog/ other/). NOT_PETS adds that folder's held-out test part (the split
-# train.py makes of it, catdog.not_pet_photos; --not-pets-part val, train or all for others)
+# train.py makes of it, evaluate.not_pet_photos; --not-pets-part val, train or all for others)
 # as "other" and reports per kind (subfolder) how many were answered cat or dog:
 #   make post-eval NOT_PETS=../shared/datasets/not-pets POST_EVAL_ARGS="--limit 450"
 # --limit takes the classes in turn (and the kinds of non-pet in turn), so it keeps the three

@@ -81,7 +81,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".ti
 # Promotion gate: a candidate becomes champion only if it meets all of these on the
 # evaluation set (test split + extra photos) and is not significantly less accurate than the
 # current champion on the same photos (one-sided McNemar p below `significance`); within
-# that noise, the lower log-loss wins (train.gate).
+# that noise, the lower log-loss wins (promote.gate).
 # The "other" targets, on photos the decision never saw: pets (evaluation set) answered
 # "other", non-pets (the not-pets test part) answered cat or dog, overall and in every kind
 # with at least kind_min_photos test photos.
@@ -95,7 +95,6 @@ GATE = {"min_accuracy": 0.97, "max_log_loss": 0.10, "max_ece": 0.05, "significan
 OTHER = "other"
 ANSWERS = (*CLASSES, OTHER)
 PETS_REJECTED = 0.001
-NOT_PETS_SPLIT = (("train", 0.5), ("val", 0.2), ("test", 0.3))  # per kind, seeded
 
 
 # ---------------------------------------------------------------- script configuration
@@ -326,39 +325,6 @@ def softmax(logits):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def class_scores(truth, predicted):
-    """Per class: precision, recall, F1 and support, from arrays of class indices."""
-    truth, predicted = np.asarray(truth), np.asarray(predicted)
-    scores = {}
-    for index, name in enumerate(CLASSES):
-        hits = np.sum((predicted == index) & (truth == index))
-        precision = hits / max(1, np.sum(predicted == index))
-        recall = hits / max(1, np.sum(truth == index))
-        scores[name] = {"precision": float(precision), "recall": float(recall),
-                        "f1": float(2 * precision * recall / max(1e-12, precision + recall)),
-                        "support": int(np.sum(truth == index))}
-    return scores
-
-
-def wilson_interval(successes, n, z=1.96):
-    """95 % (z=1.96) Wilson score interval of a proportion: unlike p +- z*sqrt(p(1-p)/n) it
-    stays inside [0, 1] and is honest near 100 %, where these accuracies live."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def mcnemar_p(only_a_right, only_b_right):
-    """One-sided exact McNemar test on paired answers: the probability of `only_b_right` or
-    fewer photos that only B got right, out of the photos where exactly one of A and B was
-    right, if both were equally accurate. Small: B is worse than A."""
-    n = only_a_right + only_b_right
-    return float(sum(math.comb(n, k) for k in range(only_b_right + 1)) / 2 ** n) if n else 1.0
-
-
 def label_from_name(path, labels=CLASSES):
     """'cat.12.jpg' or '.../cat/12.jpg' or '.../Cat/12.jpg' -> 'cat'; None when not one of `labels`."""
     parts = os.path.normpath(path).split(os.sep)
@@ -374,59 +340,6 @@ def sha256_file(path, chunk=1 << 20):
         for block in iter(lambda: f.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-# ---------------------------------------------------------------- local servers (tests, bench)
-def not_pet_photos(folder=NOT_PETS_SAMPLE, seed=SEED):
-    """{split: [(path, kind)]} of the not-pets folder, each kind (subfolder) split on its own
-    by NOT_PETS_SPLIT in a seeded order: every kind is in every part it is big enough for."""
-    splits = {split: [] for split, _ in NOT_PETS_SPLIT}
-    kinds = sorted(k for k in os.listdir(folder) if os.path.isdir(os.path.join(folder, k))) if os.path.isdir(folder) else []
-    for kind in kinds:
-        names = sorted(n for n in os.listdir(os.path.join(folder, kind)) if n.lower().endswith(IMAGE_SUFFIXES))
-        order = np.random.default_rng([seed, int(hashlib.sha256(kind.encode()).hexdigest()[:8], 16)]).permutation(names)
-        cuts = np.round(np.cumsum([share for _, share in NOT_PETS_SPLIT]) * len(names)).astype(int)
-        for (split, _), start, end in zip(NOT_PETS_SPLIT, [0, *cuts[:-1]], cuts):
-            splits[split] += [(os.path.join(folder, kind, name), kind) for name in order[start:end]]
-    return splits
-
-
-SYNTHETIC_KINDS = ("solid", "noise", "gradient", "document", "screenshot")
-
-
-def synthetic_non_pet(kind, rng):
-    """A generated image of `kind` that is plainly not a pet photo: what staff upload by
-    mistake (a blank or black frame, a scan, a screenshot) or a test throws at the service."""
-    from PIL import ImageDraw
-
-    width, height = (int(v) for v in rng.integers(160, 900, 2))
-    colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-    if kind == "solid":
-        return Image.new("RGB", (width, height), colour)
-    if kind == "noise":
-        scale = int(rng.choice([1, 4, 16]))
-        small = rng.integers(0, 256, (max(1, height // scale), max(1, width // scale), 3), dtype=np.uint8)
-        return Image.fromarray(small).resize((width, height), Image.NEAREST)
-    if kind == "gradient":
-        ramp = np.linspace(0, 1, width)[None, :, None] * np.ones((height, 1, 1))
-        other = rng.integers(0, 256, 3)
-        return Image.fromarray((np.array(colour) * (1 - ramp) + other * ramp).astype(np.uint8))
-    paper = (245, 245, 240) if kind == "document" else colour
-    img = Image.new("RGB", (width, height), paper)
-    draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(2, 8)) if kind == "screenshot" else 0):
-        box = sorted(rng.integers(0, width, 2)), sorted(rng.integers(0, height, 2))
-        draw.rectangle((box[0][0], box[1][0], box[0][1], box[1][1]), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-    letters = np.array(list("abcdefghijklmnopqrstuvwxyz     0123456789"))
-    for y in range(8, height - 12, int(rng.integers(12, 24))):
-        draw.text((8, y), "".join(rng.choice(letters, width // 7)), fill=(20, 20, 20))
-    return img
-
-
-def synthetic_non_pets(count, seed):
-    """[(image, kind)]: `count` synthetic non-pets, the kinds in turn."""
-    rng = np.random.default_rng(seed)
-    return [(synthetic_non_pet(kind, rng), kind) for kind in np.resize(SYNTHETIC_KINDS, count)]
 
 
 # ---------------------------------------------------------------- model meta
@@ -461,38 +374,6 @@ def model_meta(arch, metrics=None, temperature=1.0, version=None, backbone=BACKB
             "classes": list(CLASSES), "preprocess": preprocess_settings(arch, backbone),
             "temperature": temperature, "metrics": metrics or {},
             "version": version or time.strftime("%Y%m%d-%H%M%S"), **extra}
-
-
-def quantize_onnx(path, calibration):
-    """Replace the fp32 ONNX model at `path` with a static int8 one: int8 weights per output
-    channel, uint8 activations whose ranges come from running `calibration` (float32
-    batches, preprocessed like everything else) through the model. Measured here with
-    EfficientNet-Lite0: about 2x less CPU per image on CPUs with int8 dot products (VNNI),
-    same test accuracy. Per-tensor weights lost 2 points, hence per channel. Weights use 7
-    bits (reduce_range): without VNNI, ONNX Runtime sums pairs of 8-bit products in int16,
-    which saturates, so one file answered differently by CPU; with EfficientNet-Lite2 on an
-    AVX2-only CPU that cost 20 mistakes of 2,299 against 14 with 7 bits (fp32: 11). train.py
-    measures the int8 file itself, so the gate judges exactly what the service runs."""
-    import types
-
-    import onnxruntime
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    onnxruntime.set_default_logger_severity(3)  # the exporter's unused constants are not news
-    feeds = ({"image": batch} for batch in calibration)
-    prepared, quantized = path + ".prepared.tmp", path + ".int8.tmp"
-    try:
-        # Fusing before quantizing matters: without it the int8 model ran slower than fp32.
-        quant_pre_process(path, prepared)
-        quantize_static(prepared, quantized, types.SimpleNamespace(get_next=lambda: next(feeds, None)),
-                        quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        os.replace(quantized, path)
-    finally:
-        for leftover in (prepared, quantized):
-            if os.path.exists(leftover):
-                os.remove(leftover)
 
 
 def write_json(path, obj):

@@ -15,7 +15,7 @@ Labels come from file names (cat.12.jpg, other.7.jpg) or folders (cat/12.jpg, ot
 or from the manifest; the photos sent from --not-pets are "other" (neither a cat nor a dog),
 their subfolder their kind (bird, object, people_face, ...). Only the held-out test part of
 that folder is sent by default (--not-pets-part): train.py trains and tunes on the train and
-val parts of the same split (catdog.not_pet_photos, same seed), which would flatter the model.
+val parts of the same split (evaluate.not_pet_photos, same seed), which would flatter the model.
 When any photo or answer is "other", the report has the third class: a 3x3 confusion matrix,
 the share of non-pets answered cat or dog (overall and per kind) and the share of pets
 answered "other".
@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 import catdog
+import evaluate
 import harness
 
 # ---------------------------------------------------------------- config (--name value overrides)
@@ -47,11 +48,11 @@ token = os.environ.get("API_TOKEN", "")  # the service's API_TOKEN, for /feedbac
 manifest = ""           # preprocess.py's manifest CSV: evaluate one split of it instead of IMAGES
 split = "test"          # the manifest split to evaluate
 not_pets = ""           # also send photos of this folder as "other" (subfolders are kinds: bird, object, ...)
-not_pets_part = "test"  # which part of catdog.not_pet_photos to send: test (never trained or tuned on), val, train or all
+not_pets_part = "test"  # which part of evaluate.not_pet_photos to send: test (never trained or tuned on), val, train or all
 not_pets_seed = catdog.SEED  # the seed train.py split the not-pets folder with (its --seed)
 
 OTHER, PETS, ANSWERS = catdog.OTHER, catdog.CLASSES, catdog.ANSWERS  # "other": neither a cat nor a dog
-NOT_PETS_PARTS = (*(part for part, _ in catdog.NOT_PETS_SPLIT), "all")
+NOT_PETS_PARTS = (*(part for part, _ in evaluate.NOT_PETS_SPLIT), "all")
 
 
 def parse_args(argv=None):
@@ -92,12 +93,12 @@ def labelled_photos(paths):
 def not_pet_photos(folder, part="test", seed=catdog.SEED):
     """[(path, "other")] of the non-pets to send, and {real path: kind}.
 
-    part "train", "val" or "test": that part of catdog.not_pet_photos(folder, seed), the split
+    part "train", "val" or "test": that part of evaluate.not_pet_photos(folder, seed), the split
     train.py makes of the photos in the kind subfolders (test: never trained or tuned on).
     part "all": every photo under folder, nested or not; its kind is the first subfolder
     (bird/, object/), or the name's first word for a photo at the top (bird.3.jpg)."""
     if part != "all":
-        chosen = sorted(catdog.not_pet_photos(folder, seed)[part])
+        chosen = sorted(evaluate.not_pet_photos(folder, seed)[part])
         return [(path, OTHER) for path, _ in chosen], {os.path.realpath(path): kind for path, kind in chosen}
     pairs, kinds = [], {}
     for path in image_files([folder]):
@@ -188,18 +189,6 @@ def classes_of(results):
     return ANSWERS if OTHER in seen else PETS
 
 
-def class_scores(matrix, classes):
-    """Per class: precision, recall and F1 from the confusion matrix (rows = truth), as
-    catdog.class_scores computes them from labels."""
-    scores = {}
-    for i, name in enumerate(classes):
-        precision = matrix[i, i] / max(1, matrix[:, i].sum())
-        recall = matrix[i, i] / max(1, matrix[i].sum())
-        scores[name] = {"precision": float(precision), "recall": float(recall),
-                        "f1": float(2 * precision * recall / max(1e-12, precision + recall))}
-    return scores
-
-
 def classification_metrics(results):
     """Accuracy over every photo sent (a failed request counts as wrong), per-class
     precision/recall/F1 over the answered ones, the confusion matrix (rows = truth) and its
@@ -207,13 +196,12 @@ def classification_metrics(results):
     classes = classes_of(results)
     index = {c: i for i, c in enumerate(classes)}
     answered = [r for r in results if r["predicted"] in index]
-    matrix = np.zeros((len(index), len(index)), dtype=int)
-    for r in answered:
-        matrix[index[r["label"]], index[r["predicted"]]] += 1
-    low, high = catdog.wilson_interval(int(np.trace(matrix)), len(results))
+    truth, predicted = ([index[r[key]] for r in answered] for key in ("label", "predicted"))
+    matrix = evaluate.confusion_matrix(truth, predicted, len(classes))
+    low, high = evaluate.wilson_interval(int(np.trace(matrix)), len(results))
     metrics = {"images": len(results), "answered": len(answered), "errors": len(results) - len(answered),
                "accuracy": float(np.trace(matrix) / max(1, len(results))), "accuracy_low": low, "accuracy_high": high}
-    for name, score in class_scores(matrix, classes).items():
+    for name, score in evaluate.class_scores(truth, predicted, classes).items():
         for key in ("precision", "recall", "f1"):
             metrics[f"{key}_{name}"] = score[key]
     metrics["f1_macro"] = float(np.mean([metrics[f"f1_{c}"] for c in classes]))
@@ -249,27 +237,6 @@ def latency_metrics(results, wall_s):
 
 
 # ---------------------------------------------------------------- outputs
-def plot_confusion(matrix, classes, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 1.2, 1.2 * len(classes) + 0.8), dpi=120)
-    ax.imshow(matrix, cmap="Blues")
-    for (i, j), count in np.ndenumerate(matrix):
-        dark = count > matrix.max() / 2
-        ax.text(j, i, str(count), ha="center", va="center", color="white" if dark else "black")
-    ax.set_xticks(range(len(classes)), classes)
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("post-deployment confusion matrix", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def kinds_section(kinds):
     """Markdown lines: per kind of non-pet, its answers and the share tagged as a pet."""
     lines = ["", '## Non-pets by kind (truth "other")', "",
@@ -375,7 +342,7 @@ def main(argv=None):
     passed = metrics["accuracy"] >= cfg.min_accuracy
     feedback_ok = not cfg.feedback or delivered == len(answered)
     os.makedirs(cfg.out, exist_ok=True)
-    plot_confusion(matrix, classes, os.path.join(cfg.out, "confusion_matrix.png"))
+    evaluate.confusion_plot(cfg.out, matrix, classes, "post-deployment confusion matrix")
     catdog.write_json(os.path.join(cfg.out, "metrics.json"),
                       {"model_version": version, "url": url, **metrics, **({"kinds": by_kind} if by_kind else {})})
     write_report(os.path.join(cfg.out, "report.md"), url, version, source, metrics, matrix, classes, by_kind, results,

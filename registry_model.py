@@ -5,11 +5,12 @@
     model = mlflow.pyfunc.load_model("models:/catdog@champion")
     model.predict([open("cat.1.jpg", "rb").read()])  # a DataFrame: label, confidence, pet_probability, cat, dog
 
-    python registry_model.py models:/catdog@champion build/model   # its served files, for an image
+    python registry_model.py models:/catdog@champion build/model   # its files, for an image
 
-Its artifacts are the files the service serves: model.onnx (the int8 file that was gated),
-model.json and reference_profile.json. Decoding, preprocessing and the answer are catdog.py's,
-logged beside this file, as the service uses them.
+Its artifacts are the files the service serves, model.onnx (the int8 file that was gated),
+model.json and reference_profile.json, and the model card, MODEL_CARD.md (promote.RELEASED_FILES).
+Decoding, preprocessing and the answer are catdog.py's, logged beside this file, as the service
+uses them.
 """
 import os
 import shutil
@@ -52,9 +53,10 @@ def registered_version(client, uri):
 
 
 def download(uri, dest):
-    """The served files of a registered model (in the registry at $MLFLOW_TRACKING_URI, else the
-    project's mlflow.db) into `dest`, what `make image MODEL_URI=...` builds from; model.json is
-    stamped with its registry name, version and run. The ModelVersion."""
+    """The artifacts of a registered model (in the registry at $MLFLOW_TRACKING_URI, else the
+    project's mlflow.db), its served files and model card, into `dest`: what `make image
+    MODEL_URI=...` builds from; model.json is stamped with its registry name, version and run.
+    The ModelVersion."""
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", catdog.TRACKING_URI))
     client = mlflow.MlflowClient()
     version = registered_version(client, uri)
@@ -62,7 +64,7 @@ def download(uri, dest):
         local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{version.name}/{version.version}",
                                                     dst_path=folder)
         os.makedirs(dest, exist_ok=True)
-        for name in catdog.SERVED_FILES:
+        for name in os.listdir(os.path.join(local, "artifacts")):
             shutil.copyfile(os.path.join(local, "artifacts", name), os.path.join(dest, name))
     meta_path = os.path.join(dest, "model.json")
     meta = catdog.read_json(meta_path)

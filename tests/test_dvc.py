@@ -90,12 +90,12 @@ def test_dvc_lock_is_committed_with_the_code_it_describes():
 
 
 def test_models_record_the_data_hash_dvc_lock_holds():
-    import train
+    import promote
 
     md5 = read_yaml("dvc.lock")["stages"]["data"]["outs"][0]["md5"]
-    assert train.dvc_hash(os.path.join(ROOT, "data", "processed")) == md5
-    assert train.dvc_hash(os.path.join(ROOT, "data")) == md5
-    assert train.dvc_hash(os.path.join(ROOT, "elsewhere", "processed")) is None
+    assert promote.dvc_hash(os.path.join(ROOT, "data", "processed")) == md5
+    assert promote.dvc_hash(os.path.join(ROOT, "data")) == md5
+    assert promote.dvc_hash(os.path.join(ROOT, "elsewhere", "processed")) is None
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "data", "processed")), reason="no data/: run make all")

@@ -20,6 +20,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import catdog  # noqa: E402
+import evaluate  # noqa: E402
 import post_eval  # noqa: E402
 
 RED, BLUE, GREY = (200, 40, 40), (40, 40, 200), (128, 128, 128)
@@ -104,7 +105,7 @@ def test_known_answers_feedback_report_mlflow_and_failing_exit(service, photos, 
     metrics = catdog.read_json(out / "metrics.json")
     assert metrics["images"] == 7 and metrics["errors"] == 0
     assert metrics["accuracy"] == pytest.approx(6 / 7)
-    assert (metrics["accuracy_low"], metrics["accuracy_high"]) == pytest.approx(catdog.wilson_interval(6, 7))
+    assert (metrics["accuracy_low"], metrics["accuracy_high"]) == pytest.approx(evaluate.wilson_interval(6, 7))
     assert f"accuracy 0.8571 (95 % interval {metrics['accuracy_low']:.4f}-{metrics['accuracy_high']:.4f}" in result.stdout
     assert metrics["precision_cat"] == pytest.approx(3 / 4) and metrics["recall_cat"] == 1.0
     assert metrics["precision_dog"] == 1.0 and metrics["recall_dog"] == pytest.approx(3 / 4)
@@ -241,7 +242,7 @@ def test_not_pets_are_other_with_a_share_per_kind(service, photos, not_pets, tmp
 
 @pytest.fixture()
 def split_not_pets(tmp_path):
-    """A not-pets folder of two kinds, 10 photos each, split by catdog.not_pet_photos as train.py
+    """A not-pets folder of two kinds, 10 photos each, split by evaluate.not_pet_photos as train.py
     splits it: the test photos are grey (answered other), the train and val photos red (answered
     cat), so any photo the model was trained or tuned on that is sent shows as a mistake."""
     folder = tmp_path / "split-not-pets"
@@ -249,7 +250,7 @@ def split_not_pets(tmp_path):
         (folder / kind).mkdir(parents=True)
         for i in range(10):
             Image.new("RGB", (64, 48), GREY).save(folder / kind / f"{i}.jpg")
-    parts = catdog.not_pet_photos(str(folder), catdog.SEED)
+    parts = evaluate.not_pet_photos(str(folder), catdog.SEED)
     for path, _ in parts["train"] + parts["val"]:
         Image.new("RGB", (64, 48), RED).save(path)
     return folder, parts
@@ -274,11 +275,11 @@ def test_not_pets_send_only_the_held_out_test_part_by_default(service, photos, s
     metrics = catdog.read_json(out / "metrics.json")
     assert metrics["other_photos"] == 20 and metrics["other_as_pet"] == pytest.approx(14 / 20), result.stdout
 
-    # a part is exactly catdog's, for whatever seed training used
+    # a part is exactly evaluate's (training's split), for whatever seed training used
     for part in ("train", "val", "test"):
         for seed in (catdog.SEED, 7):
             pairs, kinds = post_eval.not_pet_photos(str(folder), part, seed)
-            expected = catdog.not_pet_photos(str(folder), seed)[part]
+            expected = evaluate.not_pet_photos(str(folder), seed)[part]
             assert sorted(pairs) == sorted((path, "other") for path, _ in expected)
             assert kinds == {os.path.realpath(path): kind for path, kind in expected}
     assert post_eval.not_pet_photos(str(folder), "test", 7) != post_eval.not_pet_photos(str(folder), "test")
@@ -342,3 +343,11 @@ def test_against_the_real_service(tmp_path):
         assert "photo.jpg" not in server.logs() and "cat.0" not in server.logs()
     finally:
         server.stop()
+
+
+def test_post_eval_and_the_metrics_it_shares_with_training_need_no_torch():
+    """evaluate.py (metrics, plots, the not-pets split) is numpy: post_eval.py imports no torch."""
+    done = subprocess.run([sys.executable, "-c", "import sys, post_eval; print(sorted(m for m in sys.modules "
+                           "if m.split('.')[0] in ('torch', 'nets', 'other', 'promote', 'train')))"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -13,6 +13,8 @@ import pytest
 from PIL import Image, ImageOps
 
 import catdog
+import evaluate
+import other
 from service_helpers import Server, in_process, upload
 
 SHARED = catdog.SHARED_SAMPLE
@@ -118,7 +120,7 @@ def not_pets_test_part(per_kind=6):
     if not os.path.isdir(catdog.NOT_PETS_SAMPLE):
         pytest.skip(f"the not-pets photos {catdog.NOT_PETS_SAMPLE} are absent")
     by_kind = {}
-    for path, kind in catdog.not_pet_photos()["test"]:
+    for path, kind in evaluate.not_pet_photos()["test"]:
         by_kind.setdefault(kind, []).append(path)
     return [path for paths in by_kind.values() for path in paths[:per_kind]]
 
@@ -129,7 +131,7 @@ def test_champion_answers_other_for_non_pets_and_blanks(tmp_path):
               "black JPEG": (Image.new("RGB", (800, 600)), "JPEG"),
               "random noise": (Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), np.uint8)),
                                "PNG")}
-    blanks.update({f"generated {kind}": (img, "PNG") for img, kind in catdog.synthetic_non_pets(5, seed=99)})
+    blanks.update({f"generated {kind}": (img, "PNG") for img, kind in other.synthetic_non_pets(5, seed=99)})
     answers = {name: predict_in_process(client, img, fmt) for name, (img, fmt) in blanks.items()}
     assert {name: a["label"] for name, a in answers.items()} == dict.fromkeys(blanks, "other"), answers
     photos = not_pets_test_part()

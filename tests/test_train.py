@@ -1,9 +1,9 @@
 """train.py end to end on tiny synthetic images: both architectures, MLflow read back, the
-gate (a weak model is refused, a good one promoted, a broken served file refused), a failing
-step (the run marked FAILED, no temporary folder left), the options, save/load, ONNX export
-and int8 quantization, identical train/serve preprocessing, and torchrun with 2 CPU
-processes. Plus a quality check of the real champion when `make data` and `make train` have
-run. No test changes directory: train.py's paths are anchored, MLflow's artifacts sit beside
+gate (a weak model is refused, a good one promoted, a broken served file refused), the model
+card beside the champion and in the registry, a failing step (the run marked FAILED, no
+temporary folder left), the options, save/load, ONNX export and int8 quantization, identical
+train/serve preprocessing, the metrics (evaluate.py) and torchrun with 2 CPU processes. Plus a
+quality check of the real champion when `make data` and `make train` have run. No test changes directory: train.py's paths are anchored, MLflow's artifacts sit beside
 each test's database."""
 import os
 import re
@@ -23,7 +23,9 @@ pytest.importorskip("mlflow")
 import mlflow
 import torch
 
+import evaluate
 import nets
+import promote
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,8 +117,8 @@ def test_weak_model_is_refused_and_good_one_promoted(trained):
     weak, good = trained["weak"], trained["good"]
     assert weak["eval_accuracy"] < catdog.GATE["min_accuracy"] and not weak["promoted"]
     assert trained["models_after_weak"] == []  # nothing reached models/
-    promote, reasons = train.gate(weak)  # the first version: no champion to compare with
-    assert not promote and reasons[0] == f"accuracy {weak['eval_accuracy']:.4f} < {catdog.GATE['min_accuracy']}"
+    promoted, reasons = promote.gate(weak)  # the first version: no champion to compare with
+    assert not promoted and reasons[0] == f"accuracy {weak['eval_accuracy']:.4f} < {catdog.GATE['min_accuracy']}"
     assert client.get_model_version("catdog", weak["version"]).tags["gate"] == "refused: " + "; ".join(reasons)
     assert good["eval_accuracy"] >= catdog.GATE["min_accuracy"] and good["promoted"]
     assert client.get_model_version("catdog", good["version"]).tags["gate"] == "promoted"
@@ -135,7 +137,7 @@ def test_mlflow_runs_hold_params_metrics_artifacts_and_lineage(trained):
     weak, good, transfer = runs
     assert good.data.params["epochs"] == "6" and good.data.params["lr"] == "0.01"
     assert good.data.params["preprocess_crop"] == "128" and transfer.data.params["preprocess_crop"] == "224"
-    test_split = train.split_hash(train.list_split(str(tmp / "processed"), "test"), str(tmp / "processed"))
+    test_split = promote.split_hash(train.list_split(str(tmp / "processed"), "test"), str(tmp / "processed"))
     for run, result in ((weak, trained["weak"]), (good, trained["good"]), (transfer, trained["transfer"])):
         params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
         assert set(params) == PARAMS
@@ -148,17 +150,17 @@ def test_mlflow_runs_hold_params_metrics_artifacts_and_lineage(trained):
         candidates = {f"val_{k}_{name}" for k in ("pets_as_other", "other_as_pet") for name in CANDIDATES[run.info.run_name]}
         assert set(metrics) == METRICS | candidates | (EPOCH_METRICS if run is not weak else set())
         for key in SCORES:
-            assert metrics[f"test_{key}"] == pytest.approx(result[key]), key  # the served file's figures
+            assert metrics[f"test_{key}"] == pytest.approx(result[f"test_{key}"]), key  # the served file's figures
             assert metrics[f"extra_{key}"] == pytest.approx(result[f"extra_{key}"]), key
         for key in EVAL_SCORES:
             assert metrics[f"eval_{key}"] == pytest.approx(result[f"eval_{key}"]), key
         right = round(result["eval_accuracy"] * result["eval_images"])
         assert (result["eval_images"], result["eval_errors"]) == (2 * COUNTS["test"] + 2 * COUNTS["extra"],
                                                                   result["eval_images"] - right)
-        assert (result["eval_accuracy_low"], result["eval_accuracy_high"]) == catdog.wilson_interval(
+        assert (result["eval_accuracy_low"], result["eval_accuracy_high"]) == evaluate.wilson_interval(
             right, result["eval_images"])
         # The test split is the first part of the evaluation set: both photo counts add up.
-        assert right == round(result["accuracy"] * 2 * COUNTS["test"] + result["extra_accuracy"] * 2 * COUNTS["extra"])
+        assert right == round(result["test_accuracy"] * 2 * COUNTS["test"] + result["extra_accuracy"] * 2 * COUNTS["extra"])
         assert metrics["train_seconds"] == pytest.approx(result["train_seconds"])
         assert metrics["onnx_max_abs_prob_diff"] <= 1e-4  # fp32 export before quantization
         assert 0 <= metrics["served_torch_max_abs_prob_diff"] <= 1  # int8 vs PyTorch
@@ -199,30 +201,50 @@ def test_the_registry_champion_is_an_mlflow_model_that_answers_as_the_service(tr
     for path, row in zip(photos, answers.itertuples()):
         x = catdog.preprocess(catdog.open_image(path, min_side=served.meta["preprocess"]["resize"]),
                               served.meta["preprocess"])
-        label, confidence, probabilities, pet_probability, _ = served.answer(served.run(x[None])[0])
+        label, confidence, probabilities, pet_probability, _ = catdog.answer(served.run(x[None])[0], served.meta)
         assert (row.label, row.confidence, row.pet_probability) == (label, pytest.approx(confidence),
                                                                    pytest.approx(pet_probability)), path
         assert (row.cat, row.dog) == (pytest.approx(probabilities["cat"]), pytest.approx(probabilities["dog"]))
     found = registry_model.download("models:/catdog@champion", str(tmp_path / "build"))
     assert found.version == champion.version
-    for name in ("model.onnx", "reference_profile.json"):
+    assert sorted(os.listdir(tmp_path / "build")) == sorted(promote.RELEASED_FILES)
+    for name in ("model.onnx", "reference_profile.json", "MODEL_CARD.md"):
         assert (tmp_path / "build" / name).read_bytes() == (trained["tmp"] / "models" / name).read_bytes()
     meta = catdog.read_json(tmp_path / "build" / "model.json")
     assert (meta["registry_version"], meta["run_id"]) == (champion.version, champion.run_id)
+
+
+def test_the_champion_has_its_model_card_beside_it(trained, tmp_path):
+    """models/MODEL_CARD.md: the card of the model model.json describes, with its figures; the
+    same text as its run's reports/model_card.md."""
+    models = trained["tmp"] / "models"
+    meta = catdog.read_json(models / "model.json")
+    m = meta["metrics"]
+    card = (models / "MODEL_CARD.md").read_text()
+    assert card.startswith(f"# catdog model card: {meta['arch']}\n")
+    assert (f"accuracy {m['eval_accuracy']:.4f}, 95 % interval\n{m['eval_accuracy_low']:.4f}-"
+            f"{m['eval_accuracy_high']:.4f} ({m['eval_errors']:.0f} wrong)") in card
+    assert f"**Test split alone**: accuracy {m['accuracy']:.4f}, precision {m['precision']:.4f}" in card
+    assert f"{m['parameters']:,} parameters; temperature {m['temperature']:.3f}" in card
+    assert f"decision\n\"{m['pet_decision']}\"" in card and f"is below\n{m['pet_threshold']:.4f}" in card
+    assert meta["data"]["eval_set_sha256"] in card and meta["git_commit"] in card
+    logged = mlflow.artifacts.download_artifacts(run_id=meta["run_id"], artifact_path="reports/model_card.md",
+                                                 dst_path=str(tmp_path), tracking_uri=f"sqlite:///{trained['tmp']}/mlflow.db")
+    assert open(logged).read() == card
 
 
 def test_training_into_a_tracking_server_then_loading_its_champion(tmp_path, monkeypatch):
     """A team's set-up: `mlflow server` (PostgreSQL backend store, --serve-artifacts) on
     127.0.0.1; train.py registers into it over HTTP, artifacts go through the server (no local
     path in the run), and the champion loads back from it."""
-    from postgres_server import PostgresServer, why_unavailable
+    from harness import PostgresServer, free_port, wait_ready, why_no_postgres
 
-    if why_unavailable():
-        pytest.skip(why_unavailable())
+    if why_no_postgres():
+        pytest.skip(why_no_postgres())
     make_dataset(tmp_path / "processed")
     with PostgresServer() as database:
         backend = database.new_database("mlflow").replace("postgresql://", "postgresql+psycopg://")
-        port = catdog.free_port()
+        port = free_port()
         server = subprocess.Popen(
             [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
              "--port", str(port), "--workers", "1", "--backend-store-uri", backend, "--serve-artifacts",
@@ -230,7 +252,7 @@ def test_training_into_a_tracking_server_then_loading_its_champion(tmp_path, mon
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             url = f"http://127.0.0.1:{port}"
-            catdog.wait_ready(f"{url}/health", server, timeout=120)
+            wait_ready(f"{url}/health", server, timeout=120)
             result = train.main(["--data", str(tmp_path / "processed"), "--out", str(tmp_path / "models"),
                                  "--tracking-uri", url, "--no-pretrained", "--arch", "baseline", "--epochs", "6",
                                  "--lr", "0.01", "--batch-size", "8", "--eval-extra", str(tmp_path / "processed" / "extra"),
@@ -283,6 +305,11 @@ def test_saved_champion_loads_and_its_served_int8_file_is_what_was_measured(trai
     pet_probs = 1 / (1 + np.exp(-session.run(["pet_logit"], {"image": batch})[0]))
     assert pet_probs.shape == (len(items),) and 0 < other["threshold"] < 1
     assert other["by_kind"].keys() == {"greenery", "grey"} and other["pets_as_other"] == meta["metrics"]["eval_pets_as_other"]
+    # model.json's metrics keep the names they always had: the test split's figures unprefixed.
+    assert set(meta["metrics"]) == {*SCORES, *(f"extra_{k}" for k in SCORES), *(f"eval_{k}" for k in EVAL_SCORES),
+                                    "eval_pets_as_other", "other_as_pet", "train_seconds", "extra_images", "parameters",
+                                    "temperature", "served_as", "pet_decision", "pet_threshold",
+                                    *(f"other_{k}_{kind}" for k in ("as_pet", "photos") for kind in NON_PET_KINDS)}
 
 
 @pytest.mark.parametrize("arch", ["baseline", "transfer"])
@@ -323,28 +350,33 @@ def test_gate_judges_the_served_file_not_pytorch(tmp_path, monkeypatch):
         onnx.save(graph, path)
 
     make_dataset(tmp_path / "processed")
-    monkeypatch.setattr(catdog, "quantize_onnx", broken_quantize)
+    monkeypatch.setattr(nets, "quantize_onnx", broken_quantize)
     result = run_train(tmp_path, "--arch", "baseline", "--epochs", "6", "--lr", "0.01", "--batch-size", "8")["baseline"]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run = client.search_runs([client.get_experiment_by_name("catdog").experiment_id])[0]
     assert run.data.metrics["torch_test_accuracy"] >= catdog.GATE["min_accuracy"]
-    assert result["accuracy"] < 0.5 and not result["promoted"] and not (tmp_path / "models").exists()
+    assert result["test_accuracy"] < 0.5 and not result["promoted"] and not (tmp_path / "models").exists()
 
 
 def fail_export(monkeypatch, seen):
     """The served file disagrees with PyTorch: the fp32 parity check stops the run."""
-    real = train.onnx_probs
-    monkeypatch.setattr(train, "onnx_probs", lambda path, dataset, batch_size=64: real(path, dataset) + 0.01)
+    real = evaluate.onnx_outputs
+
+    def shifted(*args, **kwargs):
+        outputs = real(*args, **kwargs)
+        return {**outputs, "probs": outputs["probs"] + 0.01}
+
+    monkeypatch.setattr(evaluate, "onnx_outputs", shifted)
     return SystemExit, "ONNX export of baseline disagrees with PyTorch by 1.00e-02 (> 1e-4)"
 
 
 def fail_logging(monkeypatch, seen):
     """Any other error, here once the folder holds the exported files."""
-    def log_run(folder, *args):
-        seen["folder"], seen["files"] = folder, sorted(os.listdir(folder))
+    def log_run(run, candidate):
+        seen["folder"], seen["files"] = candidate.folder, sorted(os.listdir(candidate.folder))
         raise OSError("disk full")
 
-    monkeypatch.setattr(train, "log_run", log_run)
+    monkeypatch.setattr(promote, "log_run", log_run)
     return OSError, "disk full"
 
 
@@ -399,7 +431,7 @@ def test_quantize_onnx_keeps_predictions_and_shrinks_the_file(tmp_path):
     x = np.random.default_rng(0).normal(0, 1, (32, 3, crop, crop)).astype(np.float32)
     fp32_size = os.path.getsize(path)
     fp32 = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(["logits"], {"image": x})[0]
-    catdog.quantize_onnx(path, (x[i:i + 8] for i in range(0, 32, 8)))
+    nets.quantize_onnx(path, (x[i:i + 8] for i in range(0, 32, 8)))
     int8 = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).run(["logits"], {"image": x})[0]
     assert os.path.getsize(path) < fp32_size / 2
     assert np.abs(catdog.softmax(int8) - catdog.softmax(fp32)).max() < 0.05
@@ -421,12 +453,12 @@ def test_changed_evaluation_set_remeasures_the_champion(trained, tmp_path, capsy
     printed = capsys.readouterr().out
     models = trained["tmp"] / "models"
     meta = catdog.read_json(models / "model.json")
-    evaluation = train.evaluation_set(train.list_split(str(tmp_path / "processed"), "test"),
+    evaluation = evaluate.evaluation_set(train.list_split(str(tmp_path / "processed"), "test"),
                                       str(tmp_path / "processed" / "extra"), str(tmp_path / "processed"))
     batch = np.stack([catdog.preprocess(catdog.open_image(path), meta["preprocess"]) for path, _ in evaluation.items])
     session = onnxruntime.InferenceSession(str(models / "model.onnx"), providers=["CPUExecutionProvider"])
     probs = catdog.softmax(session.run(["logits"], {"image": batch})[0])
-    figures = train.evaluate(probs, evaluation.labels)
+    figures = evaluate.scores(probs, evaluation.labels)
     assert (f"champion v{meta['registry_version']} ({meta['arch']}) re-measured on these photos: "
             f"accuracy {figures['accuracy']:.4f}, log-loss {figures['log_loss']:.4f}") in printed
     assert not result["promoted"] and not (tmp_path / "models").exists()
@@ -478,14 +510,14 @@ OTHER_OK = {"eval_pets_as_other": 0.0, "other_as_pet": 0.01, "other_as_pet_bird"
 
 def test_gate_rules():
     good = {"eval_accuracy": 0.99, "eval_log_loss": 0.03, "eval_ece": 0.01, **OTHER_OK}
-    assert train.gate(good) == (True, [])
+    assert promote.gate(good) == (True, [])
     for key, value, reason in (("eval_accuracy", 0.5, "accuracy 0.5000 < 0.97"),
                                ("eval_log_loss", 0.7, "log-loss 0.7000 > 0.1"), ("eval_ece", 0.2, "ECE 0.2000 > 0.05"),
                                ("eval_pets_as_other", 0.004, "pets answered other 0.0040 > 0.003"),
                                ("other_as_pet", 0.03, "non-pets answered cat or dog 0.0300 > 0.02"),
                                ("other_as_pet_bird", 0.08, "bird answered cat or dog 0.0800 > 0.05")):
-        assert train.gate({**good, key: value}) == (False, [reason])
-    assert train.gate({**good, "eval_log_loss": float("nan")}) == (False, ["log-loss nan > 0.1"])
+        assert promote.gate({**good, key: value}) == (False, [reason])
+    assert promote.gate({**good, "eval_log_loss": float("nan")}) == (False, ["log-loss nan > 0.1"])
 
 
 def champion(only_champion_right, only_candidate_right, log_loss):
@@ -495,30 +527,30 @@ def champion(only_champion_right, only_candidate_right, log_loss):
 
 def test_gate_lets_one_more_mistake_through_with_a_better_log_loss():
     good = {"eval_accuracy": 0.99, "eval_log_loss": 0.02, "eval_ece": 0.01, **OTHER_OK}
-    assert train.gate(good, champion(1, 0, log_loss=0.03)) == (True, [])
-    assert train.gate(good, champion(4, 1, log_loss=0.03)) == (True, [])  # p = 0.19: noise
+    assert promote.gate(good, champion(1, 0, log_loss=0.03)) == (True, [])
+    assert promote.gate(good, champion(4, 1, log_loss=0.03)) == (True, [])  # p = 0.19: noise
 
 
 def test_gate_refuses_one_fewer_mistake_with_a_worse_log_loss():
     good = {"eval_accuracy": 0.99, "eval_log_loss": 0.04, "eval_ece": 0.01, **OTHER_OK}
-    assert train.gate(good, champion(0, 1, log_loss=0.03)) == (False, [
+    assert promote.gate(good, champion(0, 1, log_loss=0.03)) == (False, [
         "as accurate as the champion within noise (1 vs 0 photos only one got right) and log-loss 0.0400 > "
         "champion's 0.0300"])
-    assert train.gate(good, champion(0, 6, log_loss=0.03)) == (True, [])  # significantly more accurate: p = 0.016
+    assert promote.gate(good, champion(0, 6, log_loss=0.03)) == (True, [])  # significantly more accurate: p = 0.016
 
 
 def test_gate_refuses_a_significantly_less_accurate_candidate_whatever_its_log_loss():
     good = {"eval_accuracy": 0.99, "eval_log_loss": 0.01, "eval_ece": 0.01, **OTHER_OK}
-    assert train.gate(good, champion(6, 0, log_loss=0.03)) == (False, [
+    assert promote.gate(good, champion(6, 0, log_loss=0.03)) == (False, [
         "less accurate than the champion: 6 photos only the champion got right, 0 only this one (McNemar p = 0.016)"])
-    assert catdog.mcnemar_p(6, 0) == 1 / 64 and catdog.mcnemar_p(4, 1) == 6 / 32
+    assert evaluate.mcnemar_p(6, 0) == 1 / 64 and evaluate.mcnemar_p(4, 1) == 6 / 32
 
 
 def test_wilson_interval_matches_its_formula():
-    low, high = catdog.wilson_interval(2290, 2300)
+    low, high = evaluate.wilson_interval(2290, 2300)
     assert (round(low, 4), round(high, 4)) == (0.9920, 0.9976)
-    assert catdog.wilson_interval(300, 300)[1] == pytest.approx(1.0) and catdog.wilson_interval(0, 0) == (0.0, 1.0)
-    assert round(catdog.wilson_interval(300, 300)[0], 4) == 0.9874  # 300 right of 300 still allows 98.7 %
+    assert evaluate.wilson_interval(300, 300)[1] == pytest.approx(1.0) and evaluate.wilson_interval(0, 0) == (0.0, 1.0)
+    assert round(evaluate.wilson_interval(300, 300)[0], 4) == 0.9874  # 300 right of 300 still allows 98.7 %
 
 
 def test_metrics_match_definitions():
@@ -527,16 +559,16 @@ def test_metrics_match_definitions():
     scores = np.round(np.clip(labels * 0.3 + rng.uniform(0, 0.7, 200), 0, 1), 1)  # many ties
     pairs = [(p, n) for p in scores[labels == 1] for n in scores[labels == 0]]
     brute = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs])
-    assert np.isclose(train.roc_auc(scores, labels), brute)
+    assert np.isclose(evaluate.roc_auc(scores, labels), brute)
     probs = np.stack([1 - scores, scores], 1)
-    metrics = train.evaluate(probs, labels)
+    metrics = evaluate.scores(probs, labels)
     predicted = probs.argmax(1)
     assert np.isclose(metrics["accuracy"], np.mean(predicted == labels))
     assert np.isclose(metrics["recall"], np.sum((predicted == 1) & (labels == 1)) / np.sum(labels == 1))
     # Perfectly calibrated in every bin: confidence 0.8 and 80 % right.
     calibrated = np.tile([[0.2, 0.8]], (10, 1))
-    assert train.expected_calibration_error(calibrated, np.array([1] * 8 + [0] * 2)) < 1e-9
-    assert np.isclose(train.evaluate(calibrated, np.array([1] * 8 + [0] * 2))["log_loss"],
+    assert evaluate.expected_calibration_error(calibrated, np.array([1] * 8 + [0] * 2)) < 1e-9
+    assert np.isclose(evaluate.scores(calibrated, np.array([1] * 8 + [0] * 2))["log_loss"],
                       -(0.8 * np.log(0.8) + 0.2 * np.log(0.2)))
 
 
