@@ -265,10 +265,21 @@ def test_no_model_means_not_ready_but_alive(tmp_path):
         service.close()
 
 
-def test_a_failed_load_reports_and_a_failed_reload_keeps_the_old_model(tmp_path):
+def copy_tiny_model(tmp_path):
+    """A folder of its own holding the tiny model, for a test that changes the files."""
     model_dir = tmp_path / "models"
     shutil.copytree(os.path.dirname(tiny_model()), model_dir)
-    client, service = in_process(str(model_dir / "model.onnx"), str(tmp_path / "catdog.db"))
+    return model_dir
+
+
+def own_tiny_model(tmp_path):
+    """(model folder, test client, service) of an in-process app on its own copy of the tiny model."""
+    model_dir = copy_tiny_model(tmp_path)
+    return (model_dir, *in_process(str(model_dir / "model.onnx"), str(tmp_path / "catdog.db")))
+
+
+def test_a_failed_load_reports_and_a_failed_reload_keeps_the_old_model(tmp_path):
+    model_dir, client, service = own_tiny_model(tmp_path)
     try:
         assert sample(client.get("/metrics").text, "catdog_model_load_failed") == 0
         (model_dir / "model.onnx").write_bytes(b"not a model")
@@ -515,8 +526,7 @@ def test_concurrent_requests_each_run_once_and_match_direct_onnx_runs(tmp_path):
 
 
 def test_sighup_reloads_the_model_without_dropping_requests(tmp_path):
-    model_dir = tmp_path / "models"
-    shutil.copytree(os.path.dirname(tiny_model()), model_dir)
+    model_dir = copy_tiny_model(tmp_path)
     s = Server(str(model_dir / "model.onnx"), str(tmp_path / "catdog.db"))
     rng = np.random.default_rng(8)
     red = synthetic_photo(rng, "cat")
@@ -849,9 +859,7 @@ def test_api_token_guards_feedback_stats_and_metrics_only(tmp_path):
 
 
 def test_the_model_card_beside_the_model_is_served_with_it(tmp_path):
-    model_dir = tmp_path / "models"
-    shutil.copytree(os.path.dirname(tiny_model()), model_dir)
-    client, service = in_process(str(model_dir / "model.onnx"), str(tmp_path / "catdog.db"))
+    model_dir, client, service = own_tiny_model(tmp_path)
     try:
         r = client.get("/model-card", headers={"X-Request-ID": "card-1"})
         assert (r.status_code, r.json["error"], r.json["request_id"]) == (404, "no_model_card", "card-1")
