@@ -7,6 +7,7 @@ and the tests import this module.
 """
 import math
 import os
+import weakref
 
 import torch
 from torch import nn
@@ -225,6 +226,22 @@ MODEL_PT = os.path.join(catdog.MODELS_DIR, "model.pt")
 MODEL_ONNX = os.path.join(catdog.MODELS_DIR, "model.onnx")
 
 
+def fit_temperature(logits, labels):
+    """Temperature scaling: the T > 0 minimising val NLL of logits / T (LBFGS on log T)."""
+    logits, labels = logits.detach().double(), torch.as_tensor(labels)
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp())
+
+
 def fold_temperature(model, temperature):
     """Divide the head's weights and bias by T so the model itself outputs calibrated logits."""
     with torch.no_grad():
@@ -271,6 +288,28 @@ def export_onnx(model, meta, path=MODEL_ONNX):
                       input_names=["image"], output_names=list(catdog.ONNX_OUTPUTS),
                       dynamic_axes={name: {0: "batch"} for name in ("image", *catdog.ONNX_OUTPUTS)}, dynamo=False)
     catdog.write_json(os.path.splitext(path)[0] + ".json", meta)
+
+
+def onnx_session(network, crop):
+    """An ONNX Runtime session of `network` (image batch -> its outputs, on the CPU), exported
+    once and kept while the network lives: train.py extracts frozen features with it."""
+    import tempfile
+
+    import onnxruntime
+
+    if network not in SESSIONS:
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "network.onnx")
+            torch.onnx.export(network.cpu().eval(), torch.zeros(1, 3, crop, crop), path, opset_version=17,
+                              input_names=["image"], output_names=["outputs"],
+                              dynamic_axes={"image": {0: "batch"}, "outputs": {0: "batch"}}, dynamo=False)
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            SESSIONS[network] = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return SESSIONS[network]
+
+
+SESSIONS = weakref.WeakKeyDictionary()
 
 
 def quantize_onnx(path, calibration):

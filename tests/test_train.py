@@ -337,6 +337,22 @@ def test_every_onnx_output_matches_pytorch(tmp_path, arch):
             assert np.allclose(output, want.numpy(), rtol=1e-4, atol=1e-4), (name, output, want)
 
 
+def test_frozen_features_from_onnx_runtime_are_pytorchs(tmp_path):
+    """On a CPU the transfer model's features come from ONNX Runtime (train.frozen_features):
+    the same numbers PyTorch computes, for every photo and in order, with one export reused."""
+    root = make_dataset(str(tmp_path / "processed"))
+    items = train.list_split(root, "val")
+    settings = catdog.preprocess_settings("transfer", "efficientnet-lite0")
+    backbone = nets.build_model("transfer", backbone="efficientnet-lite0").features.eval()
+    run = train.Run(cfg=catdog.config_parser(vars(train)).parse_args([]), device=torch.device("cpu"), processes=1,
+                    splits={}, others=None, evaluation=None, lineage={}, train_stats=[], client=None)
+    got = train.frozen_features(run, backbone, train.Images(items, settings))
+    assert backbone in nets.SESSIONS  # exported once, reused for the next photos
+    want = train.predict(backbone, train.Images(items, settings), batch_size=7)
+    assert got.shape == want.shape == (len(items), 1280)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_gate_judges_the_served_file_not_pytorch(tmp_path, monkeypatch):
     """A good PyTorch model whose served file is broken (here: logits negated, so every label
     flips) is refused: the gate measures what the service would run."""
