@@ -1,11 +1,16 @@
 """monitoring/: the Prometheus config and alert rules pass promtool and their unit tests,
-the dashboard and alerts query only metrics (and labels) the real service exports, and
-a real Prometheus scrapes a real service."""
+the dashboard and alerts query only metrics (and labels) the real service exports,
+a real Prometheus scrapes a real service, and the Alertmanager config passes amtool, routes
+every alert by its severity and, run for real, delivers a firing rule to a webhook."""
+import http.server
 import json
 import os
+import queue
 import re
 import shutil
 import subprocess
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,11 +19,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import catdog  # noqa: E402
-from service_helpers import Server, synthetic_photo, tiny_model  # noqa: E402
+import harness  # noqa: E402
+from service_helpers import Server, free_port, synthetic_photo, tiny_model  # noqa: E402
 
 MONITORING = os.path.join(ROOT, "monitoring")
 needs_promtool = pytest.mark.skipif(not shutil.which("promtool"),
                                     reason="promtool missing (Debian package prometheus; `make system-deps`)")
+needs_prometheus = pytest.mark.skipif(not shutil.which("prometheus"),
+                                      reason="prometheus missing (Debian package; `make system-deps`)")
+ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")  # Debian's name, upstream's
+needs_alertmanager = pytest.mark.skipif(
+    not (ALERTMANAGER and shutil.which("amtool")),
+    reason="alertmanager or amtool missing (Debian package prometheus-alertmanager; `make system-deps`)")
 # Series Prometheus itself adds to every scrape, not exported by the service.
 SCRAPE_LABELS = {"job", "instance"}
 
@@ -148,7 +160,7 @@ def test_dashboard_and_alerts_name_only_exported_metrics(service):
                 assert label in known_labels, f"{where}: groups by {label!r}, which {names} do not carry"
 
 
-@pytest.mark.skipif(not shutil.which("prometheus"), reason="prometheus missing (Debian package; `make system-deps`)")
+@needs_prometheus
 def test_prometheus_scrapes_the_service(service):
     result = subprocess.run(["bash", os.path.join(MONITORING, "scrape_check.sh"), service.url],
                             capture_output=True, text=True, timeout=120)
@@ -178,3 +190,151 @@ def test_compose_monitoring_profile_mounts_these_files():
     with open(os.path.join(MONITORING, "prometheus.yml")) as f:
         (job,) = yaml.safe_load(f)["scrape_configs"]
     assert job["static_configs"][0]["targets"] == ["api:8000"]
+
+
+def render_alertmanager_config(out, url, source=os.path.join(MONITORING, "alertmanager.yml")):
+    """monitoring/alertmanager_config.sh: `source` with the webhook `url` written in, checked by amtool."""
+    return subprocess.run(["sh", os.path.join(MONITORING, "alertmanager_config.sh"), str(out), str(source)],
+                          env={**os.environ, "ALERT_WEBHOOK_URL": url}, capture_output=True, text=True, timeout=60)
+
+
+def assert_amtool_success(result):
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+    assert "2 receivers" in result.stdout, result.stdout
+
+
+@needs_alertmanager
+def test_alertmanager_config_passes_amtool_and_routes_every_alert_by_severity(tmp_path):
+    url = "https://hooks.example/catdog?team=pets&key=a|b"  # & and | are special to sed
+    rendered = tmp_path / "alertmanager.yml"
+    assert_amtool_success(render_alertmanager_config(rendered, url))
+    text = rendered.read_text()
+    assert "${ALERT_WEBHOOK_URL}" not in text and text.count(f'url: "{url}"') == 2
+    for rule in alert_rules():
+        severity = rule["labels"]["severity"]
+        result = subprocess.run(["amtool", "config", "routes", "test", f"--config.file={rendered}",
+                                 f"alertname={rule['alert']}", f"severity={severity}"],
+                                capture_output=True, text=True, timeout=30)
+        assert result.stdout.strip() == f"catdog-{severity}", f"{rule['alert']}: {result.stdout}{result.stderr}"
+
+    # The documented e-mail and chat receivers are valid config once uncommented.
+    with open(os.path.join(MONITORING, "alertmanager.yml")) as f:
+        examples = re.sub(r"^(    )# (?=\w+_configs:|  )", r"\1", f.read(), flags=re.M)
+    assert examples.count("    email_configs:") == 2 and "    slack_configs:" in examples
+    (tmp_path / "examples.yml").write_text(examples)
+    assert_amtool_success(render_alertmanager_config(tmp_path / "examples.out.yml", url, tmp_path / "examples.yml"))
+
+    # No URL, no Alertmanager: it would notify no one.
+    for bad in ("", "hooks.example/catdog"):
+        result = render_alertmanager_config(tmp_path / "refused.yml", bad)
+        assert result.returncode == 1 and "ALERT_WEBHOOK_URL must be" in result.stderr, result.stderr
+
+
+# A scrape target whose model reload failed (a ticket rule) while its model still serves.
+RELOAD_FAILED_METRICS = b"catdog_model_ready 1\ncatdog_model_load_failed 1\n"
+
+
+class WebhookSink(http.server.BaseHTTPRequestHandler):
+    """POST: Alertmanager's notification, put on server.posts as (path, JSON). GET: the metrics above."""
+
+    def do_POST(self):
+        self.server.posts.put((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+        self.send_response(200)
+        self.end_headers()
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(RELOAD_FAILED_METRICS)))
+        self.end_headers()
+        self.wfile.write(RELOAD_FAILED_METRICS)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def sink():
+    """WebhookSink on 127.0.0.1 (a port the kernel picks), in a thread of this process."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), WebhookSink)
+    server.posts = queue.Queue()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+def write_yaml(path, data):
+    with open(path, "w") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+    return path
+
+
+def notifications(sink, alertnames, timeout):
+    """{alertname: (receiver, path, alert)} of the first notification of each of `alertnames`, waiting
+    at most `timeout` s in all; alerts of other names are kept too."""
+    found, deadline = {}, time.monotonic() + timeout
+    while set(alertnames) - set(found) and (left := deadline - time.monotonic()) > 0:
+        try:
+            path, post = sink.posts.get(timeout=left)
+        except queue.Empty:
+            break
+        for alert in post["alerts"]:
+            found.setdefault(alert["labels"]["alertname"], (post["receiver"], path, alert))
+    return found
+
+
+@needs_prometheus
+@needs_alertmanager
+def test_a_firing_rule_reaches_the_webhook(tmp_path, sink):
+    """Real Prometheus evaluates the project's rules (`for` cut to 0 s) and sends to real Alertmanager
+    on the shipped routes (waits cut to 1 s), which posts to the sink: a target that is down pages,
+    a failed model reload opens a ticket."""
+    down, reload_failed = f"127.0.0.1:{free_port()}", f"127.0.0.1:{sink.server_port}"  # nothing listens on `down`
+
+    with open(os.path.join(MONITORING, "alertmanager.yml")) as f:
+        config = yaml.safe_load(f)
+    for route in (config["route"], *config["route"]["routes"]):
+        route.update(group_wait="1s", group_interval="1s")
+    source = write_yaml(tmp_path / "alertmanager.in.yml", config)
+    assert_amtool_success(render_alertmanager_config(tmp_path / "alertmanager.yml", f"http://{reload_failed}/hook",
+                                                     source))
+    alertmanager = harness.Server(log=tmp_path / "alertmanager.log", command=lambda port: [
+        ALERTMANAGER, f"--config.file={tmp_path / 'alertmanager.yml'}", f"--storage.path={tmp_path / 'am-data'}",
+        f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="])  # no peers: no port 9094
+
+    with open(os.path.join(MONITORING, "alerts.yml")) as f:
+        rules = yaml.safe_load(f)
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule["for"] = "0s"
+    write_yaml(tmp_path / "alerts.yml", rules)
+    with open(os.path.join(MONITORING, "prometheus.yml")) as f:
+        config = yaml.safe_load(f)
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    (managers,) = config["alerting"]["alertmanagers"]
+    managers["static_configs"] = [{"targets": [f"127.0.0.1:{alertmanager.port}"]}]
+    (job,) = config["scrape_configs"]
+    job["static_configs"] = [{"targets": [down, reload_failed]}]
+    write_yaml(tmp_path / "prometheus.yml", config)
+    prometheus = harness.Server(log=tmp_path / "prometheus.log", command=lambda port: [
+        "prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'prom-data'}",
+        f"--web.listen-address=127.0.0.1:{port}"])
+    try:
+        alertmanager.wait("/-/ready")
+        prometheus.wait("/-/ready")
+        found = notifications(sink, ["CatdogTargetDown", "CatdogModelReloadFailed"], timeout=40)
+    finally:
+        prometheus.stop()
+        alertmanager.stop()
+    logs = f"\nprometheus:\n{prometheus.logs()[-2000:]}\nalertmanager:\n{alertmanager.logs()[-2000:]}"
+    assert set(found) == {"CatdogTargetDown", "CatdogModelReloadFailed"}, f"notified: {found}{logs}"
+    receiver, path, alert = found["CatdogTargetDown"]
+    assert (receiver, path, alert["status"]) == ("catdog-page", "/hook", "firing")
+    assert alert["labels"]["severity"] == "page" and alert["labels"]["instance"] == down
+    assert alert["annotations"]["summary"] == f"catdog: Prometheus cannot scrape {down}"
+    receiver, path, alert = found["CatdogModelReloadFailed"]
+    assert (receiver, path, alert["status"]) == ("catdog-ticket", "/hook", "firing")
+    assert alert["labels"]["severity"] == "ticket" and alert["labels"]["instance"] == reload_failed
