@@ -77,7 +77,7 @@ $(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt
 # `sudo -n` where sudo needs no password (GitHub's hosted runners). What is still missing is
 # a note and its tests skip; with REQUIRE_ALL_TOOLS=1 (CI) it is an error, and pytest fails
 # every skip that is not about absent data (tests/conftest.py).
-APT_PACKAGES ?= chromium prometheus wrk shellcheck postgresql
+APT_PACKAGES ?= chromium prometheus prometheus-alertmanager wrk shellcheck postgresql
 APT_GET ?= apt-get
 REQUIRE_ALL_TOOLS ?=
 system-deps:  ## the Debian packages the tests drive (when missing; as root or sudo -n)

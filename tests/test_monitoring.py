@@ -171,18 +171,23 @@ def test_prometheus_scrapes_the_service(service):
     assert f"{len(alert_rules())} loaded, unhealthy None" in result.stdout
 
 
-def test_compose_monitoring_profile_mounts_these_files():
-    """The opt-in profile runs Prometheus and Grafana on exactly these files, scraping the api service."""
+def compose_profile(profile):
+    """(every Compose service, the names of those in `profile`); fails when one of these mounts a missing file."""
     with open(os.path.join(ROOT, "docker-compose.yml")) as f:
-        compose = yaml.safe_load(f)
-    services = compose["services"]
-    monitoring = {name for name, s in services.items() if "monitoring" in s.get("profiles", [])}
-    assert monitoring == {"prometheus", "grafana"} and "profiles" not in services["api"]
-    for name in monitoring:
+        services = yaml.safe_load(f)["services"]
+    names = {name for name, s in services.items() if profile in s.get("profiles", [])}
+    for name in names:
         for volume in services[name]["volumes"]:
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert os.path.isfile(os.path.join(ROOT, source)), f"{name} mounts missing {source}"
+    return services, names
+
+
+def test_compose_monitoring_profile_mounts_these_files():
+    """The opt-in profile runs Prometheus and Grafana on exactly these files, scraping the api service."""
+    services, monitoring = compose_profile("monitoring")
+    assert monitoring == {"prometheus", "grafana"} and "profiles" not in services["api"]
     mounted = " ".join(services["prometheus"]["volumes"] + services["grafana"]["volumes"])
     for path in ("prometheus.yml", "alerts.yml", "grafana/datasource.yml", "grafana/dashboards.yml",
                  "grafana/dashboard.json"):
@@ -190,6 +195,26 @@ def test_compose_monitoring_profile_mounts_these_files():
     with open(os.path.join(MONITORING, "prometheus.yml")) as f:
         (job,) = yaml.safe_load(f)["scrape_configs"]
     assert job["static_configs"][0]["targets"] == ["api:8000"]
+
+
+def test_compose_alerting_profile_runs_alertmanager_on_this_config():
+    """The opt-in profile runs Alertmanager on alertmanager.yml, written by alertmanager_config.sh with
+    the webhook URL of the host config, where prometheus.yml sends alerts (9093: its default port)."""
+    services, alerting = compose_profile("alerting")
+    assert alerting == {"alertmanager"}
+    alertmanager = services["alertmanager"]
+    mounts = dict(volume.split(":")[:2] for volume in alertmanager["volumes"])
+    script = mounts["./monitoring/alertmanager_config.sh"]
+    assert mounts["./monitoring/alertmanager.yml"] == os.path.join(os.path.dirname(script), "alertmanager.yml")
+    (command,) = alertmanager["command"]
+    assert command.startswith(f"sh {script} /tmp/alertmanager.yml && exec ")
+    assert "--config.file=/tmp/alertmanager.yml" in command and alertmanager["tmpfs"] == ["/tmp"]
+    (env_file,) = alertmanager["env_file"]
+    assert env_file["path"] == "${CATDOG_ENV_FILE:-/etc/catdog/catdog.env}"
+    assert alertmanager["ports"] == ["127.0.0.1:9093:9093"]
+    with open(os.path.join(MONITORING, "prometheus.yml")) as f:
+        (managers,) = yaml.safe_load(f)["alerting"]["alertmanagers"]
+    assert managers["static_configs"] == [{"targets": ["alertmanager:9093"]}]
 
 
 def render_alertmanager_config(out, url, source=os.path.join(MONITORING, "alertmanager.yml")):
