@@ -2,6 +2,7 @@
 the dashboard and alerts query only metrics (and labels) the real service exports,
 a real Prometheus scrapes a real service, and the Alertmanager config passes amtool, routes
 every alert by its severity and, run for real, delivers a firing rule to a webhook."""
+import contextlib
 import http.server
 import json
 import os
@@ -318,18 +319,13 @@ def test_a_firing_rule_reaches_the_webhook(tmp_path, sink):
     on the shipped routes (waits cut to 1 s), which posts to the sink: a target that is down pages,
     a failed model reload opens a ticket."""
     down, reload_failed = f"127.0.0.1:{free_port()}", f"127.0.0.1:{sink.server_port}"  # nothing listens on `down`
-
     with open(os.path.join(MONITORING, "alertmanager.yml")) as f:
-        config = yaml.safe_load(f)
-    for route in (config["route"], *config["route"]["routes"]):
+        routes = yaml.safe_load(f)
+    for route in (routes["route"], *routes["route"]["routes"]):
         route.update(group_wait="1s", group_interval="1s")
-    source = write_yaml(tmp_path / "alertmanager.in.yml", config)
+    source = write_yaml(tmp_path / "alertmanager.in.yml", routes)
     assert_amtool_success(render_alertmanager_config(tmp_path / "alertmanager.yml", f"http://{reload_failed}/hook",
                                                      source))
-    alertmanager = harness.Server(log=tmp_path / "alertmanager.log", command=lambda port: [
-        ALERTMANAGER, f"--config.file={tmp_path / 'alertmanager.yml'}", f"--storage.path={tmp_path / 'am-data'}",
-        f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="])  # no peers: no port 9094
-
     with open(os.path.join(MONITORING, "alerts.yml")) as f:
         rules = yaml.safe_load(f)
     for group in rules["groups"]:
@@ -339,21 +335,24 @@ def test_a_firing_rule_reaches_the_webhook(tmp_path, sink):
     with open(os.path.join(MONITORING, "prometheus.yml")) as f:
         config = yaml.safe_load(f)
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
-    (managers,) = config["alerting"]["alertmanagers"]
-    managers["static_configs"] = [{"targets": [f"127.0.0.1:{alertmanager.port}"]}]
     (job,) = config["scrape_configs"]
     job["static_configs"] = [{"targets": [down, reload_failed]}]
-    write_yaml(tmp_path / "prometheus.yml", config)
-    prometheus = harness.Server(log=tmp_path / "prometheus.log", command=lambda port: [
-        "prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'prom-data'}",
-        f"--web.listen-address=127.0.0.1:{port}"])
-    try:
+
+    with contextlib.ExitStack() as running:
+        alertmanager = harness.Server(log=tmp_path / "alertmanager.log", command=lambda port: [
+            ALERTMANAGER, f"--config.file={tmp_path / 'alertmanager.yml'}", f"--storage.path={tmp_path / 'am-data'}",
+            f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="])  # no peers: no port 9094
+        running.callback(alertmanager.stop)
+        (managers,) = config["alerting"]["alertmanagers"]
+        managers["static_configs"] = [{"targets": [f"127.0.0.1:{alertmanager.port}"]}]
+        write_yaml(tmp_path / "prometheus.yml", config)
+        prometheus = harness.Server(log=tmp_path / "prometheus.log", command=lambda port: [
+            "prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'prom-data'}", f"--web.listen-address=127.0.0.1:{port}"])
+        running.callback(prometheus.stop)
         alertmanager.wait("/-/ready")
         prometheus.wait("/-/ready")
         found = notifications(sink, ["CatdogTargetDown", "CatdogModelReloadFailed"], timeout=40)
-    finally:
-        prometheus.stop()
-        alertmanager.stop()
     logs = f"\nprometheus:\n{prometheus.logs()[-2000:]}\nalertmanager:\n{alertmanager.logs()[-2000:]}"
     assert set(found) == {"CatdogTargetDown", "CatdogModelReloadFailed"}, f"notified: {found}{logs}"
     receiver, path, alert = found["CatdogTargetDown"]
