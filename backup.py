@@ -249,7 +249,7 @@ def backup(dest, environ, only=None):
         print(f"{source.name}: {source.shown} -> {path} ({os.path.getsize(path)} bytes, {counts})")
     manifest = {"started": started, "finished": now(), "parts": entries}
     with open(os.path.join(dest, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=2)
+        f.write(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
