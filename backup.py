@@ -28,6 +28,7 @@ import sqlite3
 import subprocess
 import sys
 import tarfile
+import urllib.parse
 
 import store as stores
 
@@ -115,7 +116,7 @@ def connect(source, readonly=False):
         if readonly and not os.access(source.location, os.R_OK):
             raise Refused(f"{source.name}: no readable SQLite file at {source.location}")
         os.makedirs(os.path.dirname(os.path.abspath(source.location)), exist_ok=True)
-        uri = f"file:{source.location}?mode={'ro' if readonly else 'rwc'}"
+        uri = f"file:{urllib.parse.quote(os.path.abspath(source.location))}?mode={'ro' if readonly else 'rwc'}"
         return contextlib.closing(sqlite3.connect(uri, uri=True, isolation_level=None))
     import psycopg
 
@@ -212,6 +213,7 @@ def readable(source, artifacts=None):
         return
     with connect(source, readonly=True) as conn:
         try:
+            table_rows(conn, source.kind)  # a file that is no SQLite database fails here, before DEST is made
             outside = artifacts_outside(conn, source.kind, artifacts) if artifacts else []
         except sqlite3.DatabaseError as e:
             raise Refused(f"{source.name}: {source.location} is not a readable SQLite database: {e}") from e

@@ -135,6 +135,9 @@ def test_refusals_exit_non_zero_and_name_what_and_where(tmp_path):
     db = str(tmp_path / "catdog.db")
     missing = run_cli("backup", str(tmp_path / "b"), "--only", "store", DB_PATH=db)
     assert missing.returncode != 0 and f"no readable SQLite file at {db}" in missing.stderr
+    (tmp_path / "junk.db").write_text("not a database")
+    junk = run_cli("backup", str(tmp_path / "b"), "--only", "store", DB_PATH=str(tmp_path / "junk.db"))
+    assert junk.returncode != 0 and "junk.db is not a readable SQLite database" in junk.stderr
     assert not os.path.exists(tmp_path / "b")
 
     client, service = in_process(tiny_model(), db)
