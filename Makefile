@@ -40,7 +40,7 @@ export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 4294967296
 
 .PHONY: all help setup setup-dev system-deps lock data train train-is-current serve test lint bench fuzz image push \
-        deploy rollback smoke smoke-model post-eval monitor-check mlflow-ui clean
+        deploy rollback smoke smoke-model post-eval monitor-check mlflow-ui backup restore clean
 
 all:  ## setup -> data -> train: the champion in models/, ready to serve (each stage's time printed)
 	@total=$$SECONDS; for stage in setup data train; do \
@@ -254,6 +254,23 @@ smoke-model: setup  ## a tiny model (red cat, blue dog) in models/ + two smoke p
 MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 mlflow-ui: setup  ## MLflow UI on 127.0.0.1:5001
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5001 --backend-store-uri "$(MLFLOW_TRACKING_URI)"
+
+# ------------------------------------------------------------------ backups
+# The store of DB_PATH or DATABASE_URL (as the service reads them) and MLflow (the database of
+# MLFLOW_TRACKING_URI, the artifacts in MLFLOW_ARTIFACTS_DIR, default mlruns/ beside a sqlite
+# database) into the new folder DEST, with manifest.json; restore puts back what FROM holds.
+# BACKUP_ARGS: "--only store" (a host without MLflow), "--only mlflow"; restore's "--force"
+# overwrites a store in use. Check a backup: $(PY) backup.py check FROM (docs/operations.md).
+DEST ?=
+FROM ?=
+BACKUP_ARGS ?=
+backup:  ## store + MLflow database and artifacts into the new folder DEST, with a manifest
+	@test -n "$(DEST)" || { echo "make backup DEST=dir: name a new folder" >&2; exit 1; }
+	MLFLOW_TRACKING_URI="$(MLFLOW_TRACKING_URI)" $(PY) backup.py backup "$(DEST)" $(BACKUP_ARGS)
+
+restore:  ## put back what the backup in FROM holds (refuses a store in use without --force)
+	@test -n "$(FROM)" || { echo "make restore FROM=dir: name the backup folder" >&2; exit 1; }
+	MLFLOW_TRACKING_URI="$(MLFLOW_TRACKING_URI)" $(PY) backup.py restore "$(FROM)" $(BACKUP_ARGS)
 
 clean:  ## remove caches
 	rm -rf .pytest_cache __pycache__ tests/__pycache__

@@ -47,6 +47,8 @@ MIGRATIONS = (
     INSERT INTO counters SELECT 'feedback', COUNT(*) FROM feedback""",
 )
 LATEST = len(MIGRATIONS)
+# The SQLite file when DB_PATH is unset (the service's and backup.py's default).
+DEFAULT_DB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "var", "catdog.db")
 
 
 class Store:
@@ -258,11 +260,16 @@ class PostgresStore(Store):
         self._pool.close()
 
 
+def kind_of(database_url):
+    """The backend the service's settings choose: "postgresql" when DATABASE_URL is set, else "sqlite"."""
+    if database_url and not database_url.startswith(("postgresql://", "postgres://")):
+        raise ValueError("DATABASE_URL must be a postgresql:// URL")
+    return PostgresStore.kind if database_url else SQLiteStore.kind
+
+
 def open_store(database_url, db_path, max_connections=10):
     """PostgresStore of database_url when it is set, else the SQLite file at db_path."""
-    if database_url:
-        if not database_url.startswith(("postgresql://", "postgres://")):
-            raise ValueError("DATABASE_URL must be a postgresql:// URL")
+    if kind_of(database_url) == PostgresStore.kind:
         return PostgresStore(database_url, max_connections)
     return SQLiteStore(db_path)
 
