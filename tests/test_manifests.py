@@ -177,7 +177,8 @@ def test_ci_postgres_stand_in_passes_hadolint():
 
 
 def test_deploy_scripts_pass_shellcheck():
-    code, out = run(tool("shellcheck"), "smoke.sh", "deploy.sh", ".ci/run", ".ci/postgres/docker-entrypoint.sh")
+    code, out = run(tool("shellcheck"), "smoke.sh", "deploy.sh", ".ci/run", ".ci/postgres/docker-entrypoint.sh",
+                    "monitoring/alertmanager_config.sh")
     assert code == 0, out
 
 
