@@ -13,7 +13,7 @@
 # in the `feedback` volume, no token).
 set -euo pipefail
 env_file="${CATDOG_ENV_FILE:-/etc/catdog/catdog.env}"
-[[ "$env_file" == /* ]] || env_file="$PWD/$env_file"  # Compose would read it beside the compose file
+[[ "$env_file" == /* ]] || env_file="$PWD/$env_file"  # the caller's, not the compose file's folder
 cd "$(dirname "$0")"
 
 DOCKER="${DOCKER:-docker}"
