@@ -4,10 +4,16 @@
 #                            on failure redeploy the last good tag, re-check it, exit 1
 #   ./deploy.sh --rollback   redeploy the good tag before the current one
 # Settings come from the environment (`make deploy` passes them): IMAGE, DOCKER, COMPOSE,
-# URL, SMOKE_ARGS, HEALTH_TIMEOUT, DEPLOY_STATE. DEPLOY_STATE (default .deploy/good) lists
-# the tags that passed smoke on this host, newest last: the host's state, not the project's,
-# so it stays out of git (a CI runner keeps it outside the checkout, which gets cleaned).
+# URL, SMOKE_ARGS, HEALTH_TIMEOUT, DEPLOY_STATE, CATDOG_ENV_FILE. DEPLOY_STATE (default
+# .deploy/good) lists the tags that passed smoke on this host, newest last: the host's state,
+# not the project's, so it stays out of git (a CI runner keeps it outside the checkout, which
+# gets cleaned). CATDOG_ENV_FILE (default /etc/catdog/catdog.env) is the host config that
+# Compose gives the api and smoke.sh checks against (catdog.env.example): it must exist, outside
+# the checkout, with no change-me left; CATDOG_ENV_FILE=/dev/null deploys without one (SQLite
+# in the `feedback` volume, no token).
 set -euo pipefail
+env_file="${CATDOG_ENV_FILE:-/etc/catdog/catdog.env}"
+[[ "$env_file" == /* ]] || env_file="$PWD/$env_file"  # the caller's, not the compose file's folder
 cd "$(dirname "$0")"
 
 DOCKER="${DOCKER:-docker}"
@@ -22,6 +28,20 @@ log() { echo "deploy: $*" >&2; }
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 last_good_except() { { grep -vxF "$1" "$GOOD" 2>/dev/null || true; } | tail -n 1; }
+
+# Without its host config a deploy would quietly start the api on an empty SQLite volume, with
+# no token: refuse before anything changes.
+refuse() { log "$* (CATDOG_ENV_FILE; see catdog.env.example): nothing deployed"; exit 1; }
+if [ "$env_file" != /dev/null ]; then
+  [ -f "$env_file" ] || refuse "no host config at $env_file"
+  [ -r "$env_file" ] || refuse "cannot read the host config $env_file"
+  case "$(realpath "$env_file")" in
+    "$(pwd -P)"/*) refuse "the host config $env_file is inside the checkout, which a release cleans" ;;
+  esac
+  if grep -q '^[^#]*change-me' "$env_file"; then refuse "the host config $env_file still holds a change-me"; fi
+fi
+export CATDOG_ENV_FILE="$env_file"  # for Compose and smoke.sh
+log "host config $env_file"
 
 # Start TAG (Compose recreates the container when the image changed), wait until /health
 # answers 200, then smoke-test it. Fails when either never happens.

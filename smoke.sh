@@ -5,6 +5,9 @@
 # Passes only when the service really works: /health says ok, a known cat and a known dog
 # are predicted correctly with confidence >= MIN_CONFIDENCE, a corrupt upload gets a 4xx
 # (not a 200, not a 5xx), and /metrics counts the predictions. Anything else exits 1.
+# /health must name the store the host config asks for (CATDOG_ENV_FILE, default
+# /etc/catdog/catdog.env when it exists; else this environment): postgresql when it sets
+# DATABASE_URL, else sqlite. Its API_TOKEN (or this environment's) goes with every request.
 set -euo pipefail
 
 usage="usage: $0 URL [IMAGES_DIR | CAT_PHOTO DOG_PHOTO]"
@@ -24,6 +27,25 @@ else
 fi
 
 fail() { echo "smoke: FAIL: $*" >&2; exit 1; }
+
+host_config="${CATDOG_ENV_FILE:-/etc/catdog/catdog.env}"
+if [ -n "${CATDOG_ENV_FILE:-}" ] || [ -f "$host_config" ]; then
+  [ -r "$host_config" ] || fail "cannot read the host config $host_config (CATDOG_ENV_FILE)"
+  # setting NAME: the value of the file's last NAME=... line, without the quotes around it
+  setting() {
+    sed -n -E "s/^[[:space:]]*(export[[:space:]]+)?$1[[:space:]]*=[[:space:]]*//p" "$host_config" | tail -n 1 \
+      | sed -E -e 's/[[:space:]]+$//' -e "s/^(['\"])(.*)\1$/\2/"
+  }
+  API_TOKEN="$(setting API_TOKEN)" DATABASE_URL="$(setting DATABASE_URL)"
+else
+  host_config="this environment"
+fi
+if [ -n "${DATABASE_URL:-}" ]; then
+  expected_store="postgresql (it sets DATABASE_URL)"
+else
+  expected_store="sqlite (no DATABASE_URL)"
+fi
+
 body="$(mktemp)" corrupt="$(mktemp)"
 trap 'rm -f "$body" "$corrupt"' EXIT
 
@@ -46,7 +68,9 @@ json() {
 status="$(call GET /health)"
 [ "$status" = 200 ] || fail "/health answered $status: $(head -c 300 "$body")"
 [ "$(json 'r.get("status")')" = ok ] || fail "/health is not ok: $(head -c 300 "$body")"
-echo "smoke: /health ok, model $(json 'r.get("model_version")')"
+store="$(json 'r.get("store")')"
+[ "$store" = "${expected_store%% *}" ] || fail "/health says store $store, but $host_config asks for $expected_store"
+echo "smoke: /health ok, model $(json 'r.get("model_version")'), store $store"
 
 # predict EXPECTED PHOTO: the right label with enough confidence
 predict() {

@@ -144,16 +144,45 @@ def test_kubernetes_postgres_is_persistent_probed_and_locked_down():
     assert policy["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == api_labels
 
 
-def test_compose_postgres_profile_and_its_env_file():
-    """The api stores in SQLite unless postgres.env (git-ignored) gives it DATABASE_URL; the opt-in
-    postgres profile runs the official image (or POSTGRES_IMAGE) on a named volume, healthchecked."""
+HOST_CONFIG = {"path": "${CATDOG_ENV_FILE:-/etc/catdog/catdog.env}", "required": True}
+
+
+def test_compose_reads_the_host_config_and_limits_the_api():
+    """Settings and secrets come from one required file outside the checkout (a missing one stops
+    Compose, never a silent SQLite start); the api has memory and CPU limits; Grafana has no
+    default admin password."""
+    services = load("docker-compose.yml")[0]["services"]
+    api, grafana = services["api"], services["grafana"]
+    assert api["env_file"] == grafana["env_file"] == services["postgres"]["env_file"] == [HOST_CONFIG]
+    assert api["environment"].keys() == {"DB_PATH"}  # the rest is the host's
+    assert api["mem_limit"] == "1g" and api["cpus"] == 2
+    assert not any(k.startswith("GF_SECURITY_ADMIN") for k in grafana["environment"])
+    # The entrypoint (Compose's $$ is a $) refuses to start without the password, else hands it over.
+    entrypoint = [part.replace("$$", "$") for part in grafana["entrypoint"]]
+    env = {"PATH": os.environ["PATH"]}
+    out = subprocess.run(entrypoint, env=env, capture_output=True, text=True, timeout=10)
+    assert out.returncode != 0 and "set GRAFANA_ADMIN_PASSWORD in the host config" in out.stderr, out.stderr
+    shell = entrypoint[:2] + [entrypoint[2].replace("exec /run.sh", "exec env")]  # env: what /run.sh would get
+    out = subprocess.run(shell, env={**env, "GRAFANA_ADMIN_PASSWORD": "s3cret"}, capture_output=True, text=True)
+    assert out.returncode == 0 and "GF_SECURITY_ADMIN_PASSWORD=s3cret\n" in out.stdout, out.stderr
+    # The example holds every setting the issue names, and stays in git while the real file cannot.
+    with open(os.path.join(ROOT, "catdog.env.example")) as f:
+        example = f.read()
+    for name in ("DATABASE_URL", "API_TOKEN", "CORS_ORIGINS", "MAX_UPLOAD_MB", "GRAFANA_ADMIN_PASSWORD"):
+        assert re.search(rf"^#?{name}=", example, re.M), name
+    if shutil.which("git") and os.path.isdir(os.path.join(ROOT, ".git")):
+        assert subprocess.run(["git", "check-ignore", "-q", "catdog.env"], cwd=ROOT).returncode == 0
+        assert subprocess.run(["git", "check-ignore", "-q", "catdog.env.example"], cwd=ROOT).returncode == 1
+
+
+def test_compose_postgres_profile_and_the_host_config():
+    """The api stores in SQLite unless the host config gives it DATABASE_URL; the opt-in postgres
+    profile runs the official image (or POSTGRES_IMAGE) on a named volume, healthchecked."""
     services = load("docker-compose.yml")[0]["services"]
     api, postgres = services["api"], services["postgres"]
     assert "profiles" not in api and postgres["profiles"] == ["postgres"]
-    assert api["env_file"] == [{"path": "postgres.env", "required": False}]
     assert "DATABASE_URL" not in api["environment"]
     assert postgres["image"].startswith("${POSTGRES_IMAGE:-postgres:")
-    assert [e["path"] for e in postgres["env_file"]] == ["postgres.env"]
     assert "POSTGRES_PASSWORD" not in postgres.get("environment", {})
     (volume,) = postgres["volumes"]
     name, path = volume.split(":")
@@ -161,14 +190,11 @@ def test_compose_postgres_profile_and_its_env_file():
     assert postgres["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
     assert "ports" not in postgres  # on the Compose network only
     # The example's URL reaches this service as its user, into its database, with its password.
-    with open(os.path.join(ROOT, "postgres.env.example")) as f:
+    with open(os.path.join(ROOT, "catdog.env.example")) as f:
         example = dict(line.split("=", 1) for line in f.read().splitlines() if line and not line.startswith("#"))
     env = postgres["environment"]
     assert example["DATABASE_URL"] == (f"postgresql://{env['POSTGRES_USER']}:{example['POSTGRES_PASSWORD']}"
                                        f"@postgres:5432/{env['POSTGRES_DB']}")
-    if shutil.which("git") and os.path.isdir(os.path.join(ROOT, ".git")):
-        assert subprocess.run(["git", "check-ignore", "-q", "postgres.env"], cwd=ROOT).returncode == 0
-        assert subprocess.run(["git", "check-ignore", "-q", "postgres.env.example"], cwd=ROOT).returncode == 1
 
 
 def test_ci_postgres_stand_in_passes_hadolint():
@@ -178,7 +204,7 @@ def test_ci_postgres_stand_in_passes_hadolint():
 
 def test_deploy_scripts_pass_shellcheck():
     code, out = run(tool("shellcheck"), "smoke.sh", "deploy.sh", ".ci/run", ".ci/postgres/docker-entrypoint.sh",
-                    "monitoring/alertmanager_config.sh")
+                    ".ci/postgres/replicas.sh", "monitoring/alertmanager_config.sh")
     assert code == 0, out
 
 

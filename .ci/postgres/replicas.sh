@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Two api containers of one image on one PostgreSQL. docker-compose.yml's `postgres` profile
-# (podman-compose) runs the database and api 1, with a postgres.env of its own; api 2 is the
-# same image on the same Compose network and env file. A prediction made on api 1 takes its
-# feedback on api 2, both report the same feedback count and live-accuracy sample count, and
-# smoke.sh passes against each. The database is this folder's stand-in for the official image
-# (Dockerfile). .ci/run runs it after the Kubernetes step; on its own, from the project root:
+# (podman-compose) runs the database and api 1, with a host config of its own (DATABASE_URL,
+# API_TOKEN); api 2 is the same image on the same Compose network and env file. A prediction
+# made on api 1 takes its feedback on api 2, both report the same feedback count and
+# live-accuracy sample count, and smoke.sh passes against each. The database is this
+# folder's stand-in for the official image (Dockerfile). .ci/run runs it after the
+# Kubernetes step; on its own, from the project root:
 #   eval "$(../shared/tools/container-sandbox.sh env)"
 #   .ci/postgres/replicas.sh IMAGE:TAG       # ports PORT1 (8001) and PORT2 (8002)
 #   .ci/postgres/replicas.sh down            # remove what a killed run left
@@ -40,11 +41,12 @@ down  # a killed earlier run
 podman build $PODMAN_BUILD_FLAGS --quiet -t "$pg_image" .ci/postgres >/dev/null
 log "database image $pg_image (Debian's $(podman run --rm --entrypoint postgres "$pg_image" --version))"
 
-# The compose file as it is, beside an env file of this run's (a developer's postgres.env stays
-# out of it): the file the README tells an operator to write from postgres.env.example.
+# The compose file as it is, with a host config of this run's (the machine's stays out of it):
+# the file an operator writes from catdog.env.example. smoke.sh then expects PostgreSQL and sends the token.
 cp docker-compose.yml "$work/"
-password="$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
-sed -e "s/change-me/$password/g" postgres.env.example >"$work/postgres.env"
+password="$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')" token="$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+sed -e "s/^API_TOKEN=.*/API_TOKEN=$token/" -e "s/change-me/$password/g" catdog.env.example >"$work/catdog.env"
+export CATDOG_ENV_FILE="$work/catdog.env"
 export IMAGE="${image%:*}" TAG="${image##*:}" PORT="$port1" POSTGRES_IMAGE="$pg_image"
 t0=$SECONDS
 (cd "$work" && "${compose[@]}" up -d >/dev/null 2>"$work/up.log") || { cat "$work/up.log" >&2; fail "compose up"; }
@@ -57,7 +59,7 @@ until podman healthcheck run "$pg" >/dev/null 2>&1; do
 done
 log "postgres healthy (its compose healthcheck) $((SECONDS - t0)) s after compose up"
 
-podman run -d --name "$api2" --network "${project}_default" --env-file "$work/postgres.env" \
+podman run -d --name "$api2" --network "${project}_default" --env-file "$CATDOG_ENV_FILE" \
   --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
   -p "127.0.0.1:$port2:8000" "$image" >/dev/null
 wait_health() {
@@ -81,7 +83,8 @@ log "both apis ready on PostgreSQL $((SECONDS - t0)) s after compose up (api 1 r
 json() {
   local url="$1" expr="$2" status
   shift 2
-  status="$(curl -sS -o "$work/body" -w '%{http_code}' --max-time 30 "$@" "$url")" || fail "no answer from $url"
+  status="$(curl -sS -o "$work/body" -w '%{http_code}' --max-time 30 -H "Authorization: Bearer $token" "$@" "$url")" \
+    || fail "no answer from $url"
   [ "$status" = 200 ] || fail "$url answered $status: $(head -c 300 "$work/body")"
   python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$work/body" "$expr"
 }
@@ -92,7 +95,7 @@ log "prediction $id made on api 1, its feedback recorded on api 2 (recorded, pre
 count1="$(json "$url1/stats" 'r["feedback_count"]')"
 count2="$(json "$url2/stats" 'r["feedback_count"]')"
 if [ "$count1" != "$count2" ] || [ "$count1" -lt 1 ]; then fail "/stats feedback_count: api 1 $count1, api 2 $count2"; fi
-samples() { curl -fsS --max-time 10 "$1/metrics" | awk '$1 == "catdog_live_accuracy_samples" {print $2}'; }
+samples() { curl -fsS --max-time 10 -H "Authorization: Bearer $token" "$1/metrics" | awk '$1 == "catdog_live_accuracy_samples" {print $2}'; }
 s1="$(samples "$url1")" s2="$(samples "$url2")"
 if [ -z "$s1" ] || [ "$s1" != "$s2" ]; then fail "catdog_live_accuracy_samples: api 1 '$s1', api 2 '$s2'"; fi
 log "feedback_count $count1 on both, catdog_live_accuracy_samples $s1 on both"
