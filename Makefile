@@ -204,13 +204,16 @@ SMOKE_ARGS ?=
 DEPLOY_ENV = IMAGE="$(IMAGE)" DOCKER="$(DOCKER)" COMPOSE="$(COMPOSE)" URL="$(URL)" SMOKE_ARGS="$(SMOKE_ARGS)"
 
 # MODEL_URI=models:/catdog@champion (or models:/catdog/7): the model comes from the MLflow
-# registry at MLFLOW_TRACKING_URI, through build/model/, instead of models/.
+# registry at MLFLOW_TRACKING_URI, through build/model/, instead of models/. Either way a model
+# whose preprocessing fingerprint is not this code's is refused (catdog.preprocessing_mismatch).
 MODEL_URI ?=
 MODEL_DIR = $(if $(MODEL_URI),build/model,models)
 model_field = $$($(PYTHON) -c 'import json, sys; print(json.load(open(sys.argv[1])).get(sys.argv[2]) or "none")' $(MODEL_DIR)/model.json $(1))
 image:  ## the serving image (code + champion, or MODEL_URI from the registry), tagged IMAGE:TAG
 	@if [ -n "$(MODEL_URI)" ]; then rm -rf build/model && $(PY) registry_model.py "$(MODEL_URI)" build/model; fi
 	@test -f $(MODEL_DIR)/model.onnx || { echo "no $(MODEL_DIR)/model.onnx: run 'make all' first" >&2; exit 1; }
+	@$(PY) -c 'import sys, catdog; sys.exit(catdog.preprocessing_mismatch(catdog.read_json(sys.argv[1]), sys.argv[2]))' \
+	  $(MODEL_DIR)/model.json $(MODEL_DIR)/model.onnx
 	$(DOCKER) build $(BUILD_FLAGS) --build-arg MODEL_DIR=$(MODEL_DIR) \
 	  --build-arg REVISION="$$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
 	  --build-arg MODEL_VERSION="$(call model_field,version)" \

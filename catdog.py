@@ -207,10 +207,16 @@ def open_checked(source, max_pixels=MAX_PIXELS, min_side=None):
     if min(width, height) < MIN_SIDE:  # before decoding: a 1 x 40,000,000 PNG is refused at once
         raise ImageError("too_small", f"{width}x{height} is smaller than {MIN_SIDE} px on a side")
     check_enough_data(img, len(data))
-    if min_side and img.format == "JPEG":
-        img.draft(None, (min_side, min_side))
+    decode_scale(img, min_side)
     img.info["original_size"] = (width, height)
     return img
+
+
+def decode_scale(img, min_side):
+    """Let a JPEG at least twice min_side on both sides decode at 1/2, 1/4 or 1/8 scale
+    (libjpeg's DCT scaling), both sides staying >= min_side."""
+    if min_side and img.format == "JPEG":
+        img.draft(None, (min_side, min_side))
 
 
 def decode_header_checked(img):
@@ -223,8 +229,7 @@ def decode_header_checked(img):
             img.load()
     except Exception as e:
         raise ImageError("corrupt", f"the image could not be decoded ({type(e).__name__})") from None
-    ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to turn
-    img = to_rgb(img)
+    img = upright_rgb(img)
     img.info["original_size"] = (width, height) if img.size == decoded_size else (height, width)
     return img
 
@@ -262,6 +267,12 @@ def check_enough_data(img, size):
     if not enough:
         raise ImageError("truncated", f"{size} bytes cannot hold the {width}x{height} image the header declares "
                                       "(a truncated file or a lying header)")
+
+
+def upright_rgb(img):
+    """A decoded image turned as its EXIF orientation says, in 8-bit RGB."""
+    ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to turn
+    return to_rgb(img)
 
 
 def to_rgb(img):
@@ -318,6 +329,60 @@ def preprocess(img, settings):
     return arr
 
 
+# ---------------------------------------------------------------- the preprocessing contract
+# What a decoded upload goes through before the model sees it: serving decodes at reduced scale
+# (decode_scale), turns it upright in RGB, then preprocess. A model records the fingerprint of
+# this code (model.json "preprocess_fingerprint") beside its settings ("preprocess"); serve.py
+# and `make image` refuse a model whose fingerprint is not their code's, so a change to any of
+# these functions cannot ship with a model trained before it. Comments and docstrings do not count.
+PREPROCESSING = ("decode_scale", "upright_rgb", "to_rgb", "resize_shorter_center_crop", "preprocess")
+
+
+def preprocessing_fingerprint(source=None):
+    """sha256 of the code of the PREPROCESSING functions, in that order, in `source` (the text
+    of a catdog.py; by default this file's)."""
+    if source is None:
+        with open(os.path.abspath(__file__), encoding="utf-8") as f:
+            source = f.read()
+    functions = {node.name: node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)}
+    digest = hashlib.sha256()
+    for name in PREPROCESSING:
+        digest.update(code_of(source, functions[name]).encode() + b"\0")
+    return digest.hexdigest()
+
+
+def code_of(source, function):
+    """The lines of a top-level function (its ast node in `source`) without its docstring,
+    comments, trailing spaces and blank lines."""
+    start = function.lineno
+    lines = source.splitlines()[start - 1:function.end_lineno]
+    for token in tokenize.generate_tokens(io.StringIO("\n".join(lines) + "\n").readline):
+        if token.type == tokenize.COMMENT:
+            row, column = token.start
+            lines[row - 1] = lines[row - 1][:column]
+    if ast.get_docstring(function, clean=False) is not None:
+        docstring = function.body[0]
+        lines[docstring.lineno - start:docstring.end_lineno - start + 1] = []
+    return "\n".join(line.rstrip() for line in lines if line.strip())
+
+
+def preprocessing_mismatch(meta, where):
+    """Why the model of model.json `meta` (read from `where`) must not be served by this code,
+    or None: it records no preprocessing fingerprint, or not this code's."""
+    trained, ours = meta.get("preprocess_fingerprint"), preprocessing_fingerprint()
+    code = f"catdog.py's {', '.join(PREPROCESSING)}"
+    if trained is None:
+        return (f"{where} was trained before models recorded their preprocessing code (its model.json has no "
+                f"preprocess_fingerprint), so nothing shows that this code ({code}, fingerprint {ours[:12]}) "
+                "prepares photos as its training did; retrain it with this code (`make train`)")
+    if trained != ours:
+        return (f"{where} was trained with preprocessing code of fingerprint {trained[:12]} (its model.json), "
+                f"this code's is {ours[:12]}: what a photo becomes before the model sees it ({code}) is not what "
+                f"it was trained on (code at commit {meta.get('git_commit', 'unknown')}); retrain it with this "
+                "code (`make train`), or deploy the code it was trained with")
+    return None
+
+
 def softmax(logits):
     z = np.asarray(logits, dtype=np.float64)
     z = z - z.max(axis=-1, keepdims=True)
@@ -372,7 +437,7 @@ def model_meta(arch, metrics=None, temperature=1.0, version=None, backbone=BACKB
     """Everything serving needs to reproduce training's view of an image."""
     return {"arch": arch, "backbone": backbone if arch == "transfer" else "simple-cnn",
             "classes": list(CLASSES), "preprocess": preprocess_settings(arch, backbone),
-            "temperature": temperature, "metrics": metrics or {},
+            "preprocess_fingerprint": preprocessing_fingerprint(), "temperature": temperature, "metrics": metrics or {},
             "version": version or time.strftime("%Y%m%d-%H%M%S"), **extra}
 
 

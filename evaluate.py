@@ -477,11 +477,12 @@ log-loss {m['test_log_loss']:.4f}, ECE {m['test_ece']:.4f}. Training took {m['tr
 fall. On photos it never saw: pets answered "other" {m['eval_pets_as_other']:.4f} of the
 evaluation set; non-pets answered cat or dog {m['other_as_pet']:.4f} of the not-pets test part and
 generated blanks, noise, documents and screenshots (per kind in reports/other_by_kind.png).
+Learnt from the train and val parts, measured on the test part of: {run.others.described()}.
 
 **Intended use**: telling whether a photo shows a cat or a dog, for a pet-adoption workflow
 with a human in the loop.
 
-**Limits**: "other" was learnt from the photos in {cfg.not_pets or '(none)'} and generated images;
+**Limits**: "other" was learnt from the photos and generated images above;
 a kind of photo unlike all of them may still get "cat" or "dog", and a photo with both a cat and a
 dog gets one of the two. Evaluation photos come from the
 same Kaggle source as training; expect lower accuracy on photos from other cameras and

@@ -21,6 +21,7 @@ import evaluate
 import nets
 
 SYNTHETIC_KINDS = ("solid", "noise", "gradient", "document", "screenshot")
+GENERATED = "synthetic "  # the kind of a generated non-pet: "synthetic noise", ...
 
 
 # ---------------------------------------------------------------- the photos
@@ -29,6 +30,7 @@ class NonPets:
     """Photos that are neither cats nor dogs: {split: [(path, kind)]}, the not-pets folder's
     parts (evaluate.not_pet_photos) and generated ones (synthetic_non_pets)."""
     parts: dict
+    folder: str = ""  # the not-pets folder; "": generated images alone (--synthetic-only)
 
     def items(self, split):
         """As (path, 0) items for train.Images; the label is unused."""
@@ -37,19 +39,51 @@ class NonPets:
     def kinds(self, split):
         return np.array([kind for _, kind in self.parts[split]])
 
+    def described(self):
+        """Which data "other" is learnt (train, val) and measured (test) on, in one line: the
+        MLflow tag other_trained_on and the model card say it."""
+        def counts(generated):
+            return "/".join(str(sum(kind.startswith(GENERATED) == generated for _, kind in self.parts[split]))
+                            for split, _ in evaluate.NOT_PETS_SPLIT)
+
+        photos = [kind for part in self.parts.values() for _, kind in part if not kind.startswith(GENERATED)]
+        source = (f"not-pets folder {self.folder} ({len(photos)} photos, {len(set(photos))} kinds)" if self.folder
+                  else "no not-pets photos (--synthetic-only)")
+        return f"{source} + generated images; train/val/test: {counts(False)} photos + {counts(True)} generated"
+
+
+def missing_photos(cfg):
+    """Why "other" cannot be learnt as asked, or None: without --synthetic-only, the not-pets
+    folder (--not-pets) must hold photos, one subfolder per kind. Generated images alone would
+    teach it blanks and screenshots, never a bird or a sofa."""
+    if cfg.synthetic_only:
+        return None
+    if not cfg.not_pets:
+        problem = "no not-pets folder is given (--not-pets \"\")"
+    elif not os.path.isdir(cfg.not_pets):
+        problem = f"the not-pets folder {cfg.not_pets} does not exist"
+    elif not any(evaluate.not_pet_photos(cfg.not_pets, cfg.seed).values()):
+        problem = f"the not-pets folder {cfg.not_pets} holds no photos in kind subfolders ({cfg.not_pets}/<kind>/*.jpg)"
+    else:
+        return None
+    return (f"{problem}: \"other\" (neither a cat nor a dog) would be learnt and measured on generated images "
+            "alone. Give --not-pets a folder of such photos, one subfolder per kind, or pass --synthetic-only "
+            "if generated images alone are intended")
+
 
 def non_pets(cfg, folder):
-    """NonPets of cfg.not_pets plus cfg.synthetic generated images for training and half as
-    many for val and for test (written to `folder`), each part from its own seed."""
-    parts = (evaluate.not_pet_photos(cfg.not_pets, cfg.seed) if cfg.not_pets
-             else {split: [] for split, _ in evaluate.NOT_PETS_SPLIT})
+    """NonPets of cfg.not_pets (none with cfg.synthetic_only) plus cfg.synthetic generated images
+    for training and half as many for val and for test (written to `folder`), each part from its
+    own seed."""
+    parts = ({split: [] for split, _ in evaluate.NOT_PETS_SPLIT} if cfg.synthetic_only
+             else evaluate.not_pet_photos(cfg.not_pets, cfg.seed))
     for offset, (split, count) in enumerate((("train", cfg.synthetic), ("val", cfg.synthetic // 2),
                                              ("test", cfg.synthetic // 2))):
         for i, (img, kind) in enumerate(synthetic_non_pets(count, [cfg.seed, offset])):
             path = os.path.join(folder, f"{split}-{i:04d}-{kind}.png")
             img.save(path)
-            parts[split].append((path, f"synthetic {kind}"))
-    return NonPets(parts)
+            parts[split].append((path, GENERATED + kind))
+    return NonPets(parts, "" if cfg.synthetic_only else cfg.not_pets)
 
 
 def synthetic_non_pet(kind, rng):

@@ -145,7 +145,8 @@ def log_run(run, candidate):
     folder = candidate.folder
     mlflow.log_params(params(run, candidate))
     mlflow.log_metrics({**candidate.metrics, **candidate.checks})
-    mlflow.set_tags({**run.lineage, "arch": candidate.trained.which, "served_as": candidate.facts["served_as"]})
+    mlflow.set_tags({**run.lineage, "arch": candidate.trained.which, "served_as": candidate.facts["served_as"],
+                     "other_trained_on": run.others.described()})
     nets.save_model(candidate.trained.model, candidate.meta, os.path.join(folder, "model.pt"))  # and model.json, metrics included
     catdog.write_json(os.path.join(folder, "reference_profile.json"),
                       catdog.reference_profile(run.train_stats, candidate.val_probs.max(1), candidate.val_distances))

@@ -186,6 +186,8 @@ def load_model(path, ort_threads=1, profile_path=""):
     meta = catdog.read_json(os.path.splitext(path)[0] + ".json")
     if "other" not in meta:
         raise ValueError(f"{path} has no \"other\" decision (model.json lacks \"other\"): retrain it with `make train`")
+    if mismatch := catdog.preprocessing_mismatch(meta, path):
+        raise ValueError(mismatch)
     options = ort.SessionOptions()
     options.intra_op_num_threads = ort_threads
     options.inter_op_num_threads = 1

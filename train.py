@@ -63,8 +63,9 @@ quantize = True                # serve int8 ONNX (nets.quantize_onnx), about 2x 
 calibration_images = 128       # training images that set the int8 activation ranges
 # evaluation: what every candidate is measured, reported and gated on
 eval_extra = catdog.EXTRA_SAMPLE  # labelled photos measured with the test split, never trained on ("": test only)
-not_pets = catdog.NOT_PETS_SAMPLE  # photos neither cat nor dog, by kind, split by evaluate.not_pet_photos ("": none)
+not_pets = catdog.NOT_PETS_SAMPLE  # photos neither cat nor dog, by kind, split by evaluate.not_pet_photos; absent or empty: refused
 synthetic = 200                # generated non-pets (blank, noise, gradient, document, screenshot) for training; half as many for val and test
+synthetic_only = False         # learn and measure "other" on the generated non-pets alone, without --not-pets photos
 pet_l2 = 0.01                  # L2 penalty of the pet-vs-other logistic head
 # tracking and the registry
 tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", catdog.TRACKING_URI)  # MLflow tracking URI ($MLFLOW_TRACKING_URI, else mlflow.db in the project root)
@@ -406,6 +407,8 @@ def prepare(cfg, device, synthetic_folder):
     """The Run: the splits, the evaluation set, the non-pets (the generated ones written to
     synthetic_folder) and, on rank 0, the registry, the lineage and the drift statistics."""
     splits = load_splits(cfg.data)
+    if missing := other.missing_photos(cfg):
+        raise NoData(missing)
     log(f"data {cfg.data}: " + evaluate.format_counts({k: len(v) for k, v in splits.items()})
         + f"; {WORLD} process(es), {torch.get_num_threads()} threads each, device {device}")
     evaluation = evaluate.evaluation_set(evaluate.original_photos(splits["test"], cfg.data), cfg.eval_extra, cfg.data)
@@ -422,7 +425,7 @@ def prepare(cfg, device, synthetic_folder):
     if not others.parts["train"]:
         raise NoData(f"no photos that are neither cats nor dogs in {cfg.not_pets!r} and --synthetic 0: "
                      "the \"other\" decision has nothing to learn from")
-    log("non-pets: " + evaluate.format_counts({k: len(v) for k, v in others.parts.items()}))
+    log(f"non-pets: {others.described()}")
     return Run(cfg, device, WORLD, splits, others, evaluation, lineage, train_stats, client)
 
 

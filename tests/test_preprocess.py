@@ -7,6 +7,7 @@ import http.server
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -303,3 +304,30 @@ def test_big_jpeg_decodes_at_reduced_scale_to_nearly_the_same_input():
     assert catdog.image_stats(reduced)["width"] == 1512 and catdog.image_stats(reduced)["height"] == 2016
     grey_levels = np.abs(catdog.preprocess(full, settings) - catdog.preprocess(reduced, settings)) * settings["std"]
     assert grey_levels.mean() < 2, grey_levels.mean()
+
+
+def test_the_preprocessing_fingerprint_follows_what_a_photo_becomes_and_nothing_else():
+    """catdog.preprocessing_fingerprint (what model.json records and serve.py checks) changes with
+    any edit to the code that turns a decoded upload into the model input, and not with their
+    comments or docstrings, nor with the rest of catdog.py."""
+    with open(os.path.join(ROOT, "catdog.py")) as f:
+        source = f.read()
+    ours = catdog.preprocessing_fingerprint()
+    assert re.fullmatch(r"[0-9a-f]{64}", ours) and catdog.preprocessing_fingerprint(source) == ours
+    changed = {"the decode scale": ("img.draft(None, (min_side, min_side))", "img.draft(None, (min_side, 1))"),
+               "the EXIF orientation": ("    ImageOps.exif_transpose(img, in_place=True)", "    pass"),
+               "16-bit to 8-bit": ("shift = 8 if arr.max() > 255 else 0", "shift = 8"),
+               "the transparency background": ('Image.new("RGB", img.size, (255, 255, 255))',
+                                               'Image.new("RGB", img.size, (0, 0, 0))'),
+               "the resize filter": ("Image.BILINEAR, box=box", "Image.BICUBIC, box=box"),
+               "the normalisation": ('arr /= settings["std"]', 'arr /= settings["std"] * 2')}
+    for what, (old, new) in changed.items():
+        assert source.count(old) == 1, what
+        assert catdog.preprocessing_fingerprint(source.replace(old, new)) != ours, what
+    unchanged = {"a comment": ("# HWC -> CHW in the one copy", "# channels first"),
+                 "a docstring": ("in 8-bit RGB.", "as 8-bit RGB."),
+                 "a constant elsewhere": ("MIN_SIDE = 32", "MIN_SIDE = 48"),
+                 "a function elsewhere": ('Image.BILINEAR)\n    raise ValueError', 'Image.BICUBIC)\n    raise ValueError')}
+    for what, (old, new) in unchanged.items():
+        assert source.count(old) == 1, what
+        assert catdog.preprocessing_fingerprint(source.replace(old, new)) == ours, what

@@ -304,6 +304,53 @@ def test_a_failed_load_reports_and_a_failed_reload_keeps_the_old_model(tmp_path)
         service.close()
 
 
+def test_a_model_trained_with_other_preprocessing_code_is_refused_at_start(tmp_path):
+    """model.json's preprocess_fingerprint is not this code's: serve.py starts, stays not ready and
+    says on /health which fingerprint is whose and what to do."""
+    model_dir = copy_tiny_model(tmp_path)
+    meta = catdog.read_json(model_dir / "model.json")
+    assert meta["preprocess_fingerprint"] == catdog.preprocessing_fingerprint()  # export_tiny_model records it
+    meta["preprocess_fingerprint"] = "0123456789ab" + "0" * 52
+    catdog.write_json(model_dir / "model.json", meta)
+    s = Server(str(model_dir / "model.onnx"), str(tmp_path / "catdog.db"), wait_ready=False)
+    try:
+        deadline = time.monotonic() + 20
+        while (health := s.get("/health")).json()["status"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health.status_code == 503 and health.json()["status"] == "load_failed"
+        error = health.json()["error"]
+        assert error == "ValueError: " + catdog.preprocessing_mismatch(meta, str(model_dir / "model.onnx"))
+        assert (f"trained with preprocessing code of fingerprint 0123456789ab (its model.json), this code's is "
+                f"{catdog.preprocessing_fingerprint()[:12]}") in error
+        assert "retrain it with this code (`make train`), or deploy the code it was trained with" in error
+        assert s.predict(synthetic_photo(np.random.default_rng(4), "cat")).json()["error"] == "not_ready"
+    finally:
+        s.stop()
+
+
+def test_a_model_without_a_preprocessing_fingerprint_is_refused_and_a_reload_keeps_the_old_one(tmp_path):
+    """A model trained before models recorded their preprocessing code: refused, on a reload
+    (SIGHUP) as at start, the model being served staying."""
+    model_dir, client, service = own_tiny_model(tmp_path)
+    try:
+        meta = catdog.read_json(model_dir / "model.json")
+        del meta["preprocess_fingerprint"]
+        catdog.write_json(model_dir / "model.json", {**meta, "version": "tiny-old"})
+        assert service.load("SIGHUP") is False
+        health = client.get("/health").json
+        assert health["status"] == "ok" and health["model_version"] == "tiny-1"
+        assert health["reload_error"] == service.load_error == "ValueError: " + (
+            f"{model_dir / 'model.onnx'} was trained before models recorded their preprocessing code (its model.json "
+            f"has no preprocess_fingerprint), so nothing shows that this code (catdog.py's "
+            f"{', '.join(catdog.PREPROCESSING)}, fingerprint {catdog.preprocessing_fingerprint()[:12]}) prepares "
+            "photos as its training did; retrain it with this code (`make train`)")
+        assert predict(client, synthetic_photo(np.random.default_rng(5), "dog")).json["label"] == "dog"
+        service.model = None  # as at start
+        assert client.get("/health").json["status"] == "load_failed"
+    finally:
+        service.close()
+
+
 def test_deeply_nested_json_is_a_400_not_a_500(app):
     client, _ = app
     r = client.post("/feedback", data="[" * 100_000 + "]" * 100_000, content_type="application/json")

@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 import catdog
 import evaluate
 import other
+import serve
 from service_helpers import Server, in_process, upload
 
 SHARED = catdog.SHARED_SAMPLE
@@ -25,6 +26,25 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists(MODEL), reason="no champion yet: models/model.onnx comes from `make train`"),
     pytest.mark.skipif(not os.path.isdir(SHARED), reason=f"shared photo sample {SHARED} is absent"),
 ]
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory):
+    """The model.onnx to serve: MODEL, or, when MODEL was trained before models recorded their
+    preprocessing code, a copy of it stamped with this code's fingerprint. serve.py refuses
+    the unstamped one (checked here); how the copy answers through this code is what these
+    tests measure either way."""
+    meta = catdog.read_json(os.path.splitext(MODEL)[0] + ".json")
+    if "preprocess_fingerprint" in meta:
+        return MODEL
+    with pytest.raises(ValueError, match="was trained before models recorded their preprocessing code"):
+        serve.load_model(MODEL)
+    folder = tmp_path_factory.mktemp("champion")
+    for name in os.listdir(os.path.dirname(MODEL)):
+        if name != "model.json":
+            os.symlink(os.path.join(os.path.dirname(MODEL), name), folder / name)
+    catdog.write_json(folder / "model.json", {**meta, "preprocess_fingerprint": catdog.preprocessing_fingerprint()})
+    return str(folder / "model.onnx")
 
 
 def held_out_names():
@@ -57,8 +77,8 @@ def test_smoke_photos_are_held_out():
     assert len(defaults) == 2 and set(defaults) <= held_out_names(), defaults
 
 
-def test_champion_predicts_shared_photos(tmp_path):
-    s = Server(MODEL, str(tmp_path / "catdog.db"))
+def test_champion_predicts_shared_photos(tmp_path, champion):
+    s = Server(champion, str(tmp_path / "catdog.db"))
     try:
         version = s.get("/health").json()["model_version"]
         wrong = []
@@ -75,13 +95,13 @@ def test_champion_predicts_shared_photos(tmp_path):
     assert len(wrong) <= 1, wrong
 
 
-def test_champion_sees_no_drift_on_held_out_photos(tmp_path):
+def test_champion_sees_no_drift_on_held_out_photos(tmp_path, champion):
     """The reference profile saved beside the champion must describe photos like the ones
     it will serve: held-out originals stay under the drift threshold on every feature."""
     if not os.path.exists(os.path.join(os.path.dirname(MODEL), "reference_profile.json")):
         pytest.skip("the champion has no reference_profile.json")
     photos = held_out_photos(per_class=60)
-    s = Server(MODEL, str(tmp_path / "catdog.db"), DRIFT_WINDOW=len(photos), DRIFT_MIN_SAMPLES=len(photos))
+    s = Server(champion, str(tmp_path / "catdog.db"), DRIFT_WINDOW=len(photos), DRIFT_MIN_SAMPLES=len(photos))
     try:
         for name in photos:
             with open(os.path.join(SHARED, name), "rb") as f:
@@ -93,12 +113,12 @@ def test_champion_sees_no_drift_on_held_out_photos(tmp_path):
     assert drift["drifted"] == [], drift
 
 
-def test_champion_serves_its_model_card(tmp_path):
+def test_champion_serves_its_model_card(tmp_path, champion):
     """`make train` writes MODEL_CARD.md beside the champion; GET /model-card serves it as it is."""
     card = os.path.join(os.path.dirname(MODEL), "MODEL_CARD.md")
     if not os.path.exists(card):
         pytest.skip("the champion has no MODEL_CARD.md beside it: `make train` writes one")
-    client, service = in_process(MODEL, str(tmp_path / "catdog.db"))
+    client, service = in_process(champion, str(tmp_path / "catdog.db"))
     try:
         r = client.get("/model-card")
     finally:
@@ -125,8 +145,8 @@ def not_pets_test_part(per_kind=6):
     return [path for paths in by_kind.values() for path in paths[:per_kind]]
 
 
-def test_champion_answers_other_for_non_pets_and_blanks(tmp_path):
-    client, service = in_process(MODEL, str(tmp_path / "catdog.db"))
+def test_champion_answers_other_for_non_pets_and_blanks(tmp_path, champion):
+    client, service = in_process(champion, str(tmp_path / "catdog.db"))
     blanks = {"solid blue PNG": (Image.new("RGB", (640, 480), (30, 60, 200)), "PNG"),
               "black JPEG": (Image.new("RGB", (800, 600)), "JPEG"),
               "random noise": (Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), np.uint8)),
@@ -148,13 +168,13 @@ def drift_of(client, service, images):
     return client.get("/stats").json["drift"]
 
 
-def test_champion_drift_quiet_for_phone_size_and_resized_pets_loud_for_dark_grey_and_non_pets(tmp_path):
+def test_champion_drift_quiet_for_phone_size_and_resized_pets_loud_for_dark_grey_and_non_pets(tmp_path, champion):
     """The same held-out pets at phone size (longer side 4032 px) and at half size raise no
     drift; dark, greyscale and non-pet inputs do, each on the statistic that explains it."""
     if not os.path.exists(os.path.join(os.path.dirname(MODEL), "reference_profile.json")):
         pytest.skip("the champion has no reference_profile.json")
     pets = [catdog.open_image(os.path.join(SHARED, name)) for name in held_out_photos(per_class=50)]
-    client, service = in_process(MODEL, str(tmp_path / "catdog.db"))
+    client, service = in_process(champion, str(tmp_path / "catdog.db"))
 
     def scaled(img, longer):
         factor = longer / max(img.size)

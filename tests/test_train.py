@@ -32,10 +32,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 COUNTS = {"train": 16, "val": 8, "test": 8, "extra": 12}  # per class; extra: the extra evaluation photos
 NON_PET_KINDS = ("greenery", "grey")  # the tiny not-pets folder, 30 photos each
+# What "other" is learnt and measured on in these runs (15/6/9 of each kind, no generated images).
+OTHER_DATA = "({} photos, 2 kinds) + generated images; train/val/test: 30/12/18 photos + 0/0/0 generated"
 # train.py's options: every one is logged as an MLflow param.
 CONFIG = ["arch", "data", "out", "seed", "threads", "workers", "epochs", "batch_size", "lr", "weight_decay",
           "backbone", "mirror_view", "pretrained", "extract_batch_size", "aug_views", "head_epochs", "head_l2",
-          "quantize", "calibration_images", "eval_extra", "not_pets", "synthetic", "pet_l2", "tracking_uri",
+          "quantize", "calibration_images", "eval_extra", "not_pets", "synthetic", "synthetic_only", "pet_l2", "tracking_uri",
           "experiment", "registered_name"]
 PARAMS = {*CONFIG, "model", "processes", "parameters", "temperature", "preprocess_resize", "preprocess_crop",
           "preprocess_mean", "preprocess_std", "train_images", "val_images", "test_images", "eval_images",
@@ -174,6 +176,7 @@ def test_mlflow_runs_hold_params_metrics_artifacts_and_lineage(trained):
         assert tags["test_split_sha256"] == test_split and re.fullmatch(r"[0-9a-f]{64}", tags["eval_set_sha256"])
         assert tags["dvc_md5"] == tags["manifest_sha256"] == "None"  # the synthetic data has neither
         assert re.fullmatch(r"[0-9a-f]{64}", tags["dvc_lock_sha256"])  # the project's committed dvc.lock
+        assert tags["other_trained_on"] == f"not-pets folder {tmp / 'notpets'} " + OTHER_DATA.format(60)
         artifacts = {a.path for folder in ("model", "reports") for a in client.list_artifacts(run.info.run_id, folder)}
         assert artifacts == MODEL_FILES | REPORT_FILES
         # Beside the database, not in the current directory.
@@ -228,6 +231,9 @@ def test_the_champion_has_its_model_card_beside_it(trained, tmp_path):
     assert f"{m['parameters']:,} parameters; temperature {m['temperature']:.3f}" in card
     assert f"decision\n\"{m['pet_decision']}\"" in card and f"is below\n{m['pet_threshold']:.4f}" in card
     assert meta["data"]["eval_set_sha256"] in card and meta["git_commit"] in card
+    assert (f"Learnt from the train and val parts, measured on the test part of: not-pets folder "
+            f"{trained['tmp'] / 'notpets'} " + OTHER_DATA.format(60)) in card
+    assert meta["preprocess_fingerprint"] == catdog.preprocessing_fingerprint()  # serve.py checks it
     logged = mlflow.artifacts.download_artifacts(run_id=meta["run_id"], artifact_path="reports/model_card.md",
                                                  dst_path=str(tmp_path), tracking_uri=f"sqlite:///{trained['tmp']}/mlflow.db")
     assert open(logged).read() == card
@@ -433,6 +439,31 @@ def test_options_are_explained_and_checked(tmp_path, capsys):
         train.main(["--data", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
     assert str(done.value) == f"no images in {tmp_path}/train/{{cat,dog}}/ (run `make data` first)"
     assert os.listdir(tmp_path) == []  # stopped before MLflow was touched
+
+
+def test_missing_not_pets_photos_stop_training_unless_synthetic_only_is_asked(tmp_path):
+    """Without photos that are neither cats nor dogs "other" would be learnt from generated
+    images alone: training stops and says what is missing where, before MLflow is touched;
+    --synthetic-only trains so on purpose, and the run says which data "other" saw."""
+    make_dataset(tmp_path / "processed")
+    (tmp_path / "empty" / "bird").mkdir(parents=True)
+    refused = {str(tmp_path / "absent"): f"the not-pets folder {tmp_path / 'absent'} does not exist",
+               str(tmp_path / "empty"): f"the not-pets folder {tmp_path / 'empty'} holds no photos in kind subfolders "
+                                        f"({tmp_path / 'empty'}/<kind>/*.jpg)",
+               "": 'no not-pets folder is given (--not-pets "")'}
+    for folder, problem in refused.items():
+        with pytest.raises(SystemExit) as done:
+            run_train(tmp_path, "--arch", "baseline", "--epochs", "0", "--not-pets", folder, "--synthetic", "20")
+        assert str(done.value).startswith(problem + ': "other" (neither a cat nor a dog) would be learnt and '
+                                          "measured on generated images alone. Give --not-pets a folder"), folder
+        assert str(done.value).endswith("or pass --synthetic-only if generated images alone are intended")
+        assert not (tmp_path / "mlflow.db").exists()
+    result = run_train(tmp_path, "--arch", "baseline", "--epochs", "0", "--synthetic", "10", "--synthetic-only")
+    (run,) = runs_of(tmp_path)[1]
+    assert run.data.params["synthetic_only"] == "True" and run.data.params["non_pets_test_images"] == "5"
+    assert run.data.tags["other_trained_on"] == ("no not-pets photos (--synthetic-only) + generated images; "
+                                                 "train/val/test: 0/0/0 photos + 10/5/5 generated")
+    assert result["baseline"]["version"] is not None
 
 
 def test_quantize_onnx_keeps_predictions_and_shrinks_the_file(tmp_path):
