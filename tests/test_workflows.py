@@ -157,6 +157,25 @@ def test_release_builds_the_champion_deploys_on_a_dedicated_runner_and_rolls_bac
         assert "catdog-deploy" in yaml.safe_load(f)["self-hosted-runner"]["labels"]
 
 
+def test_release_builds_only_when_the_serving_code_or_the_champion_changed():
+    """The image tag hashes what the Dockerfile copies besides the model, plus the champion's
+    version; a run triggered by ci or train whose tag is in GHCR already builds and deploys nothing."""
+    doc = workflow("release.yml")
+    (image_job,) = job_running(doc, r"\bmake image\b").values()
+    with open(os.path.join(ROOT, "Dockerfile")) as f:
+        copied = {source.rstrip("/") for line in f if line.startswith("COPY ") and "--from" not in line
+                  for source in line.split()[1:-1] if "MODEL_DIR" not in source}
+    assert set(image_job["env"]["SERVING_INPUTS"].split()) == copied | {"Dockerfile", ".dockerignore"}
+    (names,) = [step for step in steps(image_job) if step.get("id") == "names"]
+    assert "git ls-files -s $SERVING_INPUTS" in names["run"] and 'tag="serve-$inputs-v$VERSION"' in names["run"]
+    assert re.search(r'"\$DISPATCHED" != true \] && docker manifest inspect "\$image:\$tag"', names["run"])
+    built = [step for step in steps(image_job) if re.search(r"make (image|push)|smoke\.sh", step.get("run", ""))]
+    assert built and all(step["if"] == "steps.names.outputs.tag != ''" for step in built)
+    logins = [i for i, step in enumerate(steps(image_job)) if "login-action" in step.get("uses", "")]
+    assert logins and logins[0] < steps(image_job).index(names), "GHCR is asked only after logging in"
+    assert job_running(doc, r"\bmake deploy\b")["deploy"]["if"] == "needs.image.outputs.tag != ''"
+
+
 SKIPPING = '''
 import pytest
 
