@@ -17,7 +17,11 @@ from service_helpers import ROOT
 
 BIN = os.path.dirname(sys.executable)
 WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, ".github", "workflows", "*.yml")))
-K8S = sorted(glob.glob(os.path.join(ROOT, "k8s", "*.yaml")))
+# The api as a kustomize base and the overlays that deploy it; the example Secret is outside
+# the kustomization, so that no placeholder token is ever applied.
+K8S_BASE = os.path.join(ROOT, "k8s", "base")
+K8S_OVERLAYS = sorted(glob.glob(os.path.join(ROOT, "k8s", "overlays", "*", "")))
+API_SECRET = os.path.join(K8S_BASE, "secret.yaml.example")
 # The database for clusters without a managed one; the example Secret is not *.yaml, so that
 # `kubectl apply -f k8s/postgres/` never applies its placeholder password.
 POSTGRES_K8S = sorted(glob.glob(os.path.join(ROOT, "k8s", "postgres", "*.yaml")))
@@ -64,13 +68,26 @@ def test_workflows_match_the_schema_and_pass_actionlint():
     assert code == 0, out
 
 
+def kustomize(path, out_dir):
+    """`kubectl kustomize path` written to a file in out_dir, and its objects by kind."""
+    code, out = run(tool("kubectl"), "kustomize", path)
+    assert code == 0, out
+    rendered = out_dir / f"{os.path.basename(os.path.normpath(path))}.yaml"
+    rendered.write_text(out)
+    docs = list(yaml.safe_load_all(out))
+    by_kind = {doc["kind"]: doc for doc in docs}
+    assert len(by_kind) == len(docs), "one object of each kind"
+    return rendered, by_kind
+
+
 def test_kubernetes_manifests_validate_strictly(tmp_path):
     validate = tool("kubernetes-validate")
-    assert POSTGRES_K8S
-    code, out = run(validate, "--strict", "--quiet", *K8S, *POSTGRES_K8S, POSTGRES_SECRET)
+    assert POSTGRES_K8S and K8S_OVERLAYS
+    rendered = [str(kustomize(path, tmp_path)[0]) for path in (K8S_BASE, *K8S_OVERLAYS)]
+    code, out = run(validate, "--strict", "--quiet", *rendered, *POSTGRES_K8S, POSTGRES_SECRET, API_SECRET)
     assert code == 0, out
     # The validator really rejects a misspelt field (readinesProbe), so the pass above means something.
-    deployment = load("k8s/deployment.yaml")[0]
+    deployment = load("k8s/base/deployment.yaml")[0]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     container["readinesProbe"] = container.pop("readinessProbe")
     bad = tmp_path / "bad.yaml"
@@ -79,30 +96,65 @@ def test_kubernetes_manifests_validate_strictly(tmp_path):
     assert code != 0 and "readinesProbe" in out, out
 
 
-def test_deployment_rolls_out_safely_and_runs_locked_down():
-    docs = {doc["kind"]: doc for name in K8S for doc in load(os.path.relpath(name, ROOT))}
+@pytest.mark.parametrize("overlay", K8S_OVERLAYS, ids=lambda path: os.path.basename(os.path.normpath(path)))
+def test_deployment_rolls_out_safely_and_runs_locked_down(overlay, tmp_path):
+    _, docs = kustomize(overlay, tmp_path)
     spec = docs["Deployment"]["spec"]
     pod = spec["template"]["spec"]
     container = pod["containers"][0]
-    assert spec["replicas"] == 2 and spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    labels = spec["selector"]["matchLabels"]
+    assert labels.items() <= spec["template"]["metadata"]["labels"].items()
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert container["livenessProbe"]["httpGet"]["path"] == "/live"
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     assert {"cpu", "memory"} <= container["resources"]["requests"].keys() & container["resources"]["limits"].keys()
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    assert docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
-    assert docs["Service"]["spec"]["selector"] == spec["selector"]["matchLabels"]
+    # A tag can be moved to other bytes; a digest cannot.
+    assert re.fullmatch(r"[a-z0-9.-]+/[a-z0-9._/-]+@sha256:[0-9a-f]{64}", container["image"]), container["image"]
+    # The HPA alone sets the number of pods: a replicas here would reset it on every apply.
+    assert "replicas" not in spec
+    hpa = docs["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"]["kind"] == "Deployment"
+    assert hpa["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
+    assert hpa["minReplicas"] >= 2
+    assert docs["PodDisruptionBudget"]["spec"] == {"minAvailable": 1, "selector": {"matchLabels": labels}}
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert spread["labelSelector"]["matchLabels"] == labels
+    service = docs["Service"]
+    assert service["spec"]["selector"] == labels
+    # The Ingress sends HTTPS for its host to the Service, with the certificate from a TLS Secret.
+    ingress = docs["Ingress"]["spec"]
+    (tls,) = ingress["tls"]
+    (rule,) = ingress["rules"]
+    assert tls["secretName"] and tls["hosts"] == [rule["host"]]
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": service["metadata"]["name"], "port": {"name": service["spec"]["ports"][0]["name"]}}
+    # Only the ingress controller and the scraper reach the api, on its port; it reaches DNS and PostgreSQL.
+    policy = docs["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == labels and policy["policyTypes"] == ["Ingress", "Egress"]
+    (allowed,) = policy["ingress"]
+    assert allowed["ports"] == [{"port": container["ports"][0]["containerPort"]}] and len(allowed["from"]) == 2
+    egress_ports = sorted(port["port"] for rule in policy["egress"] for port in rule["ports"])
+    assert egress_ports == [53, 53, 5432]
 
 
-def test_deployment_reads_database_url_from_a_secret():
+def test_deployment_reads_database_url_and_token_from_secrets():
     """Every replica must share one store: DATABASE_URL comes from a Secret, and a missing Secret
-    stops the pods (no silent per-pod SQLite)."""
-    container = load("k8s/deployment.yaml")[0]["spec"]["template"]["spec"]["containers"][0]
+    stops the pods (no silent per-pod SQLite). The API token likewise: a forgotten Secret stops
+    the pods rather than leaving /feedback, /stats and /metrics open."""
+    container = load("k8s/base/deployment.yaml")[0]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in container["env"]}
-    ref = env["DATABASE_URL"]["valueFrom"]["secretKeyRef"]
-    assert ref["name"] == "catdog-database" and ref["key"] == "url" and not ref.get("optional", False)
-    assert "value" not in env["DATABASE_URL"]
+    (secret,) = load(os.path.relpath(API_SECRET, ROOT))
+    refs = {name: env[name]["valueFrom"]["secretKeyRef"] for name in ("DATABASE_URL", "API_TOKEN")}
+    assert refs["DATABASE_URL"] == {"name": "catdog-database", "key": "url"}
+    assert refs["API_TOKEN"] == {"name": secret["metadata"]["name"], "key": "token"} and secret["metadata"]["name"] == "catdog-api"
+    assert set(secret["stringData"]) == {"token"} and "REPLACE-ME" in secret["stringData"]["token"]
+    # The example is no resource of the base: kubectl apply -k never applies its placeholder.
+    kustomization = load("k8s/base/kustomization.yaml")[0]
+    assert os.path.basename(API_SECRET) not in kustomization["resources"]
 
 
 def test_kubernetes_postgres_is_persistent_probed_and_locked_down():
@@ -140,7 +192,7 @@ def test_kubernetes_postgres_is_persistent_probed_and_locked_down():
                                            f"@{service['metadata']['name']}:5432/{db}")
     policy = docs["NetworkPolicy"]["spec"]
     assert policy["podSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
-    api_labels = load("k8s/deployment.yaml")[0]["spec"]["selector"]["matchLabels"]
+    api_labels = load("k8s/base/deployment.yaml")[0]["spec"]["selector"]["matchLabels"]
     assert policy["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == api_labels
 
 
