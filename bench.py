@@ -17,10 +17,18 @@ serve.py runs a second time storing into PostgreSQL (a server of its own on this
 started like the tests' one) instead of its SQLite file, to show what the shared store costs.
 Settings of serve.py come from the environment as usual (e.g. ORT_THREADS=2).
 This prints figures; it is not a test.
+
+    python bench.py --breakdown --clients 1,8 --seconds 15
+
+instead drives serve.py alone and prints where its CPU goes per request: the CPU clock of the
+thread around each step of a POST /predict (STEPS), and of each thread.
 """
+import collections
 import contextlib
 import http.client
+import importlib
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -40,7 +48,9 @@ clients = "1,8,32"  # concurrent clients per level, comma-separated
 seconds = 4.0  # how long each service is driven per level and round
 rounds = 3  # rounds per level; the median round is reported
 skip_baseline = False  # skip the naive Flask + PyTorch peer
+breakdown = False  # instead of the comparison: serve.py alone, its CPU per request step by step
 baseline_server = 0  # internal: run the naive peer on this port and nothing else
+probe_server = ""  # internal: run serve.py with its STEPS timed, writing them to this file on SIGUSR2
 
 
 def parse_args(argv=None):
@@ -71,6 +81,101 @@ def run_baseline(port, models):
         return jsonify(status="ok")
 
     app.run(host="127.0.0.1", port=port, threaded=True)
+
+
+# ---------------------------------------------------------------- where serve.py's CPU goes
+# The steps of a POST /predict, each timed on the CPU clock of its thread: (module[:class],
+# function, name). Indented names run inside the one above them.
+STEPS = (
+    ("waitress.channel:HTTPChannel", "service", "request on a waitress thread, all of it"),
+    ("flask:Flask", "wsgi_app", "  the Flask app, all of it"),
+    ("serve:Model", "run", "    model (ONNX Runtime run)"),
+    ("catdog", "preprocess", "    preprocess (resize, crop, normalise)"),
+    ("catdog", "decode_header_checked", "    decode"),
+    ("catdog", "open_checked", "    open, check the header, set the DCT scale"),
+    ("upload", "read_upload", "    multipart parsing (werkzeug)"),
+    ("catdog", "image_stats", "    drift statistics (catdog.image_stats)"),
+    ("serve:Service", "record", "    record: answer, store, drift window, 2 metrics"),
+    ("store:SQLiteStore", "record_prediction", "      of which the SQLite insert"),
+    ("serve", "jsonify", "    JSON answer"),
+    ("serve", "log", "    log line"),
+)
+
+
+def thread_clocks():
+    """{thread id: (name without its number, CPU s)} of this process's Python threads."""
+    return {t.ident: (t.name.split("-")[0], time.clock_gettime(time.pthread_getcpuclockid(t.ident)))
+            for t in threading.enumerate()}
+
+
+def run_probed_service(out):
+    """serve.main() with the CPU time of each of STEPS added up; SIGUSR1 zeroes the sums,
+    SIGUSR2 writes them, and each thread's CPU since, to the JSON file `out`."""
+    import serve
+
+    spent, zero, lock = collections.Counter(), {}, threading.Lock()
+
+    def timed(function, name):
+        def step(*args, **kwargs):
+            started = time.thread_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                with lock:
+                    spent[name] += time.thread_time() - started
+        return step
+
+    for where, attr, name in STEPS:
+        module, _, cls = where.partition(":")
+        owner = importlib.import_module(module)
+        owner = getattr(owner, cls) if cls else owner
+        setattr(owner, attr, timed(getattr(owner, attr), name))
+
+    def reset(signum, frame):
+        with lock:
+            spent.clear()
+            zero.update(thread_clocks())
+
+    def write(signum, frame):
+        threads = collections.Counter()
+        for ident, (name, clock) in thread_clocks().items():
+            threads[name] += clock - zero.get(ident, (name, 0.0))[1]
+        with lock:
+            catdog.write_json(out, {"steps": dict(spent), "threads": dict(threads)})
+
+    signal.signal(signal.SIGUSR1, reset)
+    signal.signal(signal.SIGUSR2, write)
+    serve.main()
+
+
+def breakdown_at(bodies, serve_env, clients, seconds, model_ms):
+    """Drive the probed serve.py with `clients` for `seconds` and print its CPU ms per request:
+    by step (STEPS), what is left of the app and of the request threads, and by thread."""
+    with tempfile.TemporaryDirectory(prefix="catdog-bench-probe-") as folder:
+        out = os.path.join(folder, "steps.json")
+        server = start(serve_env, bodies, lambda port: [sys.executable, "bench.py", "--probe-server", out])[0]
+        try:
+            os.kill(server.pid, signal.SIGUSR1)
+            time.sleep(0.2)
+            r = drive(server.port, bodies, clients, seconds, server.pid)
+            os.kill(server.pid, signal.SIGUSR2)
+            time.sleep(0.5)
+            found = catdog.read_json(out)
+        finally:
+            server.stop()
+    per_request = lambda s: s * 1000 / r["n"]  # noqa: E731
+    steps = {name: per_request(found["steps"].get(name, 0.0)) for _, _, name in STEPS}
+    names = [name for _, _, name in STEPS]
+    inside_app = sum(ms for name, ms in steps.items() if name.startswith("    ") and not name.startswith("      "))
+    print(f"\nat {clients} clients, {seconds:g} s: {r['rps']:.1f} req/s, p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, "
+          f"{r['n']} requests; process CPU {r['cpu_ms']:.2f} ms per request = {r['cpu_ms'] / model_ms:.2f}x "
+          f"the model's {model_ms:.2f} ms alone (load avg {os.getloadavg()[0]:.1f}). CPU ms per request:")
+    for name in names:
+        print(f"  {name:<54} {steps[name]:6.2f}")
+    print(f"  {'    the rest of the app: Flask, werkzeug, hooks, metrics':<54} {steps[names[1]] - inside_app:6.2f}")
+    print(f"  {'  the rest: waitress on the request thread':<54} {steps[names[0]] - steps[names[1]]:6.2f}")
+    for name, cpu in sorted(found["threads"].items(), key=lambda item: -item[1]):
+        print(f"  thread {name:<47} {per_request(cpu):6.2f}")
 
 
 # ---------------------------------------------------------------- photos and load
@@ -367,14 +472,24 @@ def main(argv=None):
     cfg = parse_args(argv)
     if cfg.baseline_server:
         return run_baseline(cfg.baseline_server, cfg.models)
+    if cfg.probe_server:
+        return run_probed_service(cfg.probe_server)
     check_inputs(cfg)
     photos, where = pick_photos(cfg.photos, cfg.n_photos)
     model_ms = stage_costs(photos, os.path.join(cfg.models, "model.onnx"))
-    print(f"  /stats' store queries at 2,000,000 predictions (20,000 with feedback): {store_costs():.2f} ms "
-          "(target <= 5 ms)", flush=True)
     # (body, content type) of each upload in field `file`, as a browser or curl -F sends it
     bodies = [harness.multipart([("file", "photo.jpg", p)], "image/jpeg") for p in photos]
     levels = [int(c) for c in cfg.clients.split(",")]
+    if cfg.breakdown:
+        name, vnni = cpu_model()
+        print(f"where serve.py's CPU goes, {where}, on {name} ({'with' if vnni else 'without'} VNNI):")
+        with tempfile.TemporaryDirectory(prefix="catdog-bench-") as db_dir:
+            serve_env = {"MODEL_PATH": os.path.join(cfg.models, "model.onnx"), "DB_PATH": os.path.join(db_dir, "b.db")}
+            for clients in levels:
+                breakdown_at(bodies, serve_env, clients, cfg.seconds, model_ms)
+        return
+    print(f"  /stats' store queries at 2,000,000 predictions (20,000 with feedback): {store_costs():.2f} ms "
+          "(target <= 5 ms)", flush=True)
     meta = catdog.read_json(os.path.join(cfg.models, "model.json"))
     from serve import available_cpus  # for the printout only
 
