@@ -4,11 +4,10 @@
     python bench.py --clients 1,8 --seconds 4
 
 First it prints the CPU cost of each step of a prediction (decode, preprocess, drift
-statistics, the model, and a 12 MP phone JPEG decoded both ways), without HTTP.
-It returns the model's, the figure the
-service's own CPU per request is set against. Then the HTTP benchmark. The baseline is what peers ship: Flask's own server, the same
-network in PyTorch eager (nets.load_model of models/model.pt), one image per forward, no
-batching. Both are driven over loopback with real photos by 1, 8 and 32 concurrent clients,
+statistics, the model, and a 12 MP phone JPEG decoded both ways), without HTTP: the model's
+is what the service's own CPU per request is set against. Then the HTTP benchmark. The
+baseline is what peers ship: Flask's own server, the same network in PyTorch eager
+(nets.load_model of models/model.pt), one image per forward, no batching. Both are driven over loopback with real photos by 1, 8 and 32 concurrent clients,
 each a keep-alive connection posting multipart uploads back to back: --rounds rounds of
 --seconds per level, services taking turns, the median round reported. Prints requests/s,
 p50/p95/p99 and server CPU per request for each service, the speed-up and start -> ready,
