@@ -145,8 +145,18 @@ def artifacts_outside(conn, kind, folder):
             and os.path.commonpath([root, os.path.realpath(uri.removeprefix("file://"))]) != root]
 
 
-def run_tool(name, *args):
-    done = subprocess.run([postgres_tool(name), *args], capture_output=True, text=True)
+def run_tool(name, *args, url=None):
+    """pg_dump or pg_restore (on the database at `url`). The password goes in PGPASSWORD, never in
+    the command line, which every user of the host can read (/proc/*/cmdline)."""
+    env = dict(os.environ)
+    if url is not None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.password is not None:
+            credentials, host = parts.netloc.rsplit("@", 1)
+            url = urllib.parse.urlunsplit(parts._replace(netloc=f"{credentials.split(':', 1)[0]}@{host}"))
+            env["PGPASSWORD"] = urllib.parse.unquote(parts.password)
+        args = (*args, f"--dbname={url}")
+    done = subprocess.run([postgres_tool(name), *args], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise Refused(f"{name} failed (exit {done.returncode}): {done.stderr.strip()}")
     return done.stdout
@@ -165,8 +175,7 @@ def dump(source, target):
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
             rows = table_rows(conn, "postgresql")
-            run_tool("pg_dump", "--format=custom", f"--snapshot={snapshot}", f"--file={target}",
-                     f"--dbname={source.location}")
+            run_tool("pg_dump", "--format=custom", f"--snapshot={snapshot}", f"--file={target}", url=source.location)
             conn.execute("COMMIT")
         return rows
     with tarfile.open(target, "w") as tar:
@@ -182,7 +191,7 @@ def load(source, path):
             return table_rows(dst, "sqlite")
     if source.kind == "postgresql":
         run_tool("pg_restore", "--clean", "--if-exists", "--no-owner", "--no-privileges", "--single-transaction",
-                 "--exit-on-error", f"--dbname={source.location}", path)
+                 "--exit-on-error", path, url=source.location)
         with connect(source) as conn:
             return table_rows(conn, "postgresql")
     shutil.rmtree(source.location, ignore_errors=True)

@@ -171,3 +171,18 @@ def test_refusals_exit_non_zero_and_name_what_and_where(tmp_path):
     assert no_mlflow.returncode != 0 and "back up a tracking server where it runs" in no_mlflow.stderr
     wrong_url = run_cli("backup", str(tmp_path / "c"), "--only", "store", DATABASE_URL="mysql://x@y/z")
     assert wrong_url.returncode != 0 and "DATABASE_URL must be a postgresql:// URL" in wrong_url.stderr
+
+
+def test_postgres_tools_take_the_password_from_the_environment_not_the_command_line(monkeypatch):
+    """pg_dump's and pg_restore's command lines are readable by every user of the host."""
+    seen = {}
+
+    def run(argv, **kwargs):
+        seen.update(argv=argv, env=kwargs["env"])
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(backup.subprocess, "run", run)
+    monkeypatch.setattr(backup, "postgres_tool", lambda name: name)
+    backup.run_tool("pg_dump", "--format=custom", url="postgresql://catdog:s%40cret@db:5432/catdog?sslmode=require")
+    assert seen["argv"] == ["pg_dump", "--format=custom", "--dbname=postgresql://catdog@db:5432/catdog?sslmode=require"]
+    assert seen["env"]["PGPASSWORD"] == "s@cret"
