@@ -21,7 +21,10 @@ trap cleanup EXIT
 
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 # The repository's config, aimed at this service and scraping every second so CI waits little.
-sed -e "s/\"api:8000\"/\"$target\"/" -e "s/_interval: 15s/_interval: 1s/" "$here/prometheus.yml" > "$work/prometheus.yml"
+# The service's API_TOKEN, when it has one, from the environment (as the compose service does).
+sed -e "s/\"api:8000\"/\"$target\"/" -e "s/_interval: 15s/_interval: 1s/" \
+  -e "s#credentials_file: .*#credentials_file: $work/api_token#" "$here/prometheus.yml" > "$work/prometheus.yml"
+printf %s "${API_TOKEN:-}" > "$work/api_token"
 cp "$here/alerts.yml" "$work/alerts.yml"
 promtool check config "$work/prometheus.yml" > /dev/null
 

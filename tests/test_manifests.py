@@ -215,8 +215,10 @@ def test_compose_reads_the_host_config_and_limits_the_api():
     out = subprocess.run(entrypoint, env=env, capture_output=True, text=True, timeout=10)
     assert out.returncode != 0 and "set GRAFANA_ADMIN_PASSWORD in the host config" in out.stderr, out.stderr
     shell = entrypoint[:2] + [entrypoint[2].replace("exec /run.sh", "exec env")]  # env: what /run.sh would get
-    out = subprocess.run(shell, env={**env, "GRAFANA_ADMIN_PASSWORD": "s3cret"}, capture_output=True, text=True)
+    secrets = {"GRAFANA_ADMIN_PASSWORD": "s3cret", "API_TOKEN": "t0ken", "DATABASE_URL": "postgresql://u:pw@db/catdog"}
+    out = subprocess.run(shell, env={**env, **secrets}, capture_output=True, text=True)
     assert out.returncode == 0 and "GF_SECURITY_ADMIN_PASSWORD=s3cret\n" in out.stdout, out.stderr
+    assert "t0ken" not in out.stdout and "pw@db" not in out.stdout  # the host config's other secrets stay out
     # The example holds every setting the issue names, and stays in git while the real file cannot.
     with open(os.path.join(ROOT, "catdog.env.example")) as f:
         example = f.read()

@@ -36,15 +36,22 @@ needs_alertmanager = pytest.mark.skipif(
 SCRAPE_LABELS = {"job", "instance"}
 
 
-def promtool(*args):
-    result = subprocess.run(["promtool", *args], cwd=MONITORING, capture_output=True, text=True, timeout=60)
+def promtool(*args, cwd=MONITORING):
+    result = subprocess.run(["promtool", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
 
 @needs_promtool
-def test_promtool_config_rules_and_rule_unit_tests():
-    assert "SUCCESS" in promtool("check", "config", "prometheus.yml")
+def test_promtool_config_rules_and_rule_unit_tests(tmp_path):
+    # promtool wants the token file the config names: the compose service writes it at start.
+    with open(os.path.join(MONITORING, "prometheus.yml")) as f:
+        config = f.read()
+    token_file = yaml.safe_load(config)["scrape_configs"][0]["authorization"]["credentials_file"]
+    (tmp_path / "api_token").write_text("")
+    (tmp_path / "prometheus.yml").write_text(config.replace(token_file, str(tmp_path / "api_token")))
+    shutil.copy(os.path.join(MONITORING, "alerts.yml"), tmp_path)
+    assert "SUCCESS" in promtool("check", "config", "prometheus.yml", cwd=tmp_path)
     assert f"{len(alert_rules())} rules found" in promtool("check", "rules", "alerts.yml")
     assert "SUCCESS" in promtool("test", "rules", "alerts_test.yml")
 
@@ -196,6 +203,12 @@ def test_compose_monitoring_profile_mounts_these_files():
     with open(os.path.join(MONITORING, "prometheus.yml")) as f:
         (job,) = yaml.safe_load(f)["scrape_configs"]
     assert job["static_configs"][0]["targets"] == ["api:8000"]
+    # With API_TOKEN in the host config /metrics wants it: the entrypoint writes it where the job reads it.
+    prometheus = services["prometheus"]
+    assert prometheus["env_file"] == services["api"]["env_file"] and prometheus["tmpfs"] == ["/tmp"]
+    (command,) = prometheus["command"]
+    token_file = job["authorization"]["credentials_file"]
+    assert f'printf %s "$${{API_TOKEN:-}}" > {token_file} && exec env -i /bin/prometheus' in command
 
 
 def test_compose_alerting_profile_runs_alertmanager_on_this_config():
@@ -269,6 +282,10 @@ class WebhookSink(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
     def do_GET(self):
+        if self.headers.get("Authorization") != "Bearer s3cret":
+            self.send_response(401)
+            self.end_headers()
+            return
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; version=0.0.4")
         self.send_header("Content-Length", str(len(RELOAD_FAILED_METRICS)))
@@ -337,6 +354,8 @@ def test_a_firing_rule_reaches_the_webhook(tmp_path, sink):
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     (job,) = config["scrape_configs"]
     job["static_configs"] = [{"targets": [down, reload_failed]}]
+    (tmp_path / "api_token").write_text("s3cret")
+    job["authorization"]["credentials_file"] = str(tmp_path / "api_token")  # the sink wants it, as the api would
 
     with contextlib.ExitStack() as running:
         alertmanager = harness.Server(log=tmp_path / "alertmanager.log", command=lambda port: [
