@@ -99,14 +99,25 @@ def sources(environ, parts=PARTS):
         (mlflow_sources(environ) if "mlflow" in parts else [])
 
 
-def postgres_tool(name):
-    """pg_dump or pg_restore: from PG_BINDIR, else PATH, else Debian's newest server package."""
-    folders = [os.environ.get("PG_BINDIR", "")] + os.environ.get("PATH", "").split(os.pathsep)
+def postgres_folder(*tools):
+    """The folder holding every one of PostgreSQL's `tools`: PG_BINDIR, else PATH's (a tool there
+    may be a link into its real folder), else Debian's newest server package; None when none does."""
+    on_path = shutil.which(tools[0])
+    folders = [os.environ.get("PG_BINDIR", ""), os.path.dirname(os.path.realpath(on_path)) if on_path else "",
+               *os.environ.get("PATH", "").split(os.pathsep)]
     folders += sorted(glob.glob(POSTGRES_BINARIES), key=lambda d: int(d.split("/")[-2]), reverse=True)
     for folder in filter(None, folders):
-        if os.access(os.path.join(folder, name), os.X_OK):
-            return os.path.join(folder, name)
-    raise Refused(f"{name} not found (PG_BINDIR, PATH, {POSTGRES_BINARIES}): apt-get install postgresql-client")
+        if all(os.access(os.path.join(folder, tool), os.X_OK) for tool in tools):
+            return folder
+    return None
+
+
+def postgres_tool(name):
+    """pg_dump or pg_restore (postgres_folder)."""
+    folder = postgres_folder(name)
+    if folder is None:
+        raise Refused(f"{name} not found (PG_BINDIR, PATH, {POSTGRES_BINARIES}): apt-get install postgresql-client")
+    return os.path.join(folder, name)
 
 
 # ---------------------------------------------------------------- the databases

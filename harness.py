@@ -6,7 +6,6 @@ post_eval.py runs against a deployed service: nothing heavy is imported at modul
 (torch only inside export_tiny_model).
 """
 import contextlib
-import glob
 import io
 import os
 import pwd
@@ -29,7 +28,6 @@ import catdog
 
 SERVE = os.path.join(catdog.ROOT, "serve.py")
 TINY_PREPROCESS = {"resize": 40, "crop": 32, "mean": 127.0, "std": 128.0}
-POSTGRES_BINARIES = "/usr/lib/postgresql/*/bin"  # Debian's
 
 
 # ---------------------------------------------------------------- HTTP bodies
@@ -447,15 +445,10 @@ class Server:
 
 
 def postgres_binaries():
-    """The folder holding initdb and pg_ctl (PG_BINDIR, else PATH's, else Debian's newest), or None."""
-    candidates = [os.environ.get("PG_BINDIR", "")]
-    on_path = shutil.which("initdb")
-    candidates.append(os.path.dirname(os.path.realpath(on_path)) if on_path else "")
-    candidates += sorted(glob.glob(POSTGRES_BINARIES), key=lambda d: int(d.split("/")[-2]), reverse=True)
-    for folder in filter(None, candidates):
-        if all(os.access(os.path.join(folder, tool), os.X_OK) for tool in ("initdb", "pg_ctl")):
-            return folder
-    return None
+    """The folder holding initdb and pg_ctl, or None (backup.postgres_folder: the one search)."""
+    from backup import postgres_folder
+
+    return postgres_folder("initdb", "pg_ctl")
 
 
 def postgres_user():
