@@ -414,6 +414,7 @@ def sha256_file(path, chunk=1 << 20):
 # how far the image's features are from the training pets (drift).
 ONNX_OUTPUTS = ("logits", "pet_logit", "pet_distance")
 SERVED_FILES = ("model.onnx", "model.json", "reference_profile.json")  # what the service needs of a model
+MODEL_CARD = "MODEL_CARD.md"  # the model card, beside the served files (training writes it)
 
 
 def answer(outputs, meta):

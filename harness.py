@@ -350,7 +350,7 @@ def export_tiny_model(folder, version="tiny-1", dog_if_blue=True, profile=True, 
         stats = [catdog.image_stats(catdog.open_image(synthetic_photo(rng))) for _ in range(400)]
         catdog.write_json(os.path.join(folder, "reference_profile.json"), catdog.reference_profile(stats))
     if card:  # the image ships a card beside every model
-        with open(os.path.join(folder, "MODEL_CARD.md"), "w") as f:
+        with open(os.path.join(folder, catdog.MODEL_CARD), "w") as f:
             f.write(f"# catdog model card: {version}\n\nNot a trained model: a fixed rule for smoke tests "
                     "(reddish = cat, bluish = dog, very green = other).\n")
     return os.path.join(folder, "model.onnx")

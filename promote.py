@@ -28,8 +28,7 @@ import catdog
 import evaluate
 import nets
 
-MODEL_CARD = "MODEL_CARD.md"  # the model card, beside the served files
-RELEASED_FILES = (*catdog.SERVED_FILES, MODEL_CARD)  # the registry's MLflow model: what a release is built from
+RELEASED_FILES = (*catdog.SERVED_FILES, catdog.MODEL_CARD)  # the registry's MLflow model: what a release is built from
 DVC_LOCK = os.path.join(catdog.ROOT, "dvc.lock")
 
 
@@ -154,7 +153,7 @@ def log_run(run, candidate):
     reports = os.path.join(folder, "reports")  # made after model/ is logged, so not part of it
     evaluate.write_reports(reports, run, candidate)
     mlflow.log_artifacts(reports, "reports")
-    shutil.copyfile(os.path.join(reports, "model_card.md"), os.path.join(folder, MODEL_CARD))
+    shutil.copyfile(os.path.join(reports, "model_card.md"), os.path.join(folder, catdog.MODEL_CARD))
     return log_registry_model(folder)
 
 

@@ -48,7 +48,6 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # The photos of one request run in ONNX Runtime runs of up to this many: a run of 2-4 images
 # costs less per image than single runs, and than larger ones (which outgrow the CPU cache).
 RUN_SIZE = 4
-MODEL_CARD = "MODEL_CARD.md"  # beside model.onnx, written by training
 OPENAPI_PATH = os.path.join(catdog.ROOT, "openapi.yaml")
 
 
@@ -60,7 +59,7 @@ class Settings:
     port: int = 8000
     model_path: str = os.path.join(catdog.MODELS_DIR, "model.onnx")
     profile_path: str = ""  # the drift reference; "": reference_profile.json beside the model
-    db_path: str = os.path.join(catdog.ROOT, "var", "catdog.db")
+    db_path: str = stores.DEFAULT_DB_PATH
     database_url: str = ""  # postgresql://user:password@host/db: the store every replica shares; "": DB_PATH
     max_upload_mb: float = 10.0
     max_pixels: int = catdog.MAX_PIXELS
@@ -201,7 +200,7 @@ def load_model(path, ort_threads=1, profile_path=""):
     session.run(list(catdog.ONNX_OUTPUTS), {"image": np.zeros((1, 3, crop, crop), np.float32)})
     profile_path = profile_path or os.path.join(os.path.dirname(path), "reference_profile.json")
     profile = catdog.read_json(profile_path) if os.path.exists(profile_path) else None
-    card_path = os.path.join(os.path.dirname(path), MODEL_CARD)
+    card_path = os.path.join(os.path.dirname(path), catdog.MODEL_CARD)
     card = read_text(card_path) if os.path.exists(card_path) else None
     return Model(session, meta, profile, card, options.intra_op_num_threads)
 
@@ -668,7 +667,7 @@ def model_card():
     if model is None:
         return error(503, "not_ready", "the model is not loaded yet")
     if model.card is None:
-        return error(404, "no_model_card", f"the model being served has no {MODEL_CARD} beside it")
+        return error(404, "no_model_card", f"the model being served has no {catdog.MODEL_CARD} beside it")
     return model.card, 200, {"Content-Type": "text/markdown; charset=utf-8"}
 
 

@@ -539,9 +539,9 @@ def export_served_model(run, model, meta, path, torch_test_probs):
     parity, max |p_onnx - p_torch|."""
     nets.export_onnx(model, meta, path)
     test_items = run.evaluation.test_items
-    parity = max(float(np.abs(evaluate.onnx_outputs(path, test_items, meta["preprocess"])["probs"]
-                              - torch_test_probs).max()),
-                 pet_parity(model, path, test_items, meta["preprocess"]))
+    onnx = evaluate.onnx_outputs(path, test_items, meta["preprocess"])
+    parity = max(float(np.abs(onnx["probs"] - torch_test_probs).max()),
+                 pet_parity(model, onnx, test_items, meta["preprocess"]))
     log(f"  ONNX fp32 parity over {len(test_items)} test images: max |p_onnx - p_torch| = {parity:.2e}")
     if not parity <= 1e-4:
         raise ExportMismatch(f"ONNX export of {meta['arch']} disagrees with PyTorch by {parity:.2e} (> 1e-4)")
@@ -553,16 +553,16 @@ def export_served_model(run, model, meta, path, torch_test_probs):
     return parity
 
 
-def pet_parity(model, path, items, settings, count=64):
+def pet_parity(model, onnx, items, settings, count=64):
     """max |difference| of the pet probability, and of pet_distance relative to 1 + itself,
-    ONNX file vs PyTorch, on the first `count` items."""
-    items = items[:count]
-    onnx = evaluate.onnx_outputs(path, items, settings)
-    x = torch.stack([x for x, _ in Images(items, settings)])
+    between the ONNX file's outputs over `items` (evaluate.onnx_outputs) and PyTorch, on the
+    first `count` items."""
+    x = torch.stack([x for x, _ in Images(items[:count], settings)])
     with torch.no_grad():
         _, pet_logit, distance = model.outputs(x)
-    return max(float(np.abs(onnx["pet"] - torch.sigmoid(pet_logit).numpy()).max()),
-               float((np.abs(onnx["distance"] - distance.numpy()) / (1 + distance.numpy())).max()))
+    pet, distances = onnx["pet"][:count], onnx["distance"][:count]
+    return max(float(np.abs(pet - torch.sigmoid(pet_logit).numpy()).max()),
+               float((np.abs(distances - distance.numpy()) / (1 + distance.numpy())).max()))
 
 
 # ---------------------------------------------------------------- main
