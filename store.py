@@ -45,10 +45,29 @@ MIGRATIONS = (
     # reads the same figure without a COUNT(*) over millions of rows.
     """CREATE TABLE counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
     INSERT INTO counters SELECT 'feedback', COUNT(*) FROM feedback""",
+    # The sha256 of the photo kept for this prediction (KEEP_PHOTOS): its bytes are a file
+    # under PHOTOS_DIR (photo_path), never a row; NULL when none is kept.
+    """ALTER TABLE predictions ADD COLUMN photo TEXT;
+    CREATE INDEX predictions_photo ON predictions(photo)""",
 )
 LATEST = len(MIGRATIONS)
 # The SQLite file when DB_PATH is unset (the service's and backup.py's default).
 DEFAULT_DB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "var", "catdog.db")
+
+
+def photos_folder(photos_dir, db_path, database_url):
+    """Where kept photos live: PHOTOS_DIR, else a photos/ folder beside the SQLite file. With
+    PostgreSQL every replica must see the same folder, so PHOTOS_DIR has no default there."""
+    if photos_dir:
+        return photos_dir
+    if kind_of(database_url) == PostgresStore.kind:
+        raise ValueError("KEEP_PHOTOS with DATABASE_URL needs PHOTOS_DIR: a folder (volume) every replica mounts")
+    return os.path.join(os.path.dirname(os.path.abspath(db_path)), "photos")
+
+
+def photo_path(folder, sha256):
+    """A kept photo's file: content-addressed, one copy per photo however many predictions share it."""
+    return os.path.join(folder, sha256[:2], sha256)
 
 
 class Store:
@@ -100,10 +119,10 @@ class Store:
                 conn.execute("DELETE FROM schema_version")
                 conn.execute("INSERT INTO schema_version VALUES (?)", (number,))
 
-    def record_prediction(self, prediction_id, request_id, model_version, label, confidence, stats):
-        self._write("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    def record_prediction(self, prediction_id, request_id, model_version, label, confidence, stats, photo=None):
+        self._write("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (prediction_id, request_id, time.time(), model_version, label, confidence,
-                     stats["width"], stats["height"], stats["brightness"]))
+                     stats["width"], stats["height"], stats["brightness"], photo))
 
     def find_prediction(self, key):
         """(prediction id, predicted label) of the prediction with this id, else of the one with
@@ -130,6 +149,15 @@ class Store:
             "f.label AS truth FROM feedback f JOIN predictions p ON p.id = f.prediction_id "
             "ORDER BY f.time DESC LIMIT ?) AS latest", (window,))[0]
         return (right / n if n else None), n
+
+    def kept_photos(self):
+        """Every kept photo with its staff label, oldest feedback first: dicts of prediction_id,
+        model_version, predicted, label, time (of the feedback), photo (sha256)."""
+        rows = self._query(
+            "SELECT p.id, p.model_version, p.label, f.label, f.time, p.photo FROM predictions p "
+            "JOIN feedback f ON f.prediction_id = p.id WHERE p.photo IS NOT NULL ORDER BY f.time, p.id")
+        names = ("prediction_id", "model_version", "predicted", "label", "time", "photo")
+        return [dict(zip(names, row)) for row in rows]
 
     def feedback_count(self):
         return self._query("SELECT value FROM counters WHERE name = 'feedback'")[0][0]
