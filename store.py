@@ -196,6 +196,11 @@ class Store:
         names = ("prediction_id", "model_version", "predicted", "label", "time", "photo")
         return [dict(zip(names, row)) for row in rows]
 
+    def photo_of(self, prediction_id):
+        """The sha256 of this prediction's photo; None when it has none (or no such prediction)."""
+        rows = self._query("SELECT photo FROM predictions WHERE id = ?", (prediction_id,))
+        return rows[0][0] if rows else None
+
     def drop_photo(self, prediction_id, folder):
         """Forget this prediction's photo (not kept after its feedback, or removed on request),
         removing its file from `folder` unless another row names it. None when no prediction has
