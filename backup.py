@@ -1,5 +1,5 @@
 """Backups that restore: the store (predictions and staff feedback, the only ground truth the
-service gets) and MLflow (its database and artifacts: the registry releases are built from),
+service gets, and the photos it keeps to train on) and MLflow (its database and artifacts: the registry releases are built from),
 into a folder the operator names, with manifest.json saying what, when, sizes, sha256 and
 row counts. Restore puts each part back where the same variables say, and checks the rows.
 
@@ -9,7 +9,10 @@ row counts. Restore puts each part back where the same variables say, and checks
 
 Where each part comes from, read as the service and training read it:
 - store: PostgreSQL at DATABASE_URL (pg_dump, custom format), else the SQLite file at DB_PATH
-  (SQLite's online backup API: the service may keep writing meanwhile);
+  (SQLite's online backup API: the service may keep writing meanwhile); then its kept photos'
+  folder (PHOTOS_DIR, else photos/ beside the SQLite file) when KEEP_PHOTOS is on or the folder
+  exists: after the rows, so every photo a backed-up row names is there unless it was removed
+  while the backup ran;
 - mlflow: the database of MLFLOW_TRACKING_URI (sqlite:///... or postgresql://...) and the
   artifacts folder MLFLOW_ARTIFACTS_DIR (default: mlruns/ beside the sqlite database).
 Every refusal (a missing source, a DEST that is not empty, a restore over a live store without
@@ -70,6 +73,23 @@ def store_source(environ):
     return Source("store", kind, url if url else environ.get("DB_PATH") or stores.DEFAULT_DB_PATH)
 
 
+def photos_source(environ, wanted=False):
+    """The store's kept photos' folder, found as the service finds it (store.photos_folder): None
+    when there is none to back up (KEEP_PHOTOS off and no folder there), unless `wanted` (a
+    restore of a backup that holds photos)."""
+    mode = environ.get("KEEP_PHOTOS", "off")
+    try:
+        folder = stores.photos_folder(environ.get("PHOTOS_DIR", ""), environ.get("DB_PATH") or stores.DEFAULT_DB_PATH,
+                                      environ.get("DATABASE_URL", ""))
+    except ValueError as e:
+        if mode == "off" and not wanted:
+            return None
+        raise Refused(f"the store's kept photos (KEEP_PHOTOS={mode}): {e}") from e
+    if mode == "off" and not wanted and not os.path.isdir(folder):
+        return None
+    return Source("store-photos", "folder", folder)
+
+
 def mlflow_sources(environ):
     """MLflow's database and artifacts folder, from MLFLOW_TRACKING_URI and MLFLOW_ARTIFACTS_DIR."""
     uri = environ.get("MLFLOW_TRACKING_URI")
@@ -93,10 +113,11 @@ def mlflow_sources(environ):
                   "MLFLOW_ARTIFACTS_DIR to its artifacts folder")
 
 
-def sources(environ, parts=PARTS):
-    """The sources of these parts ("store", "mlflow")."""
-    return ([store_source(environ)] if "store" in parts else []) + \
-        (mlflow_sources(environ) if "mlflow" in parts else [])
+def sources(environ, parts=PARTS, photos=False):
+    """The sources of these parts ("store": its database and kept photos, photos_source(environ,
+    photos); "mlflow")."""
+    store = [store_source(environ), photos_source(environ, photos)] if "store" in parts else []
+    return [source for source in store if source] + (mlflow_sources(environ) if "mlflow" in parts else [])
 
 
 def postgres_folder(*tools):
@@ -311,7 +332,8 @@ def restore(folder, environ, only=None, force=False):
     rows the manifest counted, and the folder the files."""
     manifest = check(folder)
     held = [part for part in PARTS if any(entry["name"].startswith(part) for entry in manifest["parts"])]
-    targets = {source.name: source for source in sources(environ, [only] if only else held)}
+    photos = any(entry["name"] == "store-photos" for entry in manifest["parts"])
+    targets = {source.name: source for source in sources(environ, [only] if only else held, photos)}
     entries = [entry for entry in manifest["parts"] if entry["name"] in targets]
     missing = targets.keys() - {entry["name"] for entry in entries}
     if missing:

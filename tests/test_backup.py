@@ -1,7 +1,9 @@
 """backup.py: predictions and feedback written through the service are backed up, the store
-is destroyed, restored, and every row and the live accuracy come back (SQLite, PostgreSQL);
+is destroyed, restored, and every row, every kept photo and the live accuracy come back (SQLite,
+PostgreSQL);
 MLflow's database and artifacts the same; every refusal exits loudly, naming what and where."""
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -32,55 +34,71 @@ def every_row(source):
                 for table in backup.table_rows(conn, source.kind)}
 
 
+def photo_files(source):
+    """{path under the folder: bytes} of the kept photos' folder ({} when there is none)."""
+    if source is None or not os.path.isdir(source.location):
+        return {}
+    return {os.path.relpath(os.path.join(folder, name), source.location): open(os.path.join(folder, name), "rb").read()
+            for folder, _, names in os.walk(source.location) for name in names}
+
+
 def live_stats(client):
     stats = client.get("/stats").json
     return stats["live_accuracy"], stats["live_accuracy_samples"]
 
 
 def round_trip(tmp_path, environ, destroy, **settings):
-    """Traffic through the service, backup while it runs, destroy, restore, the same rows and
-    live accuracy again; a restore over the restored store needs --force."""
+    """Traffic through the service, backup while it runs, destroy (the kept photos too), restore,
+    the same rows, photo files and live accuracy again; a restore over the restored store needs --force."""
     db_path = str(tmp_path / "var" / "catdog.db")
     client, service = in_process(tiny_model(), db_path, **settings)
     write_traffic(client)
     before, stats = every_row(backup.store_source(environ)), live_stats(client)
+    photos = backup.photos_source(environ)
+    files = photo_files(photos)
     assert before["feedback"] and before["predictions"] and stats[1] == len(before["feedback"]) and stats[0] < 1
+    assert bool(files) == (settings.get("keep_photos", "off") != "off") == (photos is not None)
     manifest = backup.backup(str(tmp_path / "backup"), environ, only="store")
     service.close()
-    (part,) = manifest["parts"]
-    assert part["rows"] == {table: len(rows) for table, rows in before.items()}
+    parts = {part["name"]: part["rows"] for part in manifest["parts"]}
+    assert parts == {"store": {table: len(rows) for table, rows in before.items()},
+                     **({"store-photos": {"files": len(files)}} if files else {})}
     destroy()
+    if photos:
+        shutil.rmtree(photos.location)
 
     backup.restore(str(tmp_path / "backup"), environ)
-    assert every_row(backup.store_source(environ)) == before
+    assert every_row(backup.store_source(environ)) == before and photo_files(photos) == files
     client, service = in_process(tiny_model(), db_path, **settings)
     assert live_stats(client) == stats
     with pytest.raises(backup.Refused, match="restoring would overwrite it"):
         backup.restore(str(tmp_path / "backup"), environ)
     write_traffic(client, count=3, seed=1)  # rows the backup does not have, gone after --force
     backup.restore(str(tmp_path / "backup"), environ, force=True)
-    assert every_row(backup.store_source(environ)) == before
+    assert every_row(backup.store_source(environ)) == before and photo_files(photos) == files
     service.close()
 
 
-def test_sqlite_store_restores_every_row_and_the_live_accuracy(tmp_path):
-    environ = {"DB_PATH": str(tmp_path / "var" / "catdog.db")}
+@pytest.mark.parametrize("keep_photos", ["off", "all"])
+def test_sqlite_store_restores_every_row_every_photo_and_the_live_accuracy(tmp_path, keep_photos):
+    environ = {"DB_PATH": str(tmp_path / "var" / "catdog.db"), "KEEP_PHOTOS": keep_photos}
 
     def destroy():
         for suffix in ("", "-wal", "-shm"):
             if os.path.exists(environ["DB_PATH"] + suffix):
                 os.remove(environ["DB_PATH"] + suffix)
-    round_trip(tmp_path, environ, destroy)
+    round_trip(tmp_path, environ, destroy, keep_photos=keep_photos)
 
 
-def test_postgres_store_restores_every_row_and_the_live_accuracy(tmp_path):
+def test_postgres_store_restores_every_row_every_photo_and_the_live_accuracy(tmp_path):
     reason = why_no_postgres()
     if reason:
         pytest.skip(reason)
     with PostgresServer() as pg:
         name = f"catdog_{uuid.uuid4().hex[:8]}"
         url = pg.new_database(name)
-        environ = {"DATABASE_URL": url}
+        photos = str(tmp_path / "photos")
+        environ = {"DATABASE_URL": url, "KEEP_PHOTOS": "corrected", "PHOTOS_DIR": photos}
 
         def destroy():
             import psycopg
@@ -88,7 +106,7 @@ def test_postgres_store_restores_every_row_and_the_live_accuracy(tmp_path):
             with psycopg.connect(pg.url(), autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
                 conn.execute(f'CREATE DATABASE "{name}"')
-        round_trip(tmp_path, environ, destroy, database_url=url)
+        round_trip(tmp_path, environ, destroy, database_url=url, keep_photos="corrected", photos_dir=photos)
 
 
 def test_mlflow_database_and_artifacts_restore(tmp_path):
@@ -171,6 +189,9 @@ def test_refusals_exit_non_zero_and_name_what_and_where(tmp_path):
     assert no_mlflow.returncode != 0 and "back up a tracking server where it runs" in no_mlflow.stderr
     wrong_url = run_cli("backup", str(tmp_path / "c"), "--only", "store", DATABASE_URL="mysql://x@y/z")
     assert wrong_url.returncode != 0 and "DATABASE_URL must be a postgresql:// URL" in wrong_url.stderr
+    no_folder = run_cli("backup", str(tmp_path / "c"), "--only", "store", DATABASE_URL="postgresql://x@y/z",
+                        KEEP_PHOTOS="corrected")
+    assert no_folder.returncode != 0 and "KEEP_PHOTOS=corrected" in no_folder.stderr and "PHOTOS_DIR" in no_folder.stderr
 
 
 def test_postgres_tools_take_the_password_from_the_environment_not_the_command_line(monkeypatch):
