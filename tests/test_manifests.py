@@ -26,6 +26,7 @@ API_SECRET = os.path.join(K8S_BASE, "secret.yaml.example")
 # `kubectl apply -f k8s/postgres/` never applies its placeholder password.
 POSTGRES_K8S = sorted(glob.glob(os.path.join(ROOT, "k8s", "postgres", "*.yaml")))
 POSTGRES_SECRET = os.path.join(ROOT, "k8s", "postgres", "secret.yaml.example")
+KEEP_PHOTOS_K8S = os.path.join(ROOT, "k8s", "components", "keep-photos")  # an overlay opts in
 
 
 def tool(name):
@@ -80,10 +81,19 @@ def kustomize(path, out_dir):
     return rendered, by_kind
 
 
+def with_kept_photos(tmp_path):
+    """An overlay in tmp_path: the base with the keep-photos component (kustomize takes relative paths only)."""
+    overlay = tmp_path / "keep-photos"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": [os.path.relpath(K8S_BASE, overlay)], "components": [os.path.relpath(KEEP_PHOTOS_K8S, overlay)]}))
+    return str(overlay)
+
+
 def test_kubernetes_manifests_validate_strictly(tmp_path):
     validate = tool("kubernetes-validate")
     assert POSTGRES_K8S and K8S_OVERLAYS
-    rendered = [str(kustomize(path, tmp_path)[0]) for path in (K8S_BASE, *K8S_OVERLAYS)]
+    rendered = [str(kustomize(path, tmp_path)[0]) for path in (K8S_BASE, *K8S_OVERLAYS, with_kept_photos(tmp_path))]
     code, out = run(validate, "--strict", "--quiet", *rendered, *POSTGRES_K8S, POSTGRES_SECRET, API_SECRET)
     assert code == 0, out
     # The validator really rejects a misspelt field (readinesProbe), so the pass above means something.
@@ -157,6 +167,25 @@ def test_deployment_reads_database_url_and_token_from_secrets():
     assert os.path.basename(API_SECRET) not in kustomization["resources"]
 
 
+def test_kept_photos_are_one_volume_every_replica_mounts_at_photos_dir(tmp_path):
+    """Off in the base (an unused folder); the component keeps them in one ReadWriteMany claim,
+    since a photo uploaded to one pod is judged through another."""
+    for path, mode in ((K8S_BASE, None), (with_kept_photos(tmp_path), "corrected")):
+        _, docs = kustomize(path, tmp_path)
+        pod = docs["Deployment"]["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        volume = next(v for v in pod["volumes"] if v["name"] == "photos")
+        assert mounts["photos"] == env["PHOTOS_DIR"] and env.get("KEEP_PHOTOS") == mode
+        if mode is None:
+            assert "PersistentVolumeClaim" not in docs and set(volume) == {"name", "emptyDir"}
+        else:
+            claim = docs["PersistentVolumeClaim"]
+            assert volume == {"name": "photos", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+            assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
 def test_kubernetes_postgres_is_persistent_probed_and_locked_down():
     docs = {doc["kind"]: doc for name in POSTGRES_K8S for doc in load(os.path.relpath(name, ROOT))}
     (secret,) = load(os.path.relpath(POSTGRES_SECRET, ROOT))
@@ -206,7 +235,12 @@ def test_compose_reads_the_host_config_and_limits_the_api():
     services = load("docker-compose.yml")[0]["services"]
     api, grafana = services["api"], services["grafana"]
     assert api["env_file"] == grafana["env_file"] == services["postgres"]["env_file"] == [HOST_CONFIG]
-    assert api["environment"].keys() == {"DB_PATH"}  # the rest is the host's
+    assert api["environment"].keys() == {"DB_PATH", "PHOTOS_DIR"}  # the rest is the host's
+    # The kept photos: one named volume, where the api keeps them and the backup reads them.
+    backup = services["backup"]
+    for service in (api, backup):
+        assert f"photos:{service['environment']['PHOTOS_DIR']}" in service["volumes"]
+    assert "photos" in load("docker-compose.yml")[0]["volumes"]
     assert api["mem_limit"] == "1g" and api["cpus"] == 2
     assert not any(k.startswith("GF_SECURITY_ADMIN") for k in grafana["environment"])
     # The entrypoint (Compose's $$ is a $) refuses to start without the password, else hands it over.
@@ -222,7 +256,8 @@ def test_compose_reads_the_host_config_and_limits_the_api():
     # The example holds every setting the issue names, and stays in git while the real file cannot.
     with open(os.path.join(ROOT, "catdog.env.example")) as f:
         example = f.read()
-    for name in ("DATABASE_URL", "API_TOKEN", "CORS_ORIGINS", "MAX_UPLOAD_MB", "GRAFANA_ADMIN_PASSWORD"):
+    for name in ("DATABASE_URL", "API_TOKEN", "CORS_ORIGINS", "MAX_UPLOAD_MB", "GRAFANA_ADMIN_PASSWORD", "KEEP_PHOTOS",
+                 "PHOTOS_DIR", "KEEP_CONFIRMED_SHARE", "KEEP_PENDING_HOURS"):
         assert re.search(rf"^#?{name}=", example, re.M), name
     if shutil.which("git") and os.path.isdir(os.path.join(ROOT, ".git")):
         assert subprocess.run(["git", "check-ignore", "-q", "catdog.env"], cwd=ROOT).returncode == 0
