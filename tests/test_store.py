@@ -251,6 +251,30 @@ def test_two_replicas_share_predictions_feedback_and_live_accuracy(tmp_path, dat
                    if "Traceback" in line), "a replica logged a traceback"
 
 
+def test_replicas_sharing_photos_dir_settle_a_photo_uploaded_to_the_other(tmp_path, database_url):
+    """A photo kept pending on one pod, judged through the other: one folder, one decision."""
+    photos = str(tmp_path / "photos")
+    replicas = [Server(tiny_model(), str(tmp_path / f"unused-{i}.db"), DATABASE_URL=database_url, PHOTOS_DIR=photos,
+                       KEEP_PHOTOS="corrected", KEEP_CONFIRMED_SHARE=0) for i in (1, 2)]
+    try:
+        one, two = replicas
+        rng = np.random.default_rng(42)
+        confirmed, corrected = (one.predict(synthetic_photo(rng, "cat")).json() for _ in range(2))
+        assert len(photo_files(photos)) == 2
+        for answer, truth in ((confirmed, "cat"), (corrected, "dog")):
+            assert answer["label"] == "cat"
+            r = two.post("/feedback", json={"prediction_id": answer["prediction_id"], "label": truth})
+            assert r.status_code == 200, r.text
+        shared = store.PostgresStore(database_url)
+        kept = [row["prediction_id"] for row in shared.kept_photos()]
+        shared.close()
+        assert kept == [corrected["prediction_id"]]
+        assert len(photo_files(photos)) == 1 and two.get("/health").json()["keep_photos"] == "corrected"
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
 def test_killing_a_replica_under_load_loses_no_acknowledged_prediction(tmp_path, database_url):
     import psycopg
 
