@@ -8,7 +8,8 @@ In code (tests): create_app(Settings(model_path=..., db_path=...)) is the Flask 
 Service (model, store, drift, metrics); service.load("why") loads the model, service.start()
 starts the threads as main() does. Importing this module starts nothing.
 Never torch: upload.py reads and decodes uploads with catdog's functions, training's own.
-Predictions and feedback go to store.py's SQLite file (DB_PATH) or PostgreSQL (DATABASE_URL).
+Predictions and feedback go to store.py's SQLite file (DB_PATH) or PostgreSQL (DATABASE_URL);
+with KEEP_PHOTOS on, uploads staff judge are kept as files to train on (PHOTOS_DIR).
 Signals: SIGTERM/SIGINT drain in-flight requests then exit; SIGHUP reloads the model.
 """
 import base64
@@ -23,6 +24,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -49,6 +51,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # costs less per image than single runs, and than larger ones (which outgrow the CPU cache).
 RUN_SIZE = 4
 OPENAPI_PATH = os.path.join(catdog.ROOT, "openapi.yaml")
+# KEEP_PHOTOS: off keeps nothing; corrected keeps the photos staff correct (and KEEP_CONFIRMED_SHARE
+# of those they confirm, so that training does not see only hard cases); all keeps every judged one.
+KEEP_MODES = ("off", "corrected", "all")
 
 
 # ---------------------------------------------------------------- settings (env vars)
@@ -77,7 +82,11 @@ class Settings:
     retention_rows: int = 1_000_000  # and beyond the newest this many
     retention_interval_s: float = 600.0  # how often the pruning runs (in the background)
     cors_origins: str = ""  # comma-separated origins a browser front end may call the API from; "": none
-    api_token: str = ""  # when set, /feedback, /stats and /metrics need "Authorization: Bearer <it>"
+    api_token: str = ""  # when set, /feedback, /stats, /metrics and photo removal need "Authorization: Bearer <it>"
+    keep_photos: str = "off"  # off, corrected or all (KEEP_MODES): uploads kept after staff feedback, to train on
+    photos_dir: str = ""  # where kept photos go; "": photos/ beside DB_PATH (required with DATABASE_URL)
+    keep_confirmed_share: float = 0.1  # corrected: this share of the photos staff confirm is kept too
+    keep_pending_hours: float = 24.0  # an upload waits this long for its feedback, then its photo goes
 
     @classmethod
     def from_env(cls, environ=os.environ):
@@ -99,6 +108,34 @@ class Settings:
         # reads uploads and writes answers in its own loop, so a slow client holds no thread;
         # more threads only make requests share the CPUs longer.
         return self.threads or 2 * available_cpus()
+
+
+class Refused(Exception):
+    """Settings the service cannot start with; the message names the setting and the place."""
+
+
+def photos_folder(settings):
+    """Where kept photos live (store.photos_folder), created and written to once when KEEP_PHOTOS
+    is on; None when it is off and no folder is known (PostgreSQL without PHOTOS_DIR)."""
+    mode = settings.keep_photos
+    if mode not in KEEP_MODES:
+        raise Refused(f"KEEP_PHOTOS={mode!r}: must be one of {', '.join(KEEP_MODES)}")
+    if not 0 <= settings.keep_confirmed_share <= 1:
+        raise Refused(f"KEEP_CONFIRMED_SHARE={settings.keep_confirmed_share}: must be between 0 and 1")
+    try:
+        folder = stores.photos_folder(settings.photos_dir, settings.db_path, settings.database_url)
+    except ValueError as e:
+        if mode == "off":
+            return None
+        raise Refused(f"KEEP_PHOTOS={mode}: {e}") from e
+    if mode != "off":
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise Refused(f"KEEP_PHOTOS={mode}: cannot write to the photos folder {folder} (PHOTOS_DIR): {e}") from e
+    return folder
 
 
 def read_text(path):
@@ -340,6 +377,7 @@ class Service:
         self.in_flight = 0  # requests being handled now
         self._in_flight_lock = threading.Lock()
         self._load_lock = threading.Lock()  # one load at a time
+        self.photos = photos_folder(settings)  # before the store: refused settings open nothing
         # A connection per request thread, and one for the retention thread.
         self.store = stores.open_store(settings.database_url, settings.db_path, settings.request_threads + 1)
         self.drift = DriftWindow(settings.drift_window, settings.drift_min_samples)
@@ -355,16 +393,22 @@ class Service:
         threading.Thread(target=self.keep_pruning, daemon=True, name="retention").start()
 
     def keep_pruning(self):
-        """Retention: every RETENTION_INTERVAL_S, a chunked prune (requests wait one chunk at most)."""
+        """Retention: every RETENTION_INTERVAL_S, a chunked prune (requests wait one chunk at most)
+        that takes kept photos with their rows, and pending photos older than KEEP_PENDING_HOURS
+        dropped (also with KEEP_PHOTOS=off: those an earlier mode left)."""
         settings = self.settings
         while not self.stopping.wait(settings.retention_interval_s):
             try:
-                deleted = self.store.prune(time.time() - settings.retention_days * 86400, settings.retention_rows)
-            except self.store.unavailable as e:  # a busy or full disk, the database away: next time
+                deleted = self.store.prune(time.time() - settings.retention_days * 86400, settings.retention_rows,
+                                           folder=self.photos)
+                expired = self.store.expire_photos(time.time() - settings.keep_pending_hours * 3600, self.photos)
+            except (*self.store.unavailable, OSError) as e:  # a busy or full disk, the database away: next time
                 log(event="prune_failed", error=str(e))
                 continue
             if deleted:
                 log(event="pruned", predictions=deleted)
+            if expired:
+                log(event="pending_photos_dropped", photos=expired)
 
     def load_in_background(self, reason):
         threading.Thread(target=self.load, args=(reason,), daemon=True, name="model-loader").start()
@@ -398,29 +442,58 @@ class Service:
             self.in_flight -= 1
 
     def predict(self, model, photos):
-        """The answers for [(preprocessed image, image stats, request id)], each recorded for
-        monitoring: ONNX Runtime runs of up to RUN_SIZE images, each in an inference slot."""
+        """The answers for [(preprocessed image, image stats, request id, uploaded bytes)], each
+        recorded for monitoring: ONNX Runtime runs of up to RUN_SIZE images, each in an inference slot."""
         outputs = []
         for start in range(0, len(photos), RUN_SIZE):
-            batch = np.stack([x for x, _, _ in photos[start:start + RUN_SIZE]])
+            batch = np.stack([photo[0] for photo in photos[start:start + RUN_SIZE]])
             with self.inference_slots:
                 outputs += model.run(batch)
             self.metrics.batch_size.observe(len(batch))
-        return [self.record(model, stats, request_id, out) for (_, stats, request_id), out in zip(photos, outputs)]
+        return [self.record(model, stats, request_id, out, data)
+                for (_, stats, request_id, data), out in zip(photos, outputs)]
 
-    def record(self, model, stats, request_id, outputs):
+    def record(self, model, stats, request_id, outputs, data):
         """The answer's fields of one image's outputs, stored under a new prediction id (the
-        server's key of the prediction: what /feedback names) and counted."""
+        server's key of the prediction: what /feedback names) with its pending photo, and counted."""
         label, confidence, probabilities, pet_probability, distance = catdog.answer(outputs, model.meta)
         prediction_id = uuid.uuid4().hex
         stats = {**stats, "pet_distance": distance, catdog.OTHER: float(label == catdog.OTHER)}
-        self.store.record_prediction(prediction_id, request_id, model.version, label, confidence, stats)
+        photo = self.keep_pending(data)
+        self.store.record_prediction(prediction_id, request_id, model.version, label, confidence, stats, photo)
+        if photo is not None:  # again: the last other row naming it may have taken the file meanwhile
+            stores.save_photo(self.photos, photo, data)
         # The reference confidences are of cat/dog answers; an "other" answer's is another quantity.
         self.drift.add(stats, confidence if label != catdog.OTHER else None)
         self.metrics.predictions.labels(label).inc()
         self.metrics.confidence.observe(confidence)
         return {"label": label, "confidence": round(confidence, 6), "pet_probability": round(pet_probability, 6),
                 "probabilities": {c: round(p, 6) for c, p in probabilities.items()}, "prediction_id": prediction_id}
+
+    def keep_pending(self, data):
+        """The sha256 of an upload whose bytes now wait under the photos folder for its feedback
+        (settle_photo); None with KEEP_PHOTOS=off (no hash either: off costs a request nothing), or
+        when the file cannot be written: then the answer still goes out and the log says why."""
+        if self.settings.keep_photos == "off":
+            return None
+        photo = hashlib.sha256(data).hexdigest()
+        try:
+            stores.save_photo(self.photos, photo, data)
+        except OSError as e:
+            log(event="photo_not_kept", folder=self.photos, error=f"{type(e).__name__}: {e}")
+            return None
+        return photo
+
+    def settle_photo(self, prediction_id, predicted, truth):
+        """After a prediction's feedback, its pending photo stays (all; corrected: a correction,
+        or a confirmation its sha256 puts in KEEP_CONFIRMED_SHARE, so a retry decides the same) or
+        goes. KEEP_PHOTOS=off touches nothing here: what an earlier mode left expires."""
+        mode = self.settings.keep_photos
+        if mode == "off" or mode == "all" or predicted != truth:
+            return
+        photo = self.store.photo_of(prediction_id)
+        if photo is not None and int(photo[:8], 16) >= self.settings.keep_confirmed_share * 16 ** 8:
+            self.store.drop_photo(prediction_id, self.photos)
 
     def drift_report(self):
         model = self.model
@@ -482,7 +555,7 @@ def start_request():
 
 
 # What staff and operators use; the public rest (predict, health, page, OpenAPI) needs no token.
-TOKEN_ENDPOINTS = {"catdog.feedback", "catdog.stats", "catdog.metrics"}
+TOKEN_ENDPOINTS = {"catdog.feedback", "catdog.stats", "catdog.metrics", "catdog.delete_photo"}
 
 
 def authorized(token):
@@ -519,7 +592,7 @@ def add_security_headers(response):
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Expose-Headers"] = "X-Request-ID"
         if request.method == "OPTIONS":  # the browser's preflight
-            response.headers["Access-Control-Allow-Methods"] = "GET, POST"
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE"
             response.headers["Access-Control-Allow-Headers"] = "Content-Type, X-Request-ID"
             response.headers["Access-Control-Max-Age"] = "600"
     response.vary.add("Origin")
@@ -557,11 +630,11 @@ def predict():
     if model is None:
         return error(503, "not_ready", "the model is not loaded yet")
     try:
-        x, stats = upload.prepare(upload.read_upload(), model.meta["preprocess"], service.settings,
-                                  service.decode_budget)
+        data = upload.read_upload()
+        x, stats = upload.prepare(data, model.meta["preprocess"], service.settings, service.decode_budget)
     except catdog.ImageError as e:
         return error(upload.status_of(e), e.reason, str(e))
-    (answer,) = service.predict(model, [(x, stats, g.request_id)])
+    (answer,) = service.predict(model, [(x, stats, g.request_id, data)])
     g.label = answer["label"]
     return jsonify(**answer, **model.identity, request_id=g.request_id,
                    latency_ms=round((time.perf_counter() - g.started) * 1000, 2))
@@ -583,13 +656,14 @@ def predict_batch():
     for index, part in enumerate(parts):
         results.append({"index": index, "filename": part.filename or ""})
         try:
-            photos.append((index, *upload.prepare(part.read(), model.meta["preprocess"], settings,
-                                                  service.decode_budget)))
+            data = part.read()
+            photos.append((index, *upload.prepare(data, model.meta["preprocess"], settings, service.decode_budget),
+                           data))
         except catdog.ImageError as e:
             results[index].update(status=upload.status_of(e), error=e.reason, message=str(e))
     if photos:
-        answers = service.predict(model, [(x, stats, g.request_id) for _, x, stats in photos])
-        for (index, _, _), answer in zip(photos, answers):
+        answers = service.predict(model, [(x, stats, g.request_id, data) for _, x, stats, data in photos])
+        for (index, *_), answer in zip(photos, answers):
             # request_id: the photo's own id for its feedback, as clients of /predict use it.
             results[index].update(status=200, **answer, request_id=answer["prediction_id"])
     return jsonify(request_id=g.request_id, **model.identity, count=len(results), results=results)
@@ -621,9 +695,21 @@ def feedback():
         return error(409, "feedback_exists", f"this prediction's feedback is already recorded ({on_record}); it is kept")
     if stored:  # the metric counts stored feedback, as the database does
         service.metrics.feedback.labels("true" if predicted == truth else "false").inc()
+    service.settle_photo(prediction_id, predicted, truth)  # also when not stored now: a retry finishes it
     g.label = truth
     return jsonify(request_id=key, prediction_id=prediction_id, label=truth, predicted=predicted,
                    correct=predicted == truth, recorded=stored)
+
+
+@api.delete("/predictions/<prediction_id>/photo")
+def delete_photo(prediction_id):
+    """Remove a prediction's kept (or pending) photo, on request: its row no longer names it, and
+    its file goes unless another prediction of the same bytes keeps it. Idempotent."""
+    service = current_service()
+    had_photo = service.store.drop_photo(prediction_id, service.photos)
+    if had_photo is None:
+        return error(404, "unknown_prediction_id", "no prediction has this id")
+    return jsonify(prediction_id=prediction_id, removed=had_photo)
 
 
 @api.get("/health")
@@ -638,7 +724,8 @@ def health():
     # Still ready after a failed reload (the old model serves), but say so: the new file is broken.
     failed = {"reload_error": service.load_error} if service.load_error else {}
     return jsonify(status="ok", **model.identity, arch=model.meta.get("arch"),
-                   pet_threshold=float(model.meta["other"]["threshold"]), store=service.store.kind, **failed)
+                   pet_threshold=float(model.meta["other"]["threshold"]), store=service.store.kind,
+                   keep_photos=service.settings.keep_photos, **failed)
 
 
 @api.get("/live")
@@ -776,6 +863,9 @@ def main():
     database = stores.redacted(settings.database_url) if settings.database_url else settings.db_path
     try:
         service = Service(settings)
+    except Refused as e:
+        log(event="settings_refused", error=str(e))
+        sys.exit(1)
     except Exception as e:  # noqa: BLE001 (the database away or refusing: say so in one line, exit)
         log(event="store_failed", store="postgresql" if settings.database_url else "sqlite", database=database,
             error=f"{type(e).__name__}: {e}")
@@ -785,7 +875,7 @@ def main():
     service.start()
     log(event="listening", host=settings.host, port=int(server.effective_port), threads=server.adj.threads,
         infer_threads=settings.infer_threads or available_cpus(), model_path=settings.model_path,
-        store=service.store.kind, database=database)
+        store=service.store.kind, database=database, keep_photos=settings.keep_photos, photos_dir=service.photos)
     server.run()  # returns on SystemExit after waitress stops its threads
     service.close()
     log(event="stopped")

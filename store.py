@@ -2,13 +2,16 @@
 default) or PostgreSQL when DATABASE_URL=postgresql://... is set (every replica shares it).
 
 Both run the same schema, migrations and SQL (written with "?" placeholders). No image
-bytes, file names or client addresses: only what monitoring needs. A prediction's key is
+bytes, file names or client addresses in rows: only what monitoring needs. A photo kept for
+training (serve.py's KEEP_PHOTOS) is a file under the photos folder, named by its sha256
+(photo_path), which a row names; the store removes the file with the last row naming it. A prediction's key is
 made by the server; the client's X-Request-ID is kept beside it for correlation and never
 overwrites anything. Feedback for a prediction is recorded once.
 """
 import contextlib
 import os
 import sqlite3
+import tempfile
 import threading
 import time
 
@@ -70,6 +73,30 @@ def photo_path(folder, sha256):
     return os.path.join(folder, sha256[:2], sha256)
 
 
+def save_photo(folder, sha256, data):
+    """Write a photo's bytes to its photo_path unless the file is there: into a temporary file
+    renamed into place, so that no reader ever sees half a photo. The file is the service user's
+    alone (mode 0600, mkstemp's)."""
+    path = photo_path(folder, sha256)
+    if os.path.exists(path):
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".partial-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
+
+
+def remove_photo(folder, sha256):
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(photo_path(folder, sha256))
+
+
 class Store:
     """The queries; a backend says how to reach the database (SQLiteStore, PostgresStore)."""
     kind = ""
@@ -85,6 +112,10 @@ class Store:
 
     def _lock_for_migration(self, conn):
         """Make other processes opening the same database wait until this one has migrated."""
+
+    def _lock_photo(self, conn, sha256):
+        """Make other transactions writing rows that name this photo wait until this one ends
+        (SQLite's BEGIN IMMEDIATE already makes every writer wait)."""
 
     def _query(self, sql, params=()):
         with self._transaction(write=False) as conn:
@@ -120,9 +151,15 @@ class Store:
                 conn.execute("INSERT INTO schema_version VALUES (?)", (number,))
 
     def record_prediction(self, prediction_id, request_id, model_version, label, confidence, stats, photo=None):
-        self._write("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (prediction_id, request_id, time.time(), model_version, label, confidence,
-                     stats["width"], stats["height"], stats["brightness"], photo))
+        """Store a prediction; `photo`: the sha256 of its kept upload, whose file the caller writes
+        (save_photo) before this and again after it: a removal of the last other row naming the
+        same photo (_forget_unreferenced) either sees this row or ends before it is stored."""
+        with self._transaction() as conn:
+            if photo is not None:
+                self._lock_photo(conn, photo)
+            conn.execute("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (prediction_id, request_id, time.time(), model_version, label, confidence,
+                          stats["width"], stats["height"], stats["brightness"], photo))
 
     def find_prediction(self, key):
         """(prediction id, predicted label) of the prediction with this id, else of the one with
@@ -159,13 +196,58 @@ class Store:
         names = ("prediction_id", "model_version", "predicted", "label", "time", "photo")
         return [dict(zip(names, row)) for row in rows]
 
+    def photo_of(self, prediction_id):
+        """The sha256 of this prediction's photo; None when it has none (or no such prediction)."""
+        rows = self._query("SELECT photo FROM predictions WHERE id = ?", (prediction_id,))
+        return rows[0][0] if rows else None
+
+    def drop_photo(self, prediction_id, folder):
+        """Forget this prediction's photo (not kept after its feedback, or removed on request),
+        removing its file from `folder` unless another row names it. None when no prediction has
+        this id, else whether it had a photo."""
+        if not self._query("SELECT 1 FROM predictions WHERE id = ?", (prediction_id,)):
+            return None
+        return self._forget_photos("id = ?", (prediction_id,), folder) == 1
+
+    def expire_photos(self, older_than, folder):
+        """Forget the photos of predictions made before `older_than` (Unix time) that got no
+        feedback: pending photos nobody judged. How many."""
+        return self._forget_photos("time < ? AND NOT EXISTS (SELECT 1 FROM feedback f WHERE f.prediction_id = "
+                                   "predictions.id)", (older_than,), folder)
+
+    def _forget_photos(self, where, params, folder, chunk=2000):
+        """photo = NULL in the rows `where` says, `chunk` rows per transaction; the files no row
+        names any more leave `folder` (None: no folder is known, only the rows change)."""
+        forgotten = 0
+        while True:
+            with self._transaction() as conn:
+                rows = conn.execute(f"SELECT id, photo FROM predictions WHERE photo IS NOT NULL AND {where} LIMIT ?",
+                                    (*params, chunk)).fetchall()
+                if not rows:
+                    return forgotten
+                ids = [row[0] for row in rows]
+                conn.execute(f"UPDATE predictions SET photo = NULL WHERE id IN ({','.join('?' * len(ids))})", ids)
+                self._forget_unreferenced(conn, {row[1] for row in rows}, folder)
+            forgotten += len(rows)
+
+    def _forget_unreferenced(self, conn, photos, folder):
+        """Remove the files of these photos that no row names any more, each under its lock, taken
+        in order (two transactions never wait for each other's): a new row naming one is stored
+        before (and keeps it) or after (and writes it again)."""
+        for sha256 in sorted(photos):
+            self._lock_photo(conn, sha256)
+            named = conn.execute("SELECT 1 FROM predictions WHERE photo = ? LIMIT 1", (sha256,)).fetchone()
+            if folder and not named:
+                remove_photo(folder, sha256)
+
     def feedback_count(self):
         return self._query("SELECT value FROM counters WHERE name = 'feedback'")[0][0]
 
-    def prune(self, older_than, keep_rows, chunk=2000):
+    def prune(self, older_than, keep_rows, chunk=2000, folder=None):
         """Delete predictions (and their feedback) older than `older_than` (Unix time) or beyond
-        the newest `keep_rows`, `chunk` rows per transaction so requests wait at most one chunk.
-        The number of predictions deleted."""
+        the newest `keep_rows`, `chunk` rows per transaction so requests wait at most one chunk,
+        and their photos' files from `folder` unless a remaining row names them. The number of
+        predictions deleted."""
         surplus = self._query("SELECT time FROM predictions ORDER BY time DESC LIMIT 1 OFFSET ?", (keep_rows,))
         newest_surplus = surplus[0][0] if surplus else float("-inf")  # this one and older ones go
         deleted = 0
@@ -177,9 +259,12 @@ class Store:
                 if not ids:
                     return deleted
                 marks = ",".join("?" * len(ids))
+                photos = {row[0] for row in conn.execute(
+                    f"SELECT photo FROM predictions WHERE photo IS NOT NULL AND id IN ({marks})", ids).fetchall()}
                 gone = conn.execute(f"DELETE FROM feedback WHERE prediction_id IN ({marks})", ids).rowcount
                 conn.execute(f"DELETE FROM predictions WHERE id IN ({marks})", ids)
                 conn.execute("UPDATE counters SET value = value - ? WHERE name = 'feedback'", (gone,))
+                self._forget_unreferenced(conn, photos, folder)
             deleted += len(ids)
 
     def close(self):
@@ -283,6 +368,10 @@ class PostgresStore(Store):
 
     def _lock_for_migration(self, conn):
         conn.execute("SELECT pg_advisory_xact_lock(?)", (self.MIGRATION_LOCK,))
+
+    def _lock_photo(self, conn, sha256):
+        # 60 bits of the sha256: a bigint key; two photos sharing one only wait for each other.
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (int(sha256[:15], 16),))
 
     def close(self):
         self._pool.close()

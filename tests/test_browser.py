@@ -59,6 +59,12 @@ def card_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def keeping_server(tmp_path_factory):
+    """KEEP_PHOTOS=corrected: the page must say that photos are kept, and how to have one removed."""
+    yield from served(tmp_path_factory, KEEP_PHOTOS="corrected")
+
+
+@pytest.fixture(scope="module")
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
@@ -166,6 +172,22 @@ def shows(shown, p):
 
 
 # ---------------------------------------------------------------- answers and feedback
+def test_the_page_says_when_photos_are_kept_and_how_to_have_one_removed(keeping_server, server, page, tmp_path):
+    for service, photo in ((keeping_server, "cat"), (server, "dog")):  # KEEP_PHOTOS=corrected, then off
+        with page.expect_response("**/health"):
+            page.goto(service.url + "/")
+        with page.expect_response("**/predict/batch") as response:
+            page.set_input_files("#file", [str(p) for p in write_photos(tmp_path, [photo])])
+        wait_checked(page)
+        notice, reference = page.locator("#kept"), response.value.json()["results"][0]["prediction_id"]
+        if service is keeping_server:
+            assert notice.is_visible() and "kept to improve the model" in text(notice), text(notice)
+            assert "Photos you correct" in text(notice) and "To have a photo removed" in text(notice)
+            assert f"Reference: {reference}" in text(cards(page).first)
+        else:
+            assert not notice.is_visible() and "Reference" not in text(cards(page).first)
+
+
 def test_one_photo_answer_and_feedback(server, page, tmp_path):
     answer = check_photos(page, server, write_photos(tmp_path, ["cat"]))
     (result,) = answer["results"]

@@ -198,6 +198,11 @@ def test_every_answer_and_refusal_keeps_the_contract(app):
         call(app, "/predict", body=uploads()["dog"], media_type="image/png", headers={"X-Request-ID": "album-7"})
     assert call(app, "/feedback", body={"request_id": "album-7", "label": "dog"},
                 media_type="application/json")[1]["error"] == "ambiguous_request_id"
+    removal = {"method": "DELETE", "path_parameters": {"prediction_id": cat}}
+    assert call(app, "/predictions/{prediction_id}/photo", **removal) == (200, {"prediction_id": cat, "removed": False})
+    status, body = call(app, "/predictions/{prediction_id}/photo", method="DELETE",
+                        path_parameters={"prediction_id": "nope"})
+    assert (status, body["error"]) == (404, "unknown_prediction_id")
     status, body = call(app, "/model-card", method="GET")  # the tiny model has no card
     assert (status, body["error"]) == (404, "no_model_card")
 

@@ -3,6 +3,7 @@ in-process on Flask's test client (serve.create_app); what needs a real serve.py
 (signals, kill -9, JSON logs on stdout, concurrent requests) runs one on 127.0.0.1, stopped
 by PID."""
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -183,7 +184,8 @@ def test_health_live_metrics_stats_and_page(app):
     health = client.get("/health")
     assert health.status_code == 200 and health.json == {"status": "ok", "model_version": "tiny-1", "arch": "baseline",
                                                             "registry_version": None, "run_id": None,
-                                                            "pet_threshold": 0.5, "store": "sqlite"}
+                                                            "pet_threshold": 0.5, "store": "sqlite",
+                                                            "keep_photos": "off"}
     confidence = predict(client, synthetic_photo(np.random.default_rng(3), "dog")).json["confidence"]
     r = client.get("/metrics")
     assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
@@ -287,7 +289,7 @@ def test_a_failed_load_reports_and_a_failed_reload_keeps_the_old_model(tmp_path)
         # Still serving the old model, and saying that the new one failed (health, metrics).
         assert client.get("/health").json == {"status": "ok", "model_version": "tiny-1", "arch": "baseline",
                                               "registry_version": None, "run_id": None, "pet_threshold": 0.5, "store": "sqlite",
-                                              "reload_error": service.load_error}
+                                              "keep_photos": "off", "reload_error": service.load_error}
         text = client.get("/metrics").text
         assert sample(text, "catdog_model_load_failed") == 1 and sample(text, "catdog_model_load_failures_total") == 1
         assert predict(client, synthetic_photo(np.random.default_rng(5), "dog")).json["label"] == "dog"
@@ -483,7 +485,7 @@ def test_acknowledged_feedback_survives_kill_9(tmp_path):
         assert rows == {ids[0]: "dog", ids[1]: "dog", ids[2]: "cat", ids[3]: "cat"}
         columns = [row[1] for row in conn.execute("PRAGMA table_info(predictions)")]
         assert columns == ["id", "request_id", "time", "model_version", "label", "confidence", "width", "height",
-                           "brightness"]
+                           "brightness", "photo"]  # photo: a kept upload's sha256, never its bytes
         predicted = conn.execute("SELECT model_version, label FROM predictions ORDER BY time").fetchall()
         assert predicted == [("tiny-1", kind) for kind in ("cat", "dog", "cat", "dog")]
     for name in os.listdir(os.path.dirname(db_path)):  # the database, its WAL and shared memory
@@ -922,3 +924,129 @@ def test_the_model_card_beside_the_model_is_served_with_it(tmp_path):
         assert (r.status_code, r.json["error"], r.headers["Retry-After"]) == (503, "not_ready", "1")
     finally:
         service.close()
+
+
+# ---------------------------------------------------------------- kept photos (KEEP_PHOTOS)
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def kept_files(folder):
+    """The sha256 names of the photo files under `folder` (none when it does not exist)."""
+    return sorted(name for _, _, names in os.walk(folder) for name in names)
+
+
+def photo_column(db_path):
+    with sqlite3.connect(db_path) as conn:
+        return dict(conn.execute("SELECT id, photo FROM predictions").fetchall())
+
+
+def test_with_keep_photos_off_nothing_is_written_or_hashed(tmp_path, monkeypatch):
+    client, service = in_process(tiny_model(), str(tmp_path / "catdog.db"))
+    try:
+        assert service.settings.keep_photos == "off" and service.photos == str(tmp_path / "photos")
+        monkeypatch.setattr(serve, "hashlib", None)  # any hash of an upload would fail the request
+        rng = np.random.default_rng(60)
+        ids = [predict(client, synthetic_photo(rng, kind)).json["prediction_id"] for kind in ("cat", "dog")]
+        ids += [x["prediction_id"] for x in batch(client, [(synthetic_photo(rng, "dog"), "a.jpg")]).json["results"]]
+        for prediction_id, truth in zip(ids, ("cat", "cat", "other")):
+            assert client.post("/feedback", json={"prediction_id": prediction_id, "label": truth}).status_code == 200
+        assert not os.path.exists(service.photos) and set(photo_column(tmp_path / "catdog.db").values()) == {None}
+        assert client.get("/health").json["keep_photos"] == "off"
+    finally:
+        service.close()
+
+
+def test_corrected_keeps_the_corrections_and_a_share_of_the_confirmations_by_sha256(tmp_path):
+    share = 0.5
+    client, service = in_process(tiny_model(), str(tmp_path / "catdog.db"), keep_photos="corrected",
+                                 keep_confirmed_share=share, photos_dir=str(tmp_path / "kept"))
+    try:
+        rng = np.random.default_rng(61)
+        photos = [synthetic_photo(rng, "cat" if i % 2 else "dog") for i in range(16)]
+        answers = [predict(client, data).json for data in photos[:8]]
+        answers += batch(client, [(data, f"{i}.jpg") for i, data in enumerate(photos[8:])]).json["results"]
+        assert kept_files(tmp_path / "kept") == sorted(map(sha, photos))  # pending until their feedback
+        confirmed = {}
+        for i, (data, answer) in enumerate(zip(photos, answers)):
+            truth = answer["label"] if i % 3 else "other"  # every third one corrected
+            for _ in range(2):  # a retry decides the same
+                assert client.post("/feedback", json={"prediction_id": answer["prediction_id"], "label": truth}).json
+            if i % 3:
+                confirmed[sha(data)] = int(sha(data)[:8], 16) < share * 16 ** 8
+        corrected = {sha(data) for i, data in enumerate(photos) if not i % 3}
+        assert set(confirmed.values()) == {True, False}, "the rule is not exercised both ways"
+        assert kept_files(tmp_path / "kept") == sorted(corrected | {photo for photo, kept in confirmed.items() if kept})
+        assert sorted(filter(None, photo_column(tmp_path / "catdog.db").values())) == kept_files(tmp_path / "kept")
+        assert {row["photo"] for row in service.store.kept_photos() if row["label"] != row["predicted"]} == corrected
+        assert client.get("/health").json["keep_photos"] == "corrected"
+    finally:
+        service.close()
+
+
+def test_same_bytes_share_one_file_and_a_photo_is_removed_on_request(tmp_path):
+    client, service = in_process(tiny_model(), str(tmp_path / "catdog.db"), keep_photos="all", api_token="s3cret")
+    token = {"Authorization": "Bearer s3cret"}
+    try:
+        rng = np.random.default_rng(62)
+        twice, once = synthetic_photo(rng, "cat"), synthetic_photo(rng, "dog")
+        first, second, other = (predict(client, data).json["prediction_id"] for data in (twice, twice, once))
+        for prediction_id in (first, second, other):  # all: every judged photo stays, right or wrong
+            r = client.post("/feedback", json={"prediction_id": prediction_id, "label": "cat"}, headers=token)
+            assert r.status_code == 200, r.json
+        assert kept_files(service.photos) == sorted([sha(twice), sha(once)])
+        assert client.delete(f"/predictions/{first}/photo").status_code == 401
+        r = client.delete(f"/predictions/{first}/photo", headers=token)
+        assert r.status_code == 200 and r.json == {"prediction_id": first, "removed": True}
+        assert kept_files(service.photos) == sorted([sha(twice), sha(once)])  # the second prediction keeps it
+        assert client.delete(f"/predictions/{first}/photo", headers=token).json["removed"] is False  # idempotent
+        assert client.delete(f"/predictions/{second}/photo", headers=token).json["removed"] is True
+        assert kept_files(service.photos) == [sha(once)]
+        r = client.delete("/predictions/nope/photo", headers=token)
+        assert r.status_code == 404 and r.json["error"] == "unknown_prediction_id"
+        assert [row["prediction_id"] for row in service.store.kept_photos()] == [other]
+        assert client.get("/stats", headers=token).json["feedback_count"] == 3  # the feedback stays
+    finally:
+        service.close()
+
+
+def test_pending_photos_expire_and_retention_takes_kept_ones_with_their_rows(tmp_path):
+    db_path = str(tmp_path / "catdog.db")
+    s = Server(tiny_model(), db_path, KEEP_PHOTOS="all", KEEP_PENDING_HOURS=0.0005, RETENTION_ROWS=2,
+               RETENTION_INTERVAL_S=0.3)
+    try:
+        rng = np.random.default_rng(63)
+        photos = [synthetic_photo(rng, kind) for kind in ("cat", "dog", "cat")]
+        ids = []
+        for data in photos:  # judged, judged, never judged
+            ids.append(s.predict(data).json()["prediction_id"])
+            if len(ids) < 3:
+                assert s.post("/feedback", json={"prediction_id": ids[-1], "label": "dog"}).status_code == 200
+        assert s.get("/health").json()["keep_photos"] == "all"
+        deadline = time.monotonic() + 20
+        while kept_files(tmp_path / "photos") != [sha(photos[1])]:
+            assert time.monotonic() < deadline, kept_files(tmp_path / "photos")
+            time.sleep(0.1)
+        assert photo_column(db_path) == {ids[1]: sha(photos[1]), ids[2]: None}  # the oldest row pruned
+    finally:
+        s.stop()
+    events = {json.loads(line)["event"] for line in s.logs().splitlines() if '"event"' in line}
+    assert {"pruned", "pending_photos_dropped"} <= events, events
+
+
+def test_keeping_photos_refuses_to_start_without_a_usable_folder(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for settings, words in (({"keep_photos": "some"}, "KEEP_PHOTOS='some': must be one of off, corrected, all"),
+                            ({"keep_photos": "all", "database_url": "postgresql://db/catdog"}, "needs PHOTOS_DIR"),
+                            ({"keep_photos": "corrected", "photos_dir": str(tmp_path / "a-file" / "photos")},
+                             f"cannot write to the photos folder {tmp_path / 'a-file' / 'photos'}"),
+                            ({"keep_confirmed_share": 2.0}, "KEEP_CONFIRMED_SHARE=2.0")):
+        with pytest.raises(serve.Refused, match=re.escape(words)):
+            serve.Service(serve.Settings(model_path=tiny_model(), db_path=str(tmp_path / "catdog.db"), **settings))
+    assert not os.path.exists(tmp_path / "catdog.db")  # refused before the store was opened
+    env = {**os.environ, "MODEL_PATH": tiny_model(), "DB_PATH": str(tmp_path / "catdog.db"), "PORT": "0",
+           "KEEP_PHOTOS": "corrected", "PHOTOS_DIR": str(tmp_path / "a-file")}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py")], env=env, capture_output=True, text=True,
+                         timeout=60, check=False)
+    refused = [json.loads(line) for line in out.stdout.splitlines() if "settings_refused" in line]
+    assert out.returncode == 1 and refused and str(tmp_path / "a-file") in refused[0]["error"], out.stdout + out.stderr

@@ -1,5 +1,7 @@
 """The store on both backends (SQLite file, PostgreSQL server started by the tests), then
 several serve.py replicas on one PostgreSQL database."""
+import hashlib
+import os
 import signal
 import sqlite3
 import threading
@@ -157,6 +159,54 @@ def test_retention_prunes_old_and_surplus_predictions_with_their_feedback(opened
     assert opened.find_prediction("p0") is None and opened.feedback_count() == 1
     assert opened.prune(older_than=0, keep_rows=10) == 37  # the newest 10 stay
     assert rows(opened, "SELECT COUNT(*) FROM predictions") == [(10,)] and opened.feedback_count() == 1
+
+
+def keep(opened, folder, prediction_id, data, age_s=0.0):
+    """A prediction whose upload `data` is kept, as serve.py keeps one, made `age_s` seconds ago."""
+    sha = hashlib.sha256(data).hexdigest()
+    store.save_photo(folder, sha, data)
+    opened.record_prediction(prediction_id, prediction_id, "v1", "cat", 0.9, STATS, photo=sha)
+    opened._write("UPDATE predictions SET time = ? WHERE id = ?", (time.time() - age_s, prediction_id))
+    return sha
+
+
+def photo_files(folder):
+    return sorted(name for _, _, names in os.walk(folder) for name in names)
+
+
+def test_kept_photos_are_one_file_each_and_leave_with_the_last_row_naming_them(opened, tmp_path):
+    folder = str(tmp_path / "photos")
+    same = keep(opened, folder, "p1", b"photo one")
+    assert keep(opened, folder, "p2", b"photo one") == same  # the same bytes again: the same file
+    other = keep(opened, folder, "p3", b"photo two")
+    assert photo_files(folder) == sorted([same, other])
+    assert open(store.photo_path(folder, same), "rb").read() == b"photo one"
+    assert store.photo_path(folder, same) == os.path.join(folder, same[:2], same)
+    assert opened.drop_photo("p1", folder) is True and photo_files(folder) == sorted([same, other])  # p2 names it
+    assert opened.drop_photo("p1", folder) is False  # idempotent
+    assert opened.drop_photo("nope", folder) is None
+    assert opened.drop_photo("p2", folder) is True and photo_files(folder) == [other]
+    assert rows(opened, "SELECT id FROM predictions WHERE photo IS NOT NULL") == [("p3",)]
+
+
+def test_pending_photos_expire_and_kept_ones_stay_until_retention(opened, tmp_path):
+    folder = str(tmp_path / "photos")
+    judged = keep(opened, folder, "judged", b"judged photo", age_s=7200)
+    opened.record_feedback("judged", "dog")
+    shared = keep(opened, folder, "pending-shared", b"judged photo", age_s=7200)  # the same bytes, no feedback
+    assert shared == judged
+    stale = keep(opened, folder, "stale", b"nobody judged this", age_s=7200)
+    fresh = keep(opened, folder, "fresh", b"just uploaded")
+    assert opened.expire_photos(time.time() - 3600, folder) == 2  # pending-shared and stale
+    assert photo_files(folder) == sorted([judged, fresh])  # the judged row still names the shared file
+    (kept,) = opened.kept_photos()
+    assert (kept["prediction_id"], kept["label"], kept["predicted"], kept["photo"]) == ("judged", "dog", "cat", judged)
+    assert opened.expire_photos(time.time() - 3600, folder) == 0
+    assert stale not in photo_files(folder)
+    # Retention takes a photo's file with the last row naming it.
+    assert opened.prune(older_than=time.time() - 3600, keep_rows=1000, folder=folder) == 3
+    assert photo_files(folder) == [fresh] and opened.kept_photos() == []
+    assert opened.prune(older_than=time.time() + 1, keep_rows=1000, folder=folder) == 1 and photo_files(folder) == []
 
 
 def test_database_urls_are_checked_and_passwords_never_logged():
