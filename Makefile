@@ -39,7 +39,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 4294967296
 
-.PHONY: all help setup setup-dev system-deps lock data train train-is-current serve test lint bench fuzz image push \
+.PHONY: all help setup setup-dev system-deps lock data harvest train train-is-current serve test lint bench fuzz image push \
         deploy rollback smoke smoke-model post-eval monitor-check mlflow-ui backup restore clean
 
 all:  ## setup -> data -> train: the champion in models/, ready to serve (each stage's time printed)
@@ -118,13 +118,21 @@ lock: setup-dev  ## re-pin requirements.txt, requirements-dev.txt, requirements-
 
 # ------------------------------------------------------------------ pipeline
 # The pipeline is dvc.yaml's stages, data -> train; dvc.lock (committed) records what each
-# last ran on. preprocess.py writes data/processed/, data/manifest.csv, data/quality_report.*,
-# and data/raw/ when it downloads: the data stage's output (`dvc push` uploads it).
+# last ran on. preprocess.py writes data/processed/, data/manifest.csv, data/quality_report.*
+# (the data stage's outputs: `dvc push` uploads them), and data/raw/ when it downloads.
 DVC = PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc
 # A DATA_SOURCE given on the command line or in the environment forces the stage: DVC hashes
-# the code, not the photos behind a folder or URL.
-data: setup  ## photos -> validated, deduplicated, split data/ (the DVC data stage)
+# the code, not the photos behind a folder or URL. data/feedback (make harvest) is an input
+# of the stage: an empty one, as a fresh clone gets, adds nothing.
+data: setup  ## photos (+ data/feedback) -> validated, deduplicated, split data/ (the DVC data stage)
+	mkdir -p data/feedback
 	DATA_SOURCE="$(DATA_SOURCE)" $(DVC) repro $(if $(filter command line environment,$(origin DATA_SOURCE)),--force) --single-item data
+
+# Kept photos with staff labels from the store the service uses (DB_PATH or DATABASE_URL, and
+# PHOTOS_DIR, as serve.py reads them) -> data/feedback/{cat,dog,other}/ + manifest.csv; the
+# next `make data` takes them into the training split (docs/operations.md, "Harvest").
+harvest: setup  ## kept photos + staff labels from the store -> data/feedback/ (the next make data trains on them)
+	$(PY) harvest.py
 
 # Both models -> MLflow (sqlite:///mlflow.db, artifacts in mlruns/) -> gate -> champion in models/,
 # always (`make all` skips it when train-is-current). As the DVC train stage, so dvc.lock records

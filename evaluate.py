@@ -461,6 +461,7 @@ file. Input: RGB photo, preprocessing {candidate.meta['preprocess']} (catdog.pre
 **Data**: {cfg.data}: {format_counts({k: len(v) for k, v in run.splits.items()})} images (cats and dogs,
 balanced). Test split sha256 {lineage['test_split_sha256']}; DVC md5 {lineage['dvc_md5']}
 (dvc.lock sha256 {lineage['dvc_lock_sha256']}); manifest sha256 {lineage['manifest_sha256']}; code {lineage['git_commit']}.
+Staff-corrected photos harvested from the service (make harvest) in the training split: {lineage['feedback_photos']}.
 
 **Evaluation** ({m['eval_images']:.0f} photos: the test split and {extra}; evaluation set
 sha256 {lineage['eval_set_sha256']}): accuracy {m['eval_accuracy']:.4f}, 95 % interval

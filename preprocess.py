@@ -12,6 +12,15 @@ split 80/10/10 per class with a fixed seed and written to
     <out>/{train,val,test}/{cat,dog}/<name>.jpg
 beside a manifest CSV (one row per input file) and a quality report (JSON + Markdown)
 in the parent folder of <out>.
+
+Feedback (--feedback, default <out>/../feedback: data/feedback, which harvest.py writes) is
+staff-labelled photos the service kept, in {cat,dog,other}/ folders. They join the training
+split only, after the sample is split (so they never move a sample photo), decoded with the
+same loader. Dropped with a reason: any that copies or near-copies an evaluation photo (the
+sample's val and test splits, the extra evaluation photos --eval-extra, the not-pets photos
+--not-pets, whose test part is evaluated) or a training photo, copies among themselves, and
+those labelled "other" (the cat/dog splits have no such class; "other" is learnt from the
+not-pets folder, train.py). Without feedback photos the output is byte for byte what it was.
 """
 import collections
 import csv
@@ -36,7 +45,10 @@ import catdog
 # ---------------------------------------------------------------- configuration (--name value overrides)
 source = catdog.SHARED_SAMPLE  # a folder, a .zip, or an http(s) URL of a .zip
 out = catdog.PROCESSED_DIR  # the processed dataset folder (only its split folders are replaced)
-raw_dir = os.path.join(catdog.DATA_DIR, "raw")  # where a downloaded zip is kept (tracked by DVC)
+raw_dir = os.path.join(catdog.DATA_DIR, "raw")  # where a downloaded zip is kept (its sha256 is in the quality report)
+feedback = ""  # harvested staff-labelled photos, {cat,dog,other}/ (make harvest); "": feedback/ beside --out
+eval_extra = catdog.EXTRA_SAMPLE  # train.py's --eval-extra: evaluation photos no feedback photo may copy ("": none)
+not_pets = catdog.NOT_PETS_SAMPLE  # train.py's --not-pets: photos no feedback photo may copy ("": none)
 size = catdog.STORE_SIZE  # side of the stored square images, in pixels
 resize = catdog.STORE_RESIZE  # shorter_crop (resize the shorter side, centre crop) or squash
 workers = os.cpu_count() or 1  # decoding processes; 1 decodes in this process
@@ -126,7 +138,7 @@ def difference_hash(img):
 
 
 def inspect(job):
-    """Decode one file; on success store it resized in the staging folder. Returns a row."""
+    """Decode one file; on success store it resized in the staging folder (None: nowhere). Returns a row."""
     index, source, name, label, staging, size, resize = job
     row = {"index": index, "source": name, "label": label or "", "sha256": "", "bytes": 0,
            "width": "", "height": "", "format": "", "drop_reason": "", "dhash": None, "thumb": None}
@@ -148,10 +160,19 @@ def inspect(job):
         return row
     row["width"], row["height"] = img.size
     stored = catdog.fit_for_storage(img, size, resize)
-    stored.save(os.path.join(staging, f"{index}.jpg"), "JPEG", quality=QUALITY)
+    if staging:
+        stored.save(os.path.join(staging, f"{index}.jpg"), "JPEG", quality=QUALITY)
     row["dhash"] = difference_hash(stored)
     row["thumb"] = stored.convert("L").resize((16, 16), Image.BILINEAR).tobytes()
     return row
+
+
+def decode_all(jobs, workers):
+    """inspect() of every job, in `workers` processes."""
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            return list(pool.imap(inspect, jobs, chunksize=16))
+    return [inspect(job) for job in jobs]  # in-process: easier to debug, and safe inside a multi-threaded caller
 
 
 # ---------------------------------------------------------------- duplicates
@@ -222,6 +243,84 @@ def _drop_group(group, reason):
         row["drop_reason"], row["duplicate_of"] = reason, keeper["source"]
 
 
+def drop_copies(rows, references, reason, max_bits, max_mad):
+    """Drop every row that is a copy (the same sha256) or a near-copy (the rule above) of one
+    of the decoded `references`."""
+    usable = [r for r in references if r["dhash"] is not None]
+    shas = {r["sha256"]: r for r in usable}
+    hashes = np.array([r["dhash"] for r in usable], dtype=np.uint64)
+    for row in rows:
+        if row["drop_reason"]:
+            continue
+        match = shas.get(row["sha256"])
+        if match is None:
+            close = np.flatnonzero(np.bitwise_count(hashes ^ np.uint64(row["dhash"])) <= max_bits)
+            match = next((usable[i] for i in close if thumb_difference(row, usable[i]) <= max_mad), None)
+        if match is not None:
+            row["drop_reason"], row["duplicate_of"] = reason, match["source"]
+
+
+# ---------------------------------------------------------------- feedback
+def feedback_inputs(folder):
+    """Sorted [(name, label)] of the files in folder's label folders (cat/, dog/, other/)."""
+    return [(f"{label}/{name}", label) for label in catdog.ANSWERS if os.path.isdir(os.path.join(folder, label))
+            for name in sorted(os.listdir(os.path.join(folder, label)))
+            if os.path.isfile(os.path.join(folder, label, name))]
+
+
+def outside_photos(args, report_dir):
+    """{drop reason: decoded rows} of the photos outside the sample no feedback photo may copy:
+    the extra evaluation photos and the not-pets photos (the whole folder: its test part is
+    evaluated, the rest teaches "other"). A folder that is named but absent stops the run: the
+    check would silently not happen."""
+    found = {}
+    for reason, option, folder in (("evaluation_duplicate", "eval-extra", args.eval_extra),
+                                   ("not_pets_duplicate", "not-pets", args.not_pets)):
+        if not folder:
+            continue
+        if not os.path.isdir(folder):
+            sys.exit(f"--{option} {folder} does not exist: feedback photos cannot be checked against its photos "
+                     f"(--{option} \"\" to check without them)")
+        names = sorted(os.path.relpath(os.path.join(d, n), folder) for d, _, files in os.walk(folder)
+                       for n in files if n.lower().endswith(catdog.IMAGE_SUFFIXES))
+        rows = decode_all([(i, folder, name, catdog.OTHER, None, args.size, args.resize)
+                           for i, name in enumerate(names)], args.workers)
+        for row in rows:  # named in duplicate_of as the manifest names sources: relative to its folder
+            row["source"] = os.path.relpath(os.path.join(folder, row["source"]), report_dir)
+        found[reason] = rows
+    return found
+
+
+def feedback_rows(args, folder, sample, staging, report_dir):
+    """Rows of the feedback photos in `folder`, added after the sample is split: the kept ones
+    in train; the others dropped with a reason."""
+    inputs = feedback_inputs(folder)
+    if not inputs:
+        return []
+    rows = decode_all([(len(sample) + i, folder, name, label, staging, args.size, args.resize)
+                       for i, (name, label) in enumerate(inputs)], args.workers)
+    kept = [row for row in sample if not row["drop_reason"]]
+    outside = outside_photos(args, report_dir)
+    checks = (("evaluation_duplicate", [r for r in kept if r["split"] != "train"] + outside.get("evaluation_duplicate", [])),
+              ("not_pets_duplicate", outside.get("not_pets_duplicate", [])),
+              ("training_duplicate", [r for r in kept if r["split"] == "train"]))
+    for reason, references in checks:
+        drop_copies(rows, references, reason, args.near_duplicate_bits, args.near_duplicate_mad)
+    drop_exact_duplicates(rows)
+    drop_near_duplicates(rows, args.near_duplicate_bits, args.near_duplicate_mad)
+    for row in rows:
+        row["feedback"] = True
+        if row["drop_reason"] == "evaluation_duplicate":
+            # evaluate.extra_photos leaves out extra photos whose sha256 the manifest holds:
+            # a refused copy must not take its original out of the evaluation set.
+            row["sha256"] = ""
+        elif not row["drop_reason"] and row["label"] == catdog.OTHER:
+            row["drop_reason"] = "other_label"  # the splits are cat/dog; "other" is learnt from --not-pets
+        elif not row["drop_reason"]:
+            row["split"] = "train"
+    return rows
+
+
 # ---------------------------------------------------------------- split
 def assign_splits(rows, seed):
     """Stratified 80/10/10: per class, order by content hash (independent of file names and
@@ -251,37 +350,52 @@ def output_name(row, taken):
 
 
 # ---------------------------------------------------------------- reports
-def write_manifest(path, rows, source_prefix):
+def write_manifest(path, rows, source_prefix, feedback_prefix):
     columns = ["path", "source", "sha256", "label", "width", "height", "format", "bytes",
                "split", "drop_reason", "duplicate_of"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({**row, "source": source_prefix + row["source"]})
+            writer.writerow({**row, "source": (feedback_prefix if row.get("feedback") else source_prefix) + row["source"]})
 
 
-def quality_report(rows, args, source_info, smallest_distance):
+def drop_counts(rows):
+    return dict(sorted(collections.Counter(r["drop_reason"] for r in rows if r["drop_reason"]).items()))
+
+
+def drop_table(dropped):
+    """Markdown table lines of {reason: files}."""
+    return (["| reason | files |", "| --- | --- |"]
+            + ([f"| {reason} | {n} |" for reason, n in dropped.items()] or ["| (none) | 0 |"]))
+
+
+def quality_report(rows, args, source_info, smallest_distance, feedback_folder):
     """What was kept, dropped and why: the same inputs give the same bytes (no timings, no
-    worker count), so the DVC-tracked data does not change on a rerun."""
-    dropped = collections.Counter(r["drop_reason"] for r in rows if r["drop_reason"])
+    worker count), so the DVC-tracked data does not change on a rerun. A "feedback" part only
+    when there were feedback photos (its "trained" is the lineage's feedback_photos)."""
+    dropped = drop_counts(rows)
     kept = [r for r in rows if not r["drop_reason"]]
     splits = {split: {label: sum(r["split"] == split and r["label"] == label for r in kept)
                       for label in catdog.CLASSES} for split, _ in SPLITS}
-    return {"source": source_info, "inputs": len(rows), "kept": len(kept),
-            "dropped": dict(sorted(dropped.items())), "dropped_total": sum(dropped.values()),
-            "splits": splits, "store": {"size": args.size, "resize": args.resize, "quality": QUALITY},
-            "near_duplicate": {"hash_bits": args.near_duplicate_bits, "thumb_mad": args.near_duplicate_mad},
-            "smallest_hash_distance_between_kept": smallest_distance,
-            "seed": args.seed}
+    report = {"source": source_info, "inputs": len(rows), "kept": len(kept),
+              "dropped": dropped, "dropped_total": sum(dropped.values()),
+              "splits": splits, "store": {"size": args.size, "resize": args.resize, "quality": QUALITY},
+              "near_duplicate": {"hash_bits": args.near_duplicate_bits, "thumb_mad": args.near_duplicate_mad},
+              "smallest_hash_distance_between_kept": smallest_distance,
+              "seed": args.seed}
+    feedback = [r for r in rows if r.get("feedback")]
+    if feedback:
+        report["feedback"] = {"folder": feedback_folder, "inputs": len(feedback),
+                              "trained": sum(not r["drop_reason"] for r in feedback), "dropped": drop_counts(feedback)}
+    return report
 
 
 def report_markdown(report):
     lines = ["# Data quality report", "",
              f"Source: `{report['source']['path']}`  ",
              f"Inputs: {report['inputs']}, kept: {report['kept']}, dropped: {report['dropped_total']}", "",
-             "## Dropped", "", "| reason | files |", "| --- | --- |"]
-    lines += [f"| {reason} | {n} |" for reason, n in report["dropped"].items()] or ["| (none) | 0 |"]
+             "## Dropped", "", *drop_table(report["dropped"])]
     lines += ["", "## Splits", "", "| split | " + " | ".join(catdog.CLASSES) + " | total |",
               "| --- |" + " --- |" * (len(catdog.CLASSES) + 1)]
     for split, counts in report["splits"].items():
@@ -291,6 +405,10 @@ def report_markdown(report):
     lines += ["", f"Near-duplicates: dHash within {near['hash_bits']} bits and 16x16 grey thumbnails within "
               f"{near['thumb_mad']} levels; closest dHashes left between kept images: "
               f"{report['smallest_hash_distance_between_kept']} bits.", ""]
+    if feedback := report.get("feedback"):
+        lines += ["## Feedback", "", f"Folder `{feedback['folder']}`: {feedback['inputs']} photos, "
+                  f"{feedback['trained']} into the training split (counted above); dropped:", "",
+                  *drop_table(feedback["dropped"]), ""]
     return "\n".join(lines)
 
 
@@ -317,17 +435,17 @@ def main(args):
     os.makedirs(staging)
 
     inputs = list_inputs(source)
-    jobs = [(i, source, name, label, staging, args.size, args.resize) for i, (name, label) in enumerate(inputs)]
-    if args.workers > 1:
-        with multiprocessing.get_context("fork").Pool(args.workers) as pool:
-            rows = list(pool.imap(inspect, jobs, chunksize=16))
-    else:  # in-process: easier to debug, and safe inside a multi-threaded caller
-        rows = [inspect(job) for job in jobs]
+    rows = decode_all([(i, source, name, label, staging, args.size, args.resize)
+                       for i, (name, label) in enumerate(inputs)], args.workers)
     t_decode = time.time()
 
     drop_exact_duplicates(rows)
     smallest = drop_near_duplicates(rows, args.near_duplicate_bits, args.near_duplicate_mad)
     assign_splits(rows, args.seed)
+    # The manifest and report sit beside <out> (data/), paths in them relative to it.
+    report_dir = os.path.dirname(os.path.abspath(out))
+    feedback_folder = args.feedback or os.path.join(report_dir, "feedback")
+    rows += feedback_rows(args, feedback_folder, rows, staging, report_dir)
 
     taken = set()
     for row in rows:
@@ -341,20 +459,19 @@ def main(args):
         row["path"] = os.path.relpath(target, os.path.dirname(os.path.abspath(out)))
     shutil.rmtree(staging)
 
-    # The manifest and report sit beside <out> (data/), paths in them relative to it.
-    report_dir = os.path.dirname(os.path.abspath(out))
     # Sources are written relative to the manifest's folder, as the processed paths are, so
     # the manifest reads the same from any folder (catdog.read_manifest resolves both).
     relative = os.path.relpath(os.path.abspath(source), report_dir)
     prefix = relative + "/" if os.path.isdir(source) else relative + "!"
-    write_manifest(os.path.join(report_dir, "manifest.csv"), rows, prefix)
+    feedback_folder = os.path.relpath(os.path.abspath(feedback_folder), report_dir)
+    write_manifest(os.path.join(report_dir, "manifest.csv"), rows, prefix, feedback_folder + "/")
     seconds = {"fetch": round(t_fetch - t0, 2), "decode": round(t_decode - t_fetch, 2),
                "total": round(time.time() - t0, 2)}
-    report = quality_report(rows, args, source_info, smallest)
+    report = quality_report(rows, args, source_info, smallest, feedback_folder)
     catdog.write_json(os.path.join(report_dir, "quality_report.json"), report)
     with open(os.path.join(report_dir, "quality_report.md"), "w") as f:
         f.write(report_markdown(report))
-    print(json.dumps({k: report[k] for k in ("inputs", "kept", "dropped", "splits")}))
+    print(json.dumps({k: report[k] for k in ("inputs", "kept", "dropped", "splits", "feedback") if k in report}))
     print(f"preprocess: {len(rows)} files -> {report['kept']} images in {seconds['total']:.1f} s wall "
           f"(fetch {seconds['fetch']:.1f} s, decode {seconds['decode']:.1f} s; {args.workers} workers)")
     return report

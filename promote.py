@@ -36,10 +36,15 @@ DVC_LOCK = os.path.join(catdog.ROOT, "dvc.lock")
 def lineage_of(data_dir, test_items, evaluation):
     """Where a model comes from, as MLflow tags (strings, "None" when unknown): the code's
     commit, the data's DVC md5, dvc.lock and manifest, the identity of the test split and of the
-    evaluation set."""
+    evaluation set, and how many harvested feedback photos its training split holds (the
+    quality report preprocess.py writes beside the manifest)."""
+    manifest = evaluate.manifest_path(data_dir)
+    report = os.path.join(os.path.dirname(manifest), "quality_report.json") if manifest else ""
+    feedback = catdog.read_json(report).get("feedback", {}).get("trained", 0) if os.path.isfile(report) else None
     found = {"git_commit": git_commit(), "dvc_md5": dvc_hash(data_dir), "dvc_lock_sha256": dvc_lock_sha256(),
              "manifest_sha256": manifest_sha256(data_dir),
-             "test_split_sha256": split_hash(test_items, data_dir), "eval_set_sha256": evaluation.identity()}
+             "test_split_sha256": split_hash(test_items, data_dir), "eval_set_sha256": evaluation.identity(),
+             "feedback_photos": feedback}
     return {k: str(v) for k, v in found.items()}
 
 

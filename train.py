@@ -490,7 +490,7 @@ def model_meta(run, trained, calibrated, active):
     return catdog.model_meta(trained.which, temperature=calibrated.temperature, run_id=active.info.run_id,
                              backbone=run.cfg.backbone, served_as="int8 ONNX" if run.cfg.quantize else "fp32 ONNX",
                              data={k: lineage[k] for k in ("test_split_sha256", "eval_set_sha256", "dvc_md5",
-                                                            "dvc_lock_sha256", "manifest_sha256")},
+                                                            "dvc_lock_sha256", "manifest_sha256", "feedback_photos")},
                              git_commit=lineage["git_commit"],
                              other={"label": catdog.OTHER, "score": trained.model.pet.score_name,
                                     "threshold": trained.pet_threshold})

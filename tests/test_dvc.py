@@ -52,10 +52,17 @@ def local_imports(module, seen=None):
     return seen
 
 
+DATA_OUTS = ["data/manifest.csv", "data/processed", "data/quality_report.json", "data/quality_report.md"]
+EMPTY_FOLDER_MD5 = "d751713988987e9331980363e24189ce.dir"  # DVC's hash of a folder with no files
+
+
 def test_data_is_a_dvc_stage_output_not_in_git():
     assert not os.path.exists(os.path.join(ROOT, "data.dvc"))  # one record of the data: dvc.lock
     data = read_yaml("dvc.lock")["stages"]["data"]
-    assert [out["path"] for out in data["outs"]] == ["data"] and data["outs"][0]["md5"].endswith(".dir")
+    # Named one by one: data/feedback, an input of the stage, is inside data/ (and data/raw/,
+    # a downloaded zip, is no output: its sha256 is in the quality report).
+    assert sorted(out["path"] for out in data["outs"]) == DATA_OUTS
+    assert next(out for out in data["outs"] if out["path"] == "data/processed")["md5"].endswith(".dir")
     assert sh("git", "ls-files", "data", cwd=ROOT) == ""
     # git ignores the data folder itself, so `git add -A` can never pick up a photo.
     assert sh("git", "check-ignore", "data/processed/train/cat/cat.1.jpg", cwd=ROOT).strip()
@@ -65,7 +72,8 @@ def test_pipeline_is_data_then_train_with_every_input_as_a_dependency():
     stages = read_yaml("dvc.yaml")["stages"]
     assert list(stages) == ["data", "train"]
     assert "preprocess.py" in stages["data"]["cmd"] and "train.py" in stages["train"]["cmd"]
-    assert set(stages["data"]["deps"]) == local_imports("preprocess.py")
+    assert set(stages["data"]["deps"]) == local_imports("preprocess.py") | {"data/feedback"}
+    assert sorted(stages["data"]["outs"]) == DATA_OUTS
     # train reads data/, and every module it imports (registry_model.py it logs as the MLflow model).
     assert set(stages["train"]["deps"]) == {"data", "requirements.txt", "registry_model.py"} | local_imports("train.py")
     # No out: training is not byte-reproducible, so one would rewrite dvc.lock on every machine.
@@ -89,13 +97,28 @@ def test_dvc_lock_is_committed_with_the_code_it_describes():
                     assert hashlib.md5(f.read()).hexdigest() == dep["md5"], f"{name}: {dep['path']} changed since dvc.lock"
 
 
-def test_models_record_the_data_hash_dvc_lock_holds():
+def test_the_committed_lock_is_of_no_feedback_so_a_fresh_clone_reproduces_it():
+    """`make data` creates an empty data/feedback before the stage runs; the lock the project
+    commits records that empty folder, and preprocess.py adds nothing for it."""
+    feedback = next(dep for dep in read_yaml("dvc.lock")["stages"]["data"]["deps"] if dep["path"] == "data/feedback")
+    assert feedback["md5"] == EMPTY_FOLDER_MD5
+    commands = sh("make", "-n", "data", cwd=ROOT)
+    assert 0 <= commands.find("mkdir -p data/feedback") < commands.find("dvc repro"), commands
+
+
+def test_models_record_the_data_hash_dvc_lock_holds(tmp_path, monkeypatch):
     import promote
 
-    md5 = read_yaml("dvc.lock")["stages"]["data"]["outs"][0]["md5"]
+    outs = read_yaml("dvc.lock")["stages"]["data"]["outs"]
+    md5 = next(out["md5"] for out in outs if out["path"] == "data/processed")
     assert promote.dvc_hash(os.path.join(ROOT, "data", "processed")) == md5
-    assert promote.dvc_hash(os.path.join(ROOT, "data")) == md5
     assert promote.dvc_hash(os.path.join(ROOT, "elsewhere", "processed")) is None
+    # An output that is the folder above the processed data (as `data` once was) names it too.
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(yaml.safe_dump({"stages": {"data": {"outs": [{"path": "data", "md5": "0" * 32 + ".dir"}]}}}))
+    monkeypatch.setattr(promote, "DVC_LOCK", str(lock))
+    assert promote.dvc_hash(os.path.join(ROOT, "data", "processed")) == promote.dvc_hash(os.path.join(ROOT, "data")) \
+        == "0" * 32 + ".dir"
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "data", "processed")), reason="no data/: run make all")

@@ -8,10 +8,12 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,6 +215,148 @@ def test_petimages_folder_and_zip_give_the_same_dataset(kaggle_run, tmp_path):
     assert f"{archive}!PetImages/Cat/7.jpg" in sources
 
 
+# sha256 over (path, file sha256) of the processed images and the manifest the dirty dataset
+# gave before feedback existed: without feedback photos not one byte may change.
+DIRTY_DIGEST = "105c915a887b8276e0b7d5df5a627b60b4965f721ccc0aa95359a266972c2b75"
+# The same of the shared 3k sample's processed images (data/processed), as dvc.lock recorded them.
+SAMPLE_DIGEST = "27ec2dc222870467a072298a77d6ea5e6bbc9a55d2da70b8117dc14ccad623d9"
+
+
+def tree_digest(files):
+    """sha256 over (relative path, sha256) of {relative path: bytes}, in path order."""
+    digest = hashlib.sha256()
+    for path, data in sorted(files.items()):
+        digest.update(f"{path}\t{hashlib.sha256(data).hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
+def test_without_feedback_photos_not_one_byte_changes(kaggle_run):
+    """No feedback folder, an empty harvest (label folders, a manifest with no rows), or a
+    --feedback folder that does not exist: the data is what preprocess.py made before feedback."""
+    source, out, _ = kaggle_run
+    data_dir = os.path.dirname(out)
+    everything = read_tree(data_dir)
+    assert tree_digest({**read_tree(out), "manifest.csv": everything["manifest.csv"]}) == DIRTY_DIGEST
+    feedback = os.path.join(data_dir, "feedback")
+    for label in (*catdog.CLASSES, catdog.OTHER):
+        os.makedirs(os.path.join(feedback, label))
+    with open(os.path.join(feedback, "manifest.csv"), "w") as f:
+        f.write("prediction_id,model_version,label,predicted,date,sha256,file,skip_reason\n")
+    try:
+        run(source, out)
+        assert {k: v for k, v in read_tree(data_dir).items() if not k.startswith("feedback")} == everything
+    finally:
+        shutil.rmtree(feedback)
+    run(source, out, 1, "--feedback", os.path.join(data_dir, "no-such-folder"))
+    assert read_tree(data_dir) == everything
+
+
+def near_copy(data, scale=0.9, quality=60):
+    """A resized, re-encoded copy of a photo: what a re-upload of a saved picture looks like."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    buffer = io.BytesIO()
+    img.resize((round(img.width * scale), round(img.height * scale))).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def sample_bytes(kaggle_out, split):
+    """(name, bytes) of the dirty dataset's first photo in `split`."""
+    row = next(r for r in read_manifest(kaggle_out) if r["split"] == split)
+    return os.path.basename(row["source"]), dirty_files()[os.path.basename(row["source"])]
+
+
+@pytest.fixture(scope="module")
+def feedback_run(kaggle_run, tmp_path_factory):
+    """The dirty dataset again, with a harvest beside it: one photo for each way a feedback
+    photo is kept or dropped; extra evaluation photos and not-pets photos beside them."""
+    source, kaggle_out, _ = kaggle_run
+    base = tmp_path_factory.mktemp("feedback")
+    extra = write_folder(base / "extra", {f"{label}.{i}.jpg": photo_bytes(4000 + 10 * k + i)
+                                          for k, label in enumerate(catdog.CLASSES) for i in range(3)})
+    not_pets = write_folder(base / "not-pets", {f"bird/{i}.jpg": photo_bytes(5000 + i) for i in range(3)})
+    fresh = {seed: photo_bytes(seed, size=(120, 90)) for seed in range(3000, 3005)}
+    files = {"cat/fresh.jpg": fresh[3000], "dog/fresh.png": photo_bytes(3001, size=(120, 90), fmt="PNG"),
+             "cat/same.jpg": fresh[3002], "cat/same-again.jpg": fresh[3002],    # one photo harvested twice
+             "cat/both.jpg": fresh[3003], "dog/both.jpg": fresh[3003],          # staff disagreed with themselves
+             "other/fresh.jpg": fresh[3004],
+             "dog/test-copy.jpg": sample_bytes(kaggle_out, "test")[1],
+             "cat/val-near.jpg": near_copy(sample_bytes(kaggle_out, "val")[1]),
+             "cat/extra-copy.jpg": (base / "extra" / "cat.0.jpg").read_bytes(),
+             "dog/extra-near.jpg": near_copy((base / "extra" / "dog.1.jpg").read_bytes()),
+             "dog/not-pet-near.jpg": near_copy((base / "not-pets" / "bird" / "2.jpg").read_bytes()),
+             "cat/train-copy.jpg": sample_bytes(kaggle_out, "train")[1],
+             "cat/broken.jpg": fresh[3000][: len(fresh[3000]) // 2]}
+    write_folder(base / "data" / "feedback", files)
+    shutil.copytree(source, base / "raw")  # the same relative layout as kaggle_run: the same manifest sources
+    out = str(base / "data" / "processed")
+    report = run(str(base / "raw"), out, 2, "--eval-extra", extra, "--not-pets", not_pets)
+    return {"out": out, "report": report, "extra": extra, "files": files}
+
+
+FEEDBACK_REASONS = {"cat/fresh.jpg": "", "dog/fresh.png": "", "cat/same-again.jpg": "", "cat/same.jpg": "duplicate",
+                    "cat/both.jpg": "conflicting_labels", "dog/both.jpg": "conflicting_labels",
+                    "other/fresh.jpg": "other_label", "dog/test-copy.jpg": "evaluation_duplicate",
+                    "cat/val-near.jpg": "evaluation_duplicate", "cat/extra-copy.jpg": "evaluation_duplicate",
+                    "dog/extra-near.jpg": "evaluation_duplicate", "dog/not-pet-near.jpg": "not_pets_duplicate",
+                    "cat/train-copy.jpg": "training_duplicate", "cat/broken.jpg": "corrupt"}
+
+
+def test_feedback_photos_join_the_training_split_only(kaggle_run, feedback_run):
+    _, kaggle_out, kaggle_report = kaggle_run
+    out, report = feedback_run["out"], feedback_run["report"]
+    rows = read_manifest(out)
+    feedback = {r["source"].split("feedback" + os.sep, 1)[1]: r for r in rows if "feedback" + os.sep in r["source"]}
+    assert {name: r["drop_reason"] for name, r in feedback.items()} == FEEDBACK_REASONS
+    # The sample's rows, splits and files are untouched; train gains exactly the kept feedback photos.
+    sample = [r for r in rows if r not in feedback.values()]
+    assert [(os.path.basename(r["source"]), r["split"], r["drop_reason"]) for r in sample] == \
+        [(os.path.basename(r["source"]), r["split"], r["drop_reason"]) for r in read_manifest(kaggle_out)]
+    for split in ("val", "test"):
+        assert read_tree(os.path.join(out, split)) == read_tree(os.path.join(kaggle_out, split))
+    added = set(read_tree(os.path.join(out, "train"))) - set(read_tree(os.path.join(kaggle_out, "train")))
+    kept = {name: r for name, r in feedback.items() if not r["drop_reason"]}
+    assert added == {os.path.relpath(r["path"], os.path.join(out, "train")) for r in kept.values()}
+    for name, row in kept.items():
+        assert (row["split"], row["label"]) == ("train", name.split("/")[0])
+        assert row["sha256"] == hashlib.sha256(feedback_run["files"][name]).hexdigest()
+        assert Image.open(row["path"]).size == (224, 224)
+    for row in feedback.values():
+        assert row["split"] == "" if row["drop_reason"] else row["split"] == "train"
+    # The copies say what they copy; a refused copy of an evaluation photo keeps no sha256 (below).
+    assert feedback["dog/test-copy.jpg"]["duplicate_of"] == sample_bytes(kaggle_out, "test")[0]
+    assert feedback["cat/extra-copy.jpg"]["duplicate_of"].endswith(os.path.join("extra", "cat.0.jpg"))
+    assert all(r["sha256"] == "" for r in feedback.values() if r["drop_reason"] == "evaluation_duplicate")
+    dropped = collections.Counter(r for r in FEEDBACK_REASONS.values() if r)
+    assert report["feedback"] == {"folder": "feedback", "inputs": len(FEEDBACK_REASONS), "trained": 3,
+                                  "dropped": dict(sorted(dropped.items()))}
+    assert report["splits"]["train"] == {"cat": 16 + 2, "dog": 16 + 1}
+    assert report["splits"]["val"] == kaggle_report["splits"]["val"]
+    markdown = (Path(out).parent / "quality_report.md").read_text()
+    assert "## Feedback" in markdown and "| evaluation_duplicate | 4 |" in markdown
+
+
+def test_feedback_leaves_the_evaluation_set_as_it_was(kaggle_run, feedback_run):
+    """evaluate.py leaves out extra photos the manifest knows: a feedback photo refused as a copy
+    of one must not take it out of the evaluation set."""
+    import evaluate
+
+    def evaluation(out):
+        test = [(r["path"], catdog.CLASSES.index(r["label"])) for r in read_manifest(out) if r["split"] == "test"]
+        found = evaluate.evaluation_set(test, feedback_run["extra"], out)
+        return found.identity(), found.left_out, len(found.items)
+
+    assert evaluation(feedback_run["out"]) == evaluation(kaggle_run[1])
+    assert evaluation(feedback_run["out"])[2] == 2 * 2 + 6
+
+
+def test_feedback_needs_the_evaluation_photos_it_is_checked_against(kaggle_run, tmp_path):
+    source, _, _ = kaggle_run
+    write_folder(tmp_path / "data" / "feedback", {"cat/fresh.jpg": photo_bytes(3000)})
+    with pytest.raises(SystemExit, match="--eval-extra .*missing-extra does not exist"):
+        run(source, tmp_path / "data" / "processed", 1, "--eval-extra", str(tmp_path / "missing-extra"),
+            "--not-pets", "")
+
+
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
     """Static files with HTTP Range support (the stdlib server has none), recording each Range."""
 
@@ -276,6 +420,7 @@ def test_shared_3k_sample(tmp_path):
                                 "test": {"cat": 150, "dog": 150}}
     kept = [r for r in rows if not r["drop_reason"]]
     assert len({r["sha256"] for r in kept}) == len(kept) == 2999
+    assert tree_digest(read_tree(out)) == SAMPLE_DIGEST  # what `make data` made before feedback existed
     # Checksums in the manifest are the published ones for every file.
     with open(SHARED_SAMPLE + ".sha256") as f:
         published = dict(line.split()[::-1] for line in f if line.strip())
