@@ -485,7 +485,7 @@ def write_reports(folder, run, candidate):
 
 def slice_table(metrics):
     """Markdown table of the accuracy by slice, from the flat metrics of `measure`'s figures."""
-    rows = [("all photos", "", "eval")] + [(name, rule, f"slice_{name}") for name, (rule, _) in SLICES.items()]
+    rows = [("all photos", "-", "eval")] + [(name, rule, f"slice_{name}") for name, (rule, _) in SLICES.items()]
     lines = ["| slice | rule | photos | accuracy (95 % interval) | errors |", "| --- | --- | ---: | --- | ---: |"]
     for name, rule, key in rows:
         accuracy = (f"{metrics[f'{key}_accuracy']:.4f} ({metrics[f'{key}_accuracy_low']:.4f}-"

@@ -82,7 +82,7 @@ def test_measure_gives_each_slice_its_accuracy_interval_and_errors(tmp_path):
     assert (metrics["slice_grey_accuracy"], metrics["slice_grey_errors"]) == (1.0, 0)
     assert (metrics["eval_images"], metrics["eval_errors"], metrics["eval_accuracy"]) == (8, 2, 0.75)
     table = evaluate.slice_table(metrics)
-    assert "| all photos |  | 8 | 0.7500 (" in table
+    assert "| all photos | - | 8 | 0.7500 (" in table
     assert f"| dark | mean luminance < {evaluate.SLICE_DARK} of 255 | 2 | 0.5000 (" in table
 
 
