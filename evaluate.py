@@ -7,8 +7,8 @@ numpy only at import (matplotlib and ONNX Runtime are imported where they are us
 torch: post_eval.py measures a deployed service with the same functions.
 
 Names: a figure of one part of the evaluation set is `<part>_<name>` (test_accuracy,
-extra_log_loss, eval_accuracy_low), as MLflow logs it; model.json alone keeps its older names
-for the test split's figures (accuracy, log_loss, ...: model_json_names).
+extra_log_loss, eval_accuracy_low, slice_dark_accuracy), as MLflow logs it; model.json alone
+keeps its older names for the test split's figures (accuracy, log_loss, ...: model_json_names).
 """
 import csv
 import dataclasses
@@ -19,6 +19,23 @@ import os
 import numpy as np
 
 import catdog
+
+# Slices: kinds of photo a shelter uploads and a machine can tell, each a rule on a photo's
+# catdog.image_stats (the service's drift statistics: one definition of brightness, colour and
+# size) taken from the original photo, at the size it was uploaded. A photo may fall in several
+# slices or in none. Thresholds are set so that each slice of the 2,299-photo evaluation set
+# holds dozens of photos (docs/benchmarks.md, "Accuracy by slice").
+SLICE_DARK = 70       # mean luminance (0-255) below this: a black cat on a dark floor, a kennel at night
+SLICE_SMALL = 200     # shorter side (px) below this: upscaled to the model's input
+SLICE_GREY = 8        # mean max-min channel difference (0-255) below this: greyscale or nearly colourless
+SLICE_ELONGATED = 1.6  # wide: width / height above this; tall: height / width above it
+SLICES = {  # name: (rule in words, test on catdog.image_stats)
+    "dark": (f"mean luminance < {SLICE_DARK} of 255", lambda s: s["brightness"] < SLICE_DARK),
+    "small": (f"shorter side < {SLICE_SMALL} px", lambda s: min(s["width"], s["height"]) < SLICE_SMALL),
+    "grey": (f"mean channel spread < {SLICE_GREY} of 255", lambda s: s["saturation"] < SLICE_GREY),
+    "wide": (f"width / height > {SLICE_ELONGATED}", lambda s: s["width"] > SLICE_ELONGATED * s["height"]),
+    "tall": (f"height / width > {SLICE_ELONGATED}", lambda s: s["height"] > SLICE_ELONGATED * s["width"]),
+}
 
 
 # ---------------------------------------------------------------- figures (numpy)
@@ -282,11 +299,17 @@ class Evaluation:
     items: list          # [(path, class index)], the test split first
     parts: np.ndarray    # "test" or "extra", per item
     hashes: list         # sha256 of each photo's file
+    stats: list          # catdog.image_stats of each photo, which its slices come from
     left_out: dict       # extra photos left out: {why: count}
 
     @property
     def labels(self):
         return labels_of(self.items)
+
+    @property
+    def slices(self):
+        """{slice: bool array over the photos} of each SLICES rule."""
+        return {name: np.array([rule(s) for s in self.stats], dtype=bool) for name, (_, rule) in SLICES.items()}
 
     @property
     def test_items(self):
@@ -319,16 +342,20 @@ def original_photos(items, data_dir):
 
 
 def evaluation_set(test_items, extra_folder, data_dir):
-    """The test split, then the photos of extra_folder that decode and are none of the
-    manifest's photos (an extra set that overlaps training would flatter the model)."""
+    """The test split (its originals where they are here: original_photos), then the photos of
+    extra_folder that decode and are none of the manifest's photos (an extra set that overlaps
+    training would flatter the model); each photo's image_stats read as it is opened."""
     extra, left_out = extra_photos(extra_folder, data_dir) if extra_folder and os.path.isdir(extra_folder) else ([], {})
-    return Evaluation(test_items + [(path, label) for path, label, _ in extra],
-                      np.array(["test"] * len(test_items) + ["extra"] * len(extra)),
-                      [catdog.sha256_file(path) for path, _ in test_items] + [sha for _, _, sha in extra], left_out)
+    return Evaluation(items=test_items + [(path, label) for path, label, _, _ in extra],
+                      parts=np.array(["test"] * len(test_items) + ["extra"] * len(extra)),
+                      hashes=[catdog.sha256_file(path) for path, _ in test_items] + [sha for _, _, sha, _ in extra],
+                      stats=[catdog.image_stats(catdog.open_image(path)) for path, _ in test_items]
+                      + [stats for _, _, _, stats in extra], left_out=left_out)
 
 
 def extra_photos(folder, data_dir):
-    """([(path, class index, sha256)] of the usable extra photos, {why: count} of the others)."""
+    """([(path, class index, sha256, image_stats)] of the usable extra photos, {why: count} of
+    the others)."""
     manifest = manifest_path(data_dir)
     known = {row["sha256"] for row in catdog.read_manifest(manifest, keep_dropped=True)} if manifest else set()
     kept, dropped = [], {"known to the manifest": 0, "not decodable": 0}
@@ -338,26 +365,37 @@ def extra_photos(folder, data_dir):
             dropped["known to the manifest"] += 1
             continue
         try:
-            catdog.open_image(path)
+            img = catdog.open_image(path)
         except catdog.ImageError:
             dropped["not decodable"] += 1
             continue
-        kept.append((path, catdog.CLASSES.index(label), sha))
+        kept.append((path, catdog.CLASSES.index(label), sha, catdog.image_stats(img)))
     return kept, {why: n for why, n in dropped.items() if n}
 
 
 def measure(probs, evaluation):
     """Figures of one set of answers: {"test": ..., "extra": ..., "eval": ...} (each of
-    `scores`), eval covering both with its accuracy's 95 % Wilson interval."""
+    `scores`), eval covering both with its accuracy's 95 % Wilson interval; then
+    {"slice_<name>": accuracy_figures} of each slice of the evaluation set."""
     labels, figures = evaluation.labels, {}
     for part in ("test", "extra"):
         if np.any(evaluation.parts == part):
             figures[part] = scores(probs[evaluation.parts == part], labels[evaluation.parts == part])
-    figures["eval"] = scores(probs, labels)
-    right = int(np.sum(probs.argmax(1) == labels))
-    low, high = wilson_interval(right, len(labels))
-    figures["eval"].update(accuracy_low=low, accuracy_high=high, images=len(labels), errors=len(labels) - right)
+    right = probs.argmax(1) == labels
+    figures["eval"] = {**scores(probs, labels), **accuracy_figures(right)}
+    for name, members in evaluation.slices.items():
+        figures[f"slice_{name}"] = accuracy_figures(right[members])
     return figures
+
+
+def accuracy_figures(right):
+    """images and errors of a bool array of right answers, and when it is not empty their
+    accuracy with its 95 % Wilson interval (accuracy_low, accuracy_high)."""
+    hits, n = int(np.sum(right)), len(right)
+    if not n:
+        return {"images": 0, "errors": 0}
+    low, high = wilson_interval(hits, n)
+    return {"accuracy": hits / n, "accuracy_low": low, "accuracy_high": high, "images": n, "errors": n - hits}
 
 
 def write_evaluation_csv(path, evaluation, probs):
@@ -445,6 +483,17 @@ def write_reports(folder, run, candidate):
         f.write(model_card(run, candidate))
 
 
+def slice_table(metrics):
+    """Markdown table of the accuracy by slice, from the flat metrics of `measure`'s figures."""
+    rows = [("all photos", "-", "eval")] + [(name, rule, f"slice_{name}") for name, (rule, _) in SLICES.items()]
+    lines = ["| slice | rule | photos | accuracy (95 % interval) | errors |", "| --- | --- | ---: | --- | ---: |"]
+    for name, rule, key in rows:
+        accuracy = (f"{metrics[f'{key}_accuracy']:.4f} ({metrics[f'{key}_accuracy_low']:.4f}-"
+                    f"{metrics[f'{key}_accuracy_high']:.4f})" if metrics[f"{key}_images"] else "-")
+        lines.append(f"| {name} | {rule} | {metrics[f'{key}_images']:.0f} | {accuracy} | {metrics[f'{key}_errors']:.0f} |")
+    return "\n".join(lines)
+
+
 def model_card(run, candidate):
     cfg, lineage, which = run.cfg, run.lineage, candidate.trained.which
     m, facts = candidate.metrics, candidate.facts
@@ -471,6 +520,11 @@ log-loss {m['eval_log_loss']:.4f}, ECE {m['eval_ece']:.4f}, ROC-AUC {m['eval_roc
 **Test split alone**: accuracy {m['test_accuracy']:.4f}, precision {m['test_precision']:.4f},
 recall {m['test_recall']:.4f}, F1 {m['test_f1']:.4f}, ROC-AUC {m['test_roc_auc']:.4f},
 log-loss {m['test_log_loss']:.4f}, ECE {m['test_ece']:.4f}. Training took {m['train_seconds']:.0f} s.
+
+**Accuracy by slice** of the evaluation set, each rule on the original photo (catdog.image_stats);
+a photo may be in several slices or in none:
+
+{slice_table(m)}
 
 **"other"** (neither a cat nor a dog): answered when the pet probability (decision
 "{facts['pet_decision']}", one of {', '.join(candidate.trained.other_candidates)}, chosen on val) is below

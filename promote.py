@@ -8,7 +8,8 @@ of it, the gate, and the registry.
   reports/, and the MLflow model the registry releases (registry_model.py: the served files and
   the model card);
 - the gate: catdog.GATE's thresholds on the evaluation set, then the current champion compared
-  photo by photo on the same photos (one-sided McNemar test, then log-loss);
+  photo by photo on the same photos (one-sided McNemar test, then log-loss), overall and in
+  each slice of the evaluation set big enough to judge (evaluate.SLICES);
 - the registry: a new version of `catdog`, aliased champion (its files written to --out, for
   serving) or challenger.
 
@@ -30,6 +31,7 @@ import nets
 
 RELEASED_FILES = (*catdog.SERVED_FILES, catdog.MODEL_CARD)  # the registry's MLflow model: what a release is built from
 DVC_LOCK = os.path.join(catdog.ROOT, "dvc.lock")
+SLICE_MIN_PHOTOS = 30  # a slice of fewer photos is reported, never judged: a handful of mistakes is noise there
 
 
 # ---------------------------------------------------------------- lineage, and the photos the drift profile describes
@@ -172,7 +174,7 @@ def params(run, candidate):
             "eval_images": len(run.evaluation.items), "extra_images": facts["extra_images"],
             **{f"non_pets_{split}_images": len(items) for split, items in run.others.parts.items()},
             "pet_decision": facts["pet_decision"], "pet_threshold": round(facts["pet_threshold"], 6),
-            **{f"gate_{k}": v for k, v in catdog.GATE.items()}}
+            **{f"gate_{k}": v for k, v in catdog.GATE.items()}, "gate_slice_min_photos": SLICE_MIN_PHOTOS}
 
 
 def log_registry_model(folder):
@@ -227,7 +229,9 @@ def gate(metrics, champion=None, thresholds=catdog.GATE):
     the two got right, p < thresholds["significance"]); when neither is significantly more
     accurate, the lower log-loss wins. So one photo more or less decides nothing by itself:
     a better-calibrated model with one more mistake goes through, a worse-calibrated one with
-    one fewer does not."""
+    one fewer does not. Last, each slice of at least SLICE_MIN_PHOTOS photos on its own: refused
+    when significantly less accurate than the champion there (the same test on the slice's
+    photos), so a regression on dark photos is not hidden by gains elsewhere."""
     reasons = []
     if not metrics["eval_accuracy"] >= thresholds["min_accuracy"]:
         reasons.append(f"accuracy {metrics['eval_accuracy']:.4f} < {thresholds['min_accuracy']}")
@@ -247,7 +251,21 @@ def gate(metrics, champion=None, thresholds=catdog.GATE):
             reasons.append(f"as accurate as the champion within noise ({only_candidate} vs {only_champion} photos "
                            f"only one got right) and log-loss {metrics['eval_log_loss']:.4f} > champion's "
                            f"{champion['log_loss']:.4f}")
+        reasons += slice_gate(champion["slices"], thresholds)
     return not reasons, reasons
+
+
+def slice_gate(slices, thresholds):
+    """Reasons the candidate is significantly less accurate than the champion in a slice of at
+    least SLICE_MIN_PHOTOS photos (slices: compare_with_champion's)."""
+    reasons = []
+    for name, paired in slices.items():
+        worse_p = evaluate.mcnemar_p(paired["only_champion_right"], paired["only_candidate_right"])
+        if paired["images"] >= SLICE_MIN_PHOTOS and worse_p < thresholds["significance"]:
+            reasons.append(f"less accurate than the champion on {name} photos ({evaluate.SLICES[name][0]}, "
+                           f"{paired['images']} photos): {paired['only_champion_right']} only the champion got right, "
+                           f"{paired['only_candidate_right']} only this one (McNemar p = {worse_p:.3f})")
+    return reasons
 
 
 def other_gate(metrics, thresholds):
@@ -287,9 +305,33 @@ def compare_with_champion(run, probs):
     champion_right, candidate_right = champion_probs.argmax(1) == labels, probs.argmax(1) == labels
     figures = evaluate.scores(champion_probs, labels)
     print(f"  {label} {how}: accuracy {figures['accuracy']:.4f}, log-loss {figures['log_loss']:.4f}", flush=True)
+    slices = {name: paired(champion_right[members], candidate_right[members])
+              for name, members in run.evaluation.slices.items()}
+    print(slice_comparison(slices), flush=True)
     return {"accuracy": figures["accuracy"], "log_loss": figures["log_loss"],
+            **paired(champion_right, candidate_right), "slices": slices}, f"{label}, {how}"
+
+
+def paired(champion_right, candidate_right):
+    """What the gate judges of two bool arrays of right answers on the same photos."""
+    return {"images": len(champion_right), "champion_right": int(np.sum(champion_right)),
+            "candidate_right": int(np.sum(candidate_right)),
             "only_champion_right": int(np.sum(champion_right & ~candidate_right)),
-            "only_candidate_right": int(np.sum(candidate_right & ~champion_right))}, f"{label}, {how}"
+            "only_candidate_right": int(np.sum(candidate_right & ~champion_right))}
+
+
+def slice_comparison(slices):
+    """The gate's table: the champion and the candidate in each slice, photo by photo."""
+    lines = [f"  {'slice':8}{'photos':>8}{'champion':>10}{'candidate':>11}{'only champion':>15}{'only candidate':>16}"
+             f"{'McNemar p':>11}  judged"]
+    for name, s in slices.items():
+        accuracies = (f"{s['champion_right'] / s['images']:10.4f}{s['candidate_right'] / s['images']:11.4f}"
+                      if s["images"] else f"{'-':>10}{'-':>11}")
+        lines.append(f"  {name:8}{s['images']:8d}{accuracies}{s['only_champion_right']:15d}"
+                     f"{s['only_candidate_right']:16d}"
+                     f"{evaluate.mcnemar_p(s['only_champion_right'], s['only_candidate_right']):11.3f}  "
+                     + ("yes" if s["images"] >= SLICE_MIN_PHOTOS else f"no (< {SLICE_MIN_PHOTOS} photos)"))
+    return "\n".join(lines)
 
 
 def champion_answers(champion_run, evaluation, download):

@@ -416,6 +416,8 @@ def prepare(cfg, device, synthetic_folder):
         log(f"extra evaluation photos in {cfg.eval_extra}: left out " + evaluate.format_counts(evaluation.left_out))
     if cfg.eval_extra and not np.any(evaluation.parts == "extra"):
         log(f"no usable extra evaluation photos at {cfg.eval_extra}: candidates are measured on the test split only")
+    log(f"evaluation set: {len(evaluation.items)} photos, of which "
+        + evaluate.format_counts({name: int(np.sum(m)) for name, m in evaluation.slices.items()}) + " (slices)")
     client, lineage, train_stats = None, {}, []
     if RANK == 0:
         client = promote.open_registry(cfg)

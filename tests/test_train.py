@@ -42,14 +42,19 @@ CONFIG = ["arch", "data", "out", "seed", "threads", "workers", "epochs", "batch_
 PARAMS = {*CONFIG, "model", "processes", "parameters", "temperature", "preprocess_resize", "preprocess_crop",
           "preprocess_mean", "preprocess_std", "train_images", "val_images", "test_images", "eval_images",
           "extra_images", "non_pets_train_images", "non_pets_val_images", "non_pets_test_images", "pet_decision",
-          "pet_threshold", *(f"gate_{k}" for k in catdog.GATE)}
+          "pet_threshold", *(f"gate_{k}" for k in catdog.GATE), "gate_slice_min_photos"}
 SCORES = ["accuracy", "precision", "recall", "f1", "roc_auc", "log_loss", "ece"]
 EVAL_SCORES = [*SCORES, "accuracy_low", "accuracy_high", "images", "errors"]
+# Every photo of make_dataset is under 200 px and none is dark, grey or elongated: only the
+# small slice has an accuracy; every slice has its photos and errors.
+SLICE_METRICS = {*(f"slice_{name}_{k}" for name in evaluate.SLICES for k in ("images", "errors")),
+                 *(f"slice_small_{k}" for k in ("accuracy", "accuracy_low", "accuracy_high"))}
 METRICS = {*(f"test_{k}" for k in SCORES), *(f"extra_{k}" for k in SCORES), *(f"eval_{k}" for k in EVAL_SCORES),
            *(f"torch_test_{k}" for k in SCORES), "train_seconds",
            "onnx_max_abs_prob_diff", "served_torch_label_agreement", "served_torch_max_abs_prob_diff",
            "val_accuracy_calibrated", "val_log_loss_calibrated", "val_ece_calibrated",
-           "eval_pets_as_other", "other_as_pet", *(f"other_{k}_{kind}" for k in ("as_pet", "photos") for kind in NON_PET_KINDS)}
+           "eval_pets_as_other", "other_as_pet", *(f"other_{k}_{kind}" for k in ("as_pet", "photos") for kind in NON_PET_KINDS),
+           *SLICE_METRICS}
 # The pet-vs-other candidates measured on val (the baseline has no ImageNet classifier).
 CANDIDATES = {"baseline": ("head", "distance"), "transfer": ("imagenet", "head", "head_imagenet", "distance")}
 EPOCH_METRICS = {"train_loss", "train_accuracy", "val_loss", "val_accuracy"}
@@ -161,6 +166,9 @@ def test_mlflow_runs_hold_params_metrics_artifacts_and_lineage(trained):
                                                                   result["eval_images"] - right)
         assert (result["eval_accuracy_low"], result["eval_accuracy_high"]) == evaluate.wilson_interval(
             right, result["eval_images"])
+        for key in ("accuracy", "accuracy_low", "accuracy_high", "images", "errors"):  # every photo is small
+            assert metrics[f"slice_small_{key}"] == pytest.approx(result[f"eval_{key}"]), key
+        assert all(metrics[f"slice_{name}_images"] == 0 for name in ("dark", "grey", "wide", "tall"))
         # The test split is the first part of the evaluation set: both photo counts add up.
         assert right == round(result["test_accuracy"] * 2 * COUNTS["test"] + result["extra_accuracy"] * 2 * COUNTS["extra"])
         assert metrics["train_seconds"] == pytest.approx(result["train_seconds"])
@@ -231,6 +239,9 @@ def test_the_champion_has_its_model_card_beside_it(trained, tmp_path):
     assert f"{m['parameters']:,} parameters; temperature {m['temperature']:.3f}" in card
     assert f"decision\n\"{m['pet_decision']}\"" in card and f"is below\n{m['pet_threshold']:.4f}" in card
     assert meta["data"]["eval_set_sha256"] in card and meta["git_commit"] in card
+    assert "**Accuracy by slice**" in card and evaluate.slice_table(m) in card
+    assert (f"| small | shorter side < {evaluate.SLICE_SMALL} px | {m['eval_images']} | {m['slice_small_accuracy']:.4f} "
+            f"({m['slice_small_accuracy_low']:.4f}-{m['slice_small_accuracy_high']:.4f}) | {m['eval_errors']} |") in card
     assert (f"Learnt from the train and val parts, measured on the test part of: not-pets folder "
             f"{trained['tmp'] / 'notpets'} " + OTHER_DATA.format(60)) in card
     assert meta["preprocess_fingerprint"] == catdog.preprocessing_fingerprint()  # serve.py checks it
@@ -315,7 +326,8 @@ def test_saved_champion_loads_and_its_served_int8_file_is_what_was_measured(trai
     assert set(meta["metrics"]) == {*SCORES, *(f"extra_{k}" for k in SCORES), *(f"eval_{k}" for k in EVAL_SCORES),
                                     "eval_pets_as_other", "other_as_pet", "train_seconds", "extra_images", "parameters",
                                     "temperature", "served_as", "pet_decision", "pet_threshold",
-                                    *(f"other_{k}_{kind}" for k in ("as_pet", "photos") for kind in NON_PET_KINDS)}
+                                    *(f"other_{k}_{kind}" for k in ("as_pet", "photos") for kind in NON_PET_KINDS),
+                                    *SLICE_METRICS}
 
 
 @pytest.mark.parametrize("arch", ["baseline", "transfer"])
@@ -520,8 +532,13 @@ def test_unchanged_evaluation_set_reuses_the_champions_answers(trained, tmp_path
     shutil.copyfile(trained["tmp"] / "mlflow.db", tmp_path / "mlflow.db")
     run_train(tmp_path, "--arch", "baseline", "--epochs", "0")
     meta = catdog.read_json(trained["tmp"] / "models" / "model.json")
+    printed = capsys.readouterr().out
     assert (f"champion v{meta['registry_version']} ({meta['arch']}) on the same photos: "
-            f"accuracy {meta['metrics']['eval_accuracy']:.4f}") in capsys.readouterr().out
+            f"accuracy {meta['metrics']['eval_accuracy']:.4f}") in printed
+    images = 2 * COUNTS["test"] + 2 * COUNTS["extra"]
+    assert f"evaluation set: {images} photos, of which 0 dark, {images} small, 0 grey, 0 wide, 0 tall (slices)" in printed
+    small = next(line.split() for line in printed.splitlines() if line.startswith("  small "))  # the gate's table
+    assert small[:3] == ["small", str(images), f"{meta['metrics']['eval_accuracy']:.4f}"] and small[-1] == "yes"
 
 
 @pytest.mark.parametrize("arch", ["baseline", "transfer"])
@@ -567,9 +584,9 @@ def test_gate_rules():
     assert promote.gate({**good, "eval_log_loss": float("nan")}) == (False, ["log-loss nan > 0.1"])
 
 
-def champion(only_champion_right, only_candidate_right, log_loss):
+def champion(only_champion_right, only_candidate_right, log_loss, slices=None):
     return {"accuracy": 0.99, "log_loss": log_loss, "only_champion_right": only_champion_right,
-            "only_candidate_right": only_candidate_right}
+            "only_candidate_right": only_candidate_right, "slices": slices or {}}
 
 
 def test_gate_lets_one_more_mistake_through_with_a_better_log_loss():
@@ -591,6 +608,34 @@ def test_gate_refuses_a_significantly_less_accurate_candidate_whatever_its_log_l
     assert promote.gate(good, champion(6, 0, log_loss=0.03)) == (False, [
         "less accurate than the champion: 6 photos only the champion got right, 0 only this one (McNemar p = 0.016)"])
     assert evaluate.mcnemar_p(6, 0) == 1 / 64 and evaluate.mcnemar_p(4, 1) == 6 / 32
+
+
+def test_gate_refuses_a_candidate_as_good_overall_but_worse_on_dark_photos(capsys):
+    """Paired answers built by hand on 2,300 photos: the candidate gets 6 photos right that the
+    champion missed and misses 6 the champion got right, so overall it is as accurate and
+    better calibrated; but the 6 it misses are all among the 40 dark photos."""
+    dark, grey = np.arange(2300) < 40, np.arange(2300) >= 2280
+    champion_right, candidate_right = np.ones(2300, dtype=bool), np.ones(2300, dtype=bool)
+    candidate_right[:6] = False                # dark photos only the champion gets right
+    champion_right[100:106] = False            # elsewhere, photos only the candidate gets right
+    candidate_right[2280:2286] = False         # 20 grey photos: too few to be judged
+    champion_right[200:206] = False
+    slices = {name: promote.paired(champion_right[members], candidate_right[members])
+              for name, members in (("dark", dark), ("grey", grey))}
+    overall = promote.paired(champion_right, candidate_right)
+    assert overall["champion_right"] == overall["candidate_right"]
+    good = {"eval_accuracy": 0.99, "eval_log_loss": 0.02, "eval_ece": 0.01, **OTHER_OK}
+    verdict = promote.gate(good, {**champion(overall["only_champion_right"], overall["only_candidate_right"],
+                                             log_loss=0.03), "slices": slices})
+    assert verdict == (False, [f"less accurate than the champion on dark photos (mean luminance < {evaluate.SLICE_DARK} "
+                               "of 255, 40 photos): 6 only the champion got right, 0 only this one (McNemar p = 0.016)"])
+    assert slices["grey"]["only_champion_right"] == 6 and slices["grey"]["images"] < promote.SLICE_MIN_PHOTOS
+    assert promote.gate(good, champion(12, 12, log_loss=0.03, slices={"grey": slices["grey"]})) == (True, [])
+    table = promote.slice_comparison(slices).splitlines()
+    assert table[0].split() == ["slice", "photos", "champion", "candidate", "only", "champion", "only", "candidate",
+                                "McNemar", "p", "judged"]
+    assert table[1].split() == ["dark", "40", "1.0000", "0.8500", "6", "0", "0.016", "yes"]
+    assert table[2].split() == ["grey", "20", "1.0000", "0.7000", "6", "0", "0.016", "no", "(<", "30", "photos)"]
 
 
 def test_wilson_interval_matches_its_formula():
