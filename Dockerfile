@@ -43,9 +43,9 @@ LABEL org.opencontainers.image.title="catdog" \
       org.catdog.model.run_id="${RUN_ID}"
 
 # A fixed numeric uid so Kubernetes can check runAsNonRoot; the feedback DB is the only
-# thing the service writes, into a volume (the root file system stays read-only).
+# thing the service writes (with the kept photos, KEEP_PHOTOS), into volumes (the root file system stays read-only).
 RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin catdog \
- && install -d -o catdog -g catdog -m 0750 /var/lib/catdog
+ && install -d -o catdog -g catdog -m 0750 /var/lib/catdog /var/lib/catdog-photos
 
 COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \

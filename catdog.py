@@ -87,7 +87,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".ti
 # with at least kind_min_photos test photos.
 GATE = {"min_accuracy": 0.97, "max_log_loss": 0.10, "max_ece": 0.05, "significance": 0.05,
         "max_pets_as_other": 0.003, "max_other_as_pet": 0.02, "max_other_as_pet_per_kind": 0.05,
-        "kind_min_photos": 20}
+        "kind_min_photos": 20, "slice_min_photos": 30}
 
 # "other": neither a cat nor a dog. A photo is answered "other" when the model's pet
 # probability is below the threshold saved in its model.json, which train.py sets so that

@@ -31,7 +31,6 @@ import nets
 
 RELEASED_FILES = (*catdog.SERVED_FILES, catdog.MODEL_CARD)  # the registry's MLflow model: what a release is built from
 DVC_LOCK = os.path.join(catdog.ROOT, "dvc.lock")
-SLICE_MIN_PHOTOS = 30  # a slice of fewer photos is reported, never judged: a handful of mistakes is noise there
 
 
 # ---------------------------------------------------------------- lineage, and the photos the drift profile describes
@@ -174,7 +173,7 @@ def params(run, candidate):
             "eval_images": len(run.evaluation.items), "extra_images": facts["extra_images"],
             **{f"non_pets_{split}_images": len(items) for split, items in run.others.parts.items()},
             "pet_decision": facts["pet_decision"], "pet_threshold": round(facts["pet_threshold"], 6),
-            **{f"gate_{k}": v for k, v in catdog.GATE.items()}, "gate_slice_min_photos": SLICE_MIN_PHOTOS}
+            **{f"gate_{k}": v for k, v in catdog.GATE.items()}}
 
 
 def log_registry_model(folder):
@@ -229,7 +228,7 @@ def gate(metrics, champion=None, thresholds=catdog.GATE):
     the two got right, p < thresholds["significance"]); when neither is significantly more
     accurate, the lower log-loss wins. So one photo more or less decides nothing by itself:
     a better-calibrated model with one more mistake goes through, a worse-calibrated one with
-    one fewer does not. Last, each slice of at least SLICE_MIN_PHOTOS photos on its own: refused
+    one fewer does not. Last, each slice of at least thresholds["slice_min_photos"] photos on its own: refused
     when significantly less accurate than the champion there (the same test on the slice's
     photos), so a regression on dark photos is not hidden by gains elsewhere."""
     reasons = []
@@ -257,11 +256,11 @@ def gate(metrics, champion=None, thresholds=catdog.GATE):
 
 def slice_gate(slices, thresholds):
     """Reasons the candidate is significantly less accurate than the champion in a slice of at
-    least SLICE_MIN_PHOTOS photos (slices: compare_with_champion's)."""
+    least thresholds["slice_min_photos"] photos (slices: compare_with_champion's)."""
     reasons = []
     for name, paired in slices.items():
         worse_p = evaluate.mcnemar_p(paired["only_champion_right"], paired["only_candidate_right"])
-        if paired["images"] >= SLICE_MIN_PHOTOS and worse_p < thresholds["significance"]:
+        if paired["images"] >= thresholds["slice_min_photos"] and worse_p < thresholds["significance"]:
             reasons.append(f"less accurate than the champion on {name} photos ({evaluate.SLICES[name][0]}, "
                            f"{paired['images']} photos): {paired['only_champion_right']} only the champion got right, "
                            f"{paired['only_candidate_right']} only this one (McNemar p = {worse_p:.3f})")
@@ -320,7 +319,7 @@ def paired(champion_right, candidate_right):
             "only_candidate_right": int(np.sum(candidate_right & ~champion_right))}
 
 
-def slice_comparison(slices):
+def slice_comparison(slices, min_photos=catdog.GATE["slice_min_photos"]):
     """The gate's table: the champion and the candidate in each slice, photo by photo."""
     lines = [f"  {'slice':8}{'photos':>8}{'champion':>10}{'candidate':>11}{'only champion':>15}{'only candidate':>16}"
              f"{'McNemar p':>11}  judged"]
@@ -330,7 +329,7 @@ def slice_comparison(slices):
         lines.append(f"  {name:8}{s['images']:8d}{accuracies}{s['only_champion_right']:15d}"
                      f"{s['only_candidate_right']:16d}"
                      f"{evaluate.mcnemar_p(s['only_champion_right'], s['only_candidate_right']):11.3f}  "
-                     + ("yes" if s["images"] >= SLICE_MIN_PHOTOS else f"no (< {SLICE_MIN_PHOTOS} photos)"))
+                     + ("yes" if s["images"] >= min_photos else f"no (< {min_photos} photos)"))
     return "\n".join(lines)
 
 

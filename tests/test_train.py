@@ -42,7 +42,7 @@ CONFIG = ["arch", "data", "out", "seed", "threads", "workers", "epochs", "batch_
 PARAMS = {*CONFIG, "model", "processes", "parameters", "temperature", "preprocess_resize", "preprocess_crop",
           "preprocess_mean", "preprocess_std", "train_images", "val_images", "test_images", "eval_images",
           "extra_images", "non_pets_train_images", "non_pets_val_images", "non_pets_test_images", "pet_decision",
-          "pet_threshold", *(f"gate_{k}" for k in catdog.GATE), "gate_slice_min_photos"}
+          "pet_threshold", *(f"gate_{k}" for k in catdog.GATE)}
 SCORES = ["accuracy", "precision", "recall", "f1", "roc_auc", "log_loss", "ece"]
 EVAL_SCORES = [*SCORES, "accuracy_low", "accuracy_high", "images", "errors"]
 # Every photo of make_dataset is under 200 px and none is dark, grey or elongated: only the
@@ -629,7 +629,7 @@ def test_gate_refuses_a_candidate_as_good_overall_but_worse_on_dark_photos(capsy
                                              log_loss=0.03), "slices": slices})
     assert verdict == (False, [f"less accurate than the champion on dark photos (mean luminance < {evaluate.SLICE_DARK} "
                                "of 255, 40 photos): 6 only the champion got right, 0 only this one (McNemar p = 0.016)"])
-    assert slices["grey"]["only_champion_right"] == 6 and slices["grey"]["images"] < promote.SLICE_MIN_PHOTOS
+    assert slices["grey"]["only_champion_right"] == 6 and slices["grey"]["images"] < catdog.GATE["slice_min_photos"]
     assert promote.gate(good, champion(12, 12, log_loss=0.03, slices={"grey": slices["grey"]})) == (True, [])
     table = promote.slice_comparison(slices).splitlines()
     assert table[0].split() == ["slice", "photos", "champion", "candidate", "only", "champion", "only", "candidate",
