@@ -19,6 +19,7 @@ accuracy with its 95 % Wilson interval. Prints photos per second; --compare star
 port (harness.Server), posts each photo once, one client on one keep-alive connection, and prints
 both rates, their ratio and how many answers differ.
 """
+import concurrent.futures
 import csv
 import functools
 import http.client
@@ -155,9 +156,11 @@ def score_folder(cfg, paths, settings, version):
     rows, shown = [], 0.0
     output = Rows(cfg.out, output_format(cfg.out, cfg.out_format), version)
     started = time.perf_counter()
-    # spawn: each worker builds its own ONNX Runtime session in a fresh process, nothing inherited
-    with multiprocessing.get_context("spawn").Pool(count, start_worker, (settings,)) as pool:
-        for batch in pool.imap(functools.partial(score, size=cfg.run_size), tasks):
+    # spawn: each worker builds its own ONNX Runtime session in a fresh process, nothing inherited.
+    # A worker that dies (a decoder crashing) breaks the pool: an error, never a silent gap.
+    with concurrent.futures.ProcessPoolExecutor(count, multiprocessing.get_context("spawn"), start_worker,
+                                                (settings,)) as pool:
+        for batch in pool.map(functools.partial(score, size=cfg.run_size), tasks):
             for row in batch:
                 row["file"] = os.path.relpath(row["file"], cfg.dir)
                 output.write(row)
