@@ -1,7 +1,7 @@
 """make predict: tag a folder of photos offline with the champion, each answered as POST /predict
 answers it, without running the service.
 
-    python predict.py DIR --out predictions.csv      # CSV; --out x.jsonl (or --format jsonl): JSON lines
+    python predict.py DIR --out predictions.csv      # CSV; --out x.jsonl (or --out-format jsonl): JSON lines
     python predict.py DIR --compare                  # also the same photos one by one to a local /predict
 
 Every file under DIR, sorted, is one row: the service's answer fields (label, confidence,
@@ -11,7 +11,7 @@ The path is the service's own: serve.Settings from the environment (MODEL_PATH, 
 MAX_PIXELS, the decode budget), serve.load_model (its ONNX Runtime settings and checks),
 upload.prepare (limits, decoding, catdog.preprocess with the model's settings) and catdog.answer.
 One worker process per CPU decodes its photos and runs them through a one-thread ONNX Runtime
-session of its own, run_size photos per run: on 2 CPUs this beat decoding workers feeding one
+session of its own, run_size photos per run: faster on 2 CPUs than decoding workers feeding one
 two-thread session in the main process, which ships every preprocessed image between processes.
 
 When names carry labels (cat.12.jpg, dog/3.jpg, other.7.jpg: catdog.label_from_name), prints the
@@ -43,7 +43,7 @@ import upload
 out = "predictions.csv"  # where the rows go: .csv, or .jsonl / .json for JSON lines
 out_format = ""  # csv or jsonl; "": by the extension of --out
 workers = 0  # worker processes, each with its own ONNX Runtime session; 0: the CPUs this process may use
-run_size = serve.RUN_SIZE  # photos per ONNX Runtime run
+run_size = 8  # photos per ONNX Runtime run (more than the service's RUN_SIZE: no client waits on a run)
 compare = False  # also send the same photos one by one to POST /predict of a local serve.py
 listed_errors = 20  # the unreadable files named in the summary (all of them are in the rows)
 
