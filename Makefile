@@ -40,7 +40,7 @@ export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 4294967296
 
 .PHONY: all help setup setup-dev system-deps lock data harvest train train-is-current serve test lint bench fuzz image push \
-        deploy rollback smoke smoke-model post-eval monitor-check mlflow-ui backup restore clean
+        deploy rollback smoke smoke-model post-eval predict monitor-check mlflow-ui backup restore clean
 
 all:  ## setup -> data -> train: the champion in models/, ready to serve (each stage's time printed)
 	@total=$$SECONDS; for stage in setup data train; do \
@@ -197,6 +197,14 @@ POST_EVAL_ARGS ?=
 post-eval: setup  ## accuracy of the running service at URL from labelled photos (NOT_PETS=dir adds non-pets)
 	$(PY) post_eval.py $(URL) $(or $(IMAGES),--manifest data/manifest.csv --split test) \
 	  $(if $(NOT_PETS),--not-pets "$(NOT_PETS)") $(POST_EVAL_ARGS)
+
+# Every file under DIR scored offline with the champion (MODEL_PATH and the service's other
+# settings from the environment), each answered as POST /predict answers it, into OUT (.csv, or
+# .jsonl for JSON lines); accuracy when the names carry labels; photos per second. PREDICT_ARGS:
+# more predict.py options ("--compare": the same photos one by one to a local /predict too).
+predict: setup  ## score every file under DIR offline into OUT (CSV or JSON lines), as /predict answers it
+	@test -n "$(DIR)" || { echo "make predict DIR=folder [OUT=predictions.csv]: name the folder of photos" >&2; exit 1; }
+	$(PY) predict.py "$(DIR)" --out "$(or $(OUT),predictions.csv)" $(PREDICT_ARGS)
 
 # Debian prometheus on 127.0.0.1 scrapes the service at URL and the request counter is queried.
 monitor-check: system-deps  ## a real Prometheus scrapes the service at URL
