@@ -105,15 +105,8 @@ def score(paths, size):
     for start in range(0, len(inputs), size):
         run = inputs[start:start + size]
         for (row, _), outputs in zip(run, model.run(np.stack([x for _, x in run]))):
-            row.update(answer_fields(outputs, model.meta))
+            row.update(serve.answer_fields(catdog.answer(outputs, model.meta)))
     return rows
-
-
-def answer_fields(outputs, meta):
-    """The answer fields of POST /predict (serve.Service.record), rounded as its JSON is."""
-    label, confidence, probabilities, pet_probability, _ = catdog.answer(outputs, meta)
-    return {"label": label, "confidence": round(confidence, 6), "pet_probability": round(pet_probability, 6),
-            "probabilities": {c: round(p, 6) for c, p in probabilities.items()}}
 
 
 # ---------------------------------------------------------------- rows out, progress, summary

@@ -216,6 +216,14 @@ class Model:
                 "run_id": self.meta.get("run_id")}
 
 
+def answer_fields(answer):
+    """The JSON fields of catdog.answer's (label, confidence, probabilities, pet_probability,
+    distance), rounded as POST /predict sends them (predict.py writes the same)."""
+    label, confidence, probabilities, pet_probability, _ = answer
+    return {"label": label, "confidence": round(confidence, 6), "pet_probability": round(pet_probability, 6),
+            "probabilities": {c: round(p, 6) for c, p in probabilities.items()}}
+
+
 def load_model(path, ort_threads=1, profile_path=""):
     """ONNX session + the meta, drift profile (profile_path, else the one beside it) and model
     card saved beside it, warmed up."""
@@ -456,7 +464,8 @@ class Service:
     def record(self, model, stats, request_id, outputs, data):
         """The answer's fields of one image's outputs, stored under a new prediction id (the
         server's key of the prediction: what /feedback names) with its pending photo, and counted."""
-        label, confidence, probabilities, pet_probability, distance = catdog.answer(outputs, model.meta)
+        answer = catdog.answer(outputs, model.meta)
+        label, confidence, _, _, distance = answer
         prediction_id = uuid.uuid4().hex
         stats = {**stats, "pet_distance": distance, catdog.OTHER: float(label == catdog.OTHER)}
         photo = self.keep_pending(data)
@@ -467,8 +476,7 @@ class Service:
         self.drift.add(stats, confidence if label != catdog.OTHER else None)
         self.metrics.predictions.labels(label).inc()
         self.metrics.confidence.observe(confidence)
-        return {"label": label, "confidence": round(confidence, 6), "pet_probability": round(pet_probability, 6),
-                "probabilities": {c: round(p, 6) for c, p in probabilities.items()}, "prediction_id": prediction_id}
+        return {**answer_fields(answer), "prediction_id": prediction_id}
 
     def keep_pending(self, data):
         """The sha256 of an upload whose bytes now wait under the photos folder for its feedback
