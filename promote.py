@@ -230,7 +230,8 @@ def gate(metrics, champion=None, thresholds=catdog.GATE):
     a better-calibrated model with one more mistake goes through, a worse-calibrated one with
     one fewer does not. Last, each slice of at least thresholds["slice_min_photos"] photos on its own: refused
     when significantly less accurate than the champion there (the same test on the slice's
-    photos), so a regression on dark photos is not hidden by gains elsewhere."""
+    photos, at the significance shared among the judged slices), so a regression on dark photos
+    is not hidden by gains elsewhere."""
     reasons = []
     if not metrics["eval_accuracy"] >= thresholds["min_accuracy"]:
         reasons.append(f"accuracy {metrics['eval_accuracy']:.4f} < {thresholds['min_accuracy']}")
@@ -256,11 +257,16 @@ def gate(metrics, champion=None, thresholds=catdog.GATE):
 
 def slice_gate(slices, thresholds):
     """Reasons the candidate is significantly less accurate than the champion in a slice of at
-    least thresholds["slice_min_photos"] photos (slices: compare_with_champion's)."""
+    least thresholds["slice_min_photos"] photos (slices: compare_with_champion's), each tested
+    at the significance divided by the number of slices judged."""
+    judged = {name: paired for name, paired in slices.items() if paired["images"] >= thresholds["slice_min_photos"]}
+    # Bonferroni: with five slices each tested at 5 %, an equal candidate would be refused far
+    # more often than one time in twenty.
+    level = thresholds["significance"] / max(1, len(judged))
     reasons = []
-    for name, paired in slices.items():
+    for name, paired in judged.items():
         worse_p = evaluate.mcnemar_p(paired["only_champion_right"], paired["only_candidate_right"])
-        if paired["images"] >= thresholds["slice_min_photos"] and worse_p < thresholds["significance"]:
+        if worse_p < level:
             reasons.append(f"less accurate than the champion on {name} photos ({evaluate.SLICES[name][0]}, "
                            f"{paired['images']} photos): {paired['only_champion_right']} only the champion got right, "
                            f"{paired['only_candidate_right']} only this one (McNemar p = {worse_p:.3f})")

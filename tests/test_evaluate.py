@@ -47,7 +47,7 @@ def test_slices_of_generated_photos(tmp_path):
     assert list(evaluation.slices) == list(evaluate.SLICES) == ["dark", "small", "grey", "wide", "tall"]
 
 
-def test_a_test_photos_slices_come_from_its_original_not_its_processed_copy(tmp_path):
+def test_a_test_photos_slices_come_from_its_original_not_its_processed_copy(tmp_path, capsys):
     """The test split is stored as 224 x 224 copies; the manifest names each one's original,
     which is what the evaluation measures and slices: here a small, dark, tall photo."""
     write_photos(tmp_path / "raw", {"dog.3.jpg": PHOTOS["dog.3.jpg"]})
@@ -64,6 +64,10 @@ def test_a_test_photos_slices_come_from_its_original_not_its_processed_copy(tmp_
     originals = evaluate.original_photos(copies, data)
     assert originals == [(str(tmp_path / "raw" / "dog.3.jpg"), 1)]
     assert members(evaluate.evaluation_set(originals, None, data)) == {"dog.3.jpg": {"small", "tall", "dark"}}
+    assert "warning" not in capsys.readouterr().out
+    (tmp_path / "raw" / "dog.3.jpg").unlink()  # the original is not on this machine: said, not silent
+    assert evaluate.original_photos(copies, data) == copies
+    assert "warning: 1 of 1 test photos have no original on this machine" in capsys.readouterr().out
 
 
 def test_measure_gives_each_slice_its_accuracy_interval_and_errors(tmp_path):

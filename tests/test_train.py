@@ -631,6 +631,13 @@ def test_gate_refuses_a_candidate_as_good_overall_but_worse_on_dark_photos(capsy
                                "of 255, 40 photos): 6 only the champion got right, 0 only this one (McNemar p = 0.016)"])
     assert slices["grey"]["only_champion_right"] == 6 and slices["grey"]["images"] < catdog.GATE["slice_min_photos"]
     assert promote.gate(good, champion(12, 12, log_loss=0.03, slices={"grey": slices["grey"]})) == (True, [])
+    # Five slices judged: each is tested at 0.05 / 5, so 6 to 0 (p = 0.016) no longer refuses, 7 to 0 does.
+    others = {name: promote.paired(np.ones(60, dtype=bool), np.ones(60, dtype=bool))
+              for name in ("small", "wide", "tall", "grey")}
+    assert promote.gate(good, champion(12, 12, log_loss=0.03, slices={**others, "dark": slices["dark"]}))[0]
+    candidate_right[6] = False
+    dark7 = promote.paired(champion_right[dark], candidate_right[dark])
+    assert not promote.gate(good, champion(13, 12, log_loss=0.03, slices={**others, "dark": dark7}))[0]
     table = promote.slice_comparison(slices).splitlines()
     assert table[0].split() == ["slice", "photos", "champion", "candidate", "only", "champion", "only", "candidate",
                                 "McNemar", "p", "judged"]
