@@ -329,7 +329,7 @@ def store_costs(rows=2_000_000, judged=20_000):
         store = SQLiteStore(os.path.join(folder, "catdog.db"))
         with store._transaction() as conn:
             now = time.time()
-            conn.executemany("INSERT INTO predictions VALUES (?, ?, ?, 'v', 'cat', 0.9, 500, 375, 0.5)",
+            conn.executemany("INSERT INTO predictions VALUES (?, ?, ?, 'v', 'cat', 0.9, 500, 375, 0.5, NULL)",
                              ((f"p{i}", f"r{i}", now - rows + i) for i in range(rows)))
             conn.executemany("INSERT INTO feedback VALUES (?, ?, 'cat')",
                              ((f"p{i}", now - judged + i) for i in range(rows - judged, rows)))
