@@ -9,10 +9,11 @@ row counts. Restore puts each part back where the same variables say, and checks
 
 Where each part comes from, read as the service and training read it:
 - store: PostgreSQL at DATABASE_URL (pg_dump, custom format), else the SQLite file at DB_PATH
-  (SQLite's online backup API: the service may keep writing meanwhile); then its kept photos'
-  folder (PHOTOS_DIR, else photos/ beside the SQLite file) when KEEP_PHOTOS is on or the folder
-  exists: after the rows, so every photo a backed-up row names is there unless it was removed
-  while the backup ran;
+  (SQLite's online backup API: the service may keep writing meanwhile); then its kept photos
+  (the files in PHOTOS_DIR, else photos/ beside the SQLite file, of the photos a row with
+  feedback names; not the pending uploads nobody judged) when KEEP_PHOTOS is on or the folder
+  exists: after the rows, so every photo a backed-up row keeps is there unless it was removed
+  while the backup ran. A restore puts them back only from a backup that holds them;
 - mlflow: the database of MLFLOW_TRACKING_URI (sqlite:///... or postgresql://...) and the
   artifacts folder MLFLOW_ARTIFACTS_DIR (default: mlruns/ beside the sqlite database).
 Every refusal (a missing source, a DEST that is not empty, a restore over a live store without
@@ -73,19 +74,22 @@ def store_source(environ):
     return Source("store", kind, url if url else environ.get("DB_PATH") or stores.DEFAULT_DB_PATH)
 
 
-def photos_source(environ, wanted=False):
-    """The store's kept photos' folder, found as the service finds it (store.photos_folder): None
-    when there is none to back up (KEEP_PHOTOS off and no folder there), unless `wanted` (a
-    restore of a backup that holds photos)."""
+def photos_source(environ, held=None):
+    """The store's kept photos' folder, found as the service finds it (store.photos_folder). For a
+    backup (`held` None): None when there is none to back up (KEEP_PHOTOS off and no folder there).
+    For a restore: the folder when the backup holds photos (`held`), else None: an older backup,
+    or one made with keeping off, restores its rows and leaves the folder alone."""
+    if held is False:
+        return None
     mode = environ.get("KEEP_PHOTOS", "off")
     try:
         folder = stores.photos_folder(environ.get("PHOTOS_DIR", ""), environ.get("DB_PATH") or stores.DEFAULT_DB_PATH,
                                       environ.get("DATABASE_URL", ""))
     except ValueError as e:
-        if mode == "off" and not wanted:
+        if mode == "off" and not held:
             return None
         raise Refused(f"the store's kept photos (KEEP_PHOTOS={mode}): {e}") from e
-    if mode == "off" and not wanted and not os.path.isdir(folder):
+    if mode == "off" and not held and not os.path.isdir(folder):
         return None
     return Source("store-photos", "folder", folder)
 
@@ -113,7 +117,7 @@ def mlflow_sources(environ):
                   "MLFLOW_ARTIFACTS_DIR to its artifacts folder")
 
 
-def sources(environ, parts=PARTS, photos=False):
+def sources(environ, parts=PARTS, photos=None):
     """The sources of these parts ("store": its database and kept photos, photos_source(environ,
     photos); "mlflow")."""
     store = [store_source(environ), photos_source(environ, photos)] if "store" in parts else []
@@ -194,8 +198,18 @@ def run_tool(name, *args, url=None):
     return done.stdout
 
 
-def dump(source, target):
-    """Copy the source into the file `target`: {table: rows} of a database, {"files": n} of a folder."""
+def kept_photos(store):
+    """The sha256 of every photo a row with staff feedback names in the `store` source's database:
+    the kept photos (pending uploads nobody judged, and half-written files, are no part of a backup)."""
+    with connect(store, readonly=True) as conn:
+        return sorted(row[0] for row in conn.execute(
+            "SELECT DISTINCT p.photo FROM predictions p JOIN feedback f ON f.prediction_id = p.id "
+            "WHERE p.photo IS NOT NULL").fetchall())
+
+
+def dump(source, target, photos=None):
+    """Copy the source into the file `target`: {table: rows} of a database, {"files": n} of a folder
+    (of a photos folder: only the files of `photos`, sha256s)."""
     if source.kind == "sqlite":  # the online backup API: a consistent copy while the service writes
         with connect(source, readonly=True) as src, connect(Source(source.name, "sqlite", target)) as dst:
             src.backup(dst)
@@ -211,7 +225,11 @@ def dump(source, target):
             conn.execute("COMMIT")
         return rows
     with tarfile.open(target, "w") as tar:
-        tar.add(source.location, arcname=".")
+        if photos is None:
+            tar.add(source.location, arcname=".")
+        for path in (stores.photo_path(source.location, sha256) for sha256 in photos or ()):
+            with contextlib.suppress(FileNotFoundError):  # removed since the rows were read: gone
+                tar.add(path, arcname=os.path.relpath(path, source.location))
         return {"files": sum(member.isfile() for member in tar.getmembers())}
 
 
@@ -286,7 +304,8 @@ def backup(dest, environ, only=None):
     entries = []
     for source in parts:
         path = os.path.join(dest, source.file)
-        counts = dump(source, path)
+        photos = kept_photos(parts[0]) if source.name == "store-photos" else None  # parts[0]: the store, read first
+        counts = dump(source, path, photos)
         entries.append({"name": source.name, "kind": source.kind, "source": source.shown, "file": source.file,
                         "bytes": os.path.getsize(path), "sha256": sha256(path), "rows": counts})
         print(f"{source.name}: {source.shown} -> {path} ({os.path.getsize(path)} bytes, {counts})")

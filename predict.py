@@ -193,10 +193,11 @@ def summarise(rows, listed):
 # ---------------------------------------------------------------- the same photos through /predict
 def service_answers(paths, settings):
     """(answers, seconds) of the same files sent one by one to POST /predict of a local serve.py
-    (the same settings, from the environment): one client, one keep-alive connection."""
+    (the same settings, from the environment, but its own store in a temporary folder: never the
+    production one DATABASE_URL or KEEP_PHOTOS may name): one client, one keep-alive connection."""
     with tempfile.TemporaryDirectory(prefix="catdog-predict-") as folder:
         server = harness.Server({"MODEL_PATH": settings.model_path, "DB_PATH": os.path.join(folder, "predict.db")},
-                                log=os.path.join(folder, "serve.log"))
+                                log=os.path.join(folder, "serve.log"), unset=("DATABASE_URL", "KEEP_PHOTOS", "PHOTOS_DIR"))
         try:
             server.wait(timeout=SERVE_START_S)
             connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)

@@ -398,18 +398,25 @@ class Service:
         """The model loading in the background (/live answers at once, /health once the model
         is warm), and the retention thread."""
         self.load_in_background("start")
+        if self.photos is None and self.store.names_photos():
+            # Retention then forgets those photos in the rows only: their files would stay for ever.
+            log(event="photos_left_on_disk", level="error", error="rows name photos kept by an earlier KEEP_PHOTOS "
+                "but no folder is known (DATABASE_URL without PHOTOS_DIR): set PHOTOS_DIR so that they expire")
         threading.Thread(target=self.keep_pruning, daemon=True, name="retention").start()
 
     def keep_pruning(self):
         """Retention: every RETENTION_INTERVAL_S, a chunked prune (requests wait one chunk at most)
-        that takes kept photos with their rows, and pending photos older than KEEP_PENDING_HOURS
-        dropped (also with KEEP_PHOTOS=off: those an earlier mode left)."""
+        that takes kept photos with their rows; pending photos older than KEEP_PENDING_HOURS
+        dropped (also with KEEP_PHOTOS=off: those an earlier mode left), and files that old no
+        row names swept from the photos folder."""
         settings = self.settings
         while not self.stopping.wait(settings.retention_interval_s):
+            pending_since = time.time() - settings.keep_pending_hours * 3600
             try:
                 deleted = self.store.prune(time.time() - settings.retention_days * 86400, settings.retention_rows,
                                            folder=self.photos)
-                expired = self.store.expire_photos(time.time() - settings.keep_pending_hours * 3600, self.photos)
+                expired = self.store.expire_photos(pending_since, self.photos)
+                swept = self.store.sweep_photos(self.photos, pending_since) if self.photos else 0
             except (*self.store.unavailable, OSError) as e:  # a busy or full disk, the database away: next time
                 log(event="prune_failed", error=str(e))
                 continue
@@ -417,6 +424,8 @@ class Service:
                 log(event="pruned", predictions=deleted)
             if expired:
                 log(event="pending_photos_dropped", photos=expired)
+            if swept:
+                log(event="unnamed_photo_files_removed", files=swept)
 
     def load_in_background(self, reason):
         threading.Thread(target=self.load, args=(reason,), daemon=True, name="model-loader").start()
@@ -495,12 +504,14 @@ class Service:
     def settle_photo(self, prediction_id, predicted, truth):
         """After a prediction's feedback, its pending photo stays (all; corrected: a correction,
         or a confirmation its sha256 puts in KEEP_CONFIRMED_SHARE, so a retry decides the same) or
-        goes. KEEP_PHOTOS=off touches nothing here: what an earlier mode left expires."""
+        goes (off too: a photo an earlier mode left pending keeps nothing once judged)."""
         mode = self.settings.keep_photos
-        if mode == "off" or mode == "all" or predicted != truth:
+        if mode == "all" or (mode == "corrected" and predicted != truth):
             return
         photo = self.store.photo_of(prediction_id)
-        if photo is not None and int(photo[:8], 16) >= self.settings.keep_confirmed_share * 16 ** 8:
+        if photo is None:
+            return
+        if mode == "off" or int(photo[:8], 16) >= self.settings.keep_confirmed_share * 16 ** 8:
             self.store.drop_photo(prediction_id, self.photos)
 
     def drift_report(self):
@@ -711,13 +722,13 @@ def feedback():
 
 @api.delete("/predictions/<prediction_id>/photo")
 def delete_photo(prediction_id):
-    """Remove a prediction's kept (or pending) photo, on request: its row no longer names it, and
-    its file goes unless another prediction of the same bytes keeps it. Idempotent."""
+    """Remove a prediction's kept (or pending) photo, on request: no prediction names those bytes
+    any more (this one, and any other of the very same photo) and its file is deleted. Idempotent."""
     service = current_service()
-    had_photo = service.store.drop_photo(prediction_id, service.photos)
-    if had_photo is None:
+    named = service.store.erase_photo(prediction_id, service.photos)
+    if named is None:
         return error(404, "unknown_prediction_id", "no prediction has this id")
-    return jsonify(prediction_id=prediction_id, removed=had_photo)
+    return jsonify(prediction_id=prediction_id, removed=named > 0, predictions=named)
 
 
 @api.get("/health")

@@ -4,12 +4,14 @@ default) or PostgreSQL when DATABASE_URL=postgresql://... is set (every replica 
 Both run the same schema, migrations and SQL (written with "?" placeholders). No image
 bytes, file names or client addresses in rows: only what monitoring needs. A photo kept for
 training (serve.py's KEEP_PHOTOS) is a file under the photos folder, named by its sha256
-(photo_path), which a row names; the store removes the file with the last row naming it. A prediction's key is
-made by the server; the client's X-Request-ID is kept beside it for correlation and never
-overwrites anything. Feedback for a prediction is recorded once.
+(photo_path), which a row names; the store removes the file with the last row naming it, and
+sweeps old files no row names (sweep_photos). A prediction's key is made by the server; the
+client's X-Request-ID is kept beside it for correlation and never overwrites anything.
+Feedback for a prediction is recorded once.
 """
 import contextlib
 import os
+import re
 import sqlite3
 import tempfile
 import threading
@@ -54,6 +56,7 @@ MIGRATIONS = (
     CREATE INDEX predictions_photo ON predictions(photo)""",
 )
 LATEST = len(MIGRATIONS)
+SHA256, PREFIX = re.compile(r"[0-9a-f]{64}"), re.compile(r"[0-9a-f]{2}")  # a photo file's name and its folder's
 # The SQLite file when DB_PATH is unset (the service's and backup.py's default).
 DEFAULT_DB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "var", "catdog.db")
 
@@ -95,6 +98,25 @@ def save_photo(folder, sha256, data):
 def remove_photo(folder, sha256):
     with contextlib.suppress(FileNotFoundError):
         os.remove(photo_path(folder, sha256))
+
+
+def old_files(folder, older_than):
+    """(sha256 names of the photo files, paths of the `.partial-*` files) under `folder` last
+    written before `older_than` (Unix time); none when the folder does not exist."""
+    photos, partial = [], []
+    with contextlib.suppress(FileNotFoundError):
+        for sub in os.scandir(folder):
+            if not (sub.is_dir(follow_symlinks=False) and PREFIX.fullmatch(sub.name)):
+                continue
+            for entry in os.scandir(sub.path):
+                with contextlib.suppress(FileNotFoundError):  # removed meanwhile: nothing to do
+                    if not entry.is_file(follow_symlinks=False) or entry.stat().st_mtime >= older_than:
+                        continue
+                    if entry.name.startswith(".partial-"):
+                        partial.append(entry.path)
+                    elif SHA256.fullmatch(entry.name) and entry.name.startswith(sub.name):
+                        photos.append(entry.name)
+    return photos, partial
 
 
 class Store:
@@ -202,12 +224,26 @@ class Store:
         return rows[0][0] if rows else None
 
     def drop_photo(self, prediction_id, folder):
-        """Forget this prediction's photo (not kept after its feedback, or removed on request),
-        removing its file from `folder` unless another row names it. None when no prediction has
-        this id, else whether it had a photo."""
+        """Forget this prediction's photo (not kept after its feedback), removing its file from
+        `folder` unless another row names it. None when no prediction has this id, else whether
+        it had a photo."""
         if not self._query("SELECT 1 FROM predictions WHERE id = ?", (prediction_id,)):
             return None
         return self._forget_photos("id = ?", (prediction_id,), folder) == 1
+
+    def erase_photo(self, prediction_id, folder):
+        """Removal on request: forget this prediction's photo in every row naming the same bytes
+        (another prediction of them would keep the file, and nobody could find that one), and
+        delete its file from `folder`. None when no prediction has this id, else how many
+        predictions named the photo (0: it had none)."""
+        rows = self._query("SELECT photo FROM predictions WHERE id = ?", (prediction_id,))
+        if not rows:
+            return None
+        return self._forget_photos("photo = ?", (rows[0][0],), folder) if rows[0][0] else 0
+
+    def names_photos(self):
+        """Whether any row names a photo (the predictions_photo index: one lookup)."""
+        return bool(self._query("SELECT 1 FROM predictions WHERE photo IS NOT NULL LIMIT 1"))
 
     def expire_photos(self, older_than, folder):
         """Forget the photos of predictions made before `older_than` (Unix time) that got no
@@ -230,15 +266,36 @@ class Store:
                 self._forget_unreferenced(conn, {row[1] for row in rows}, folder)
             forgotten += len(rows)
 
+    def sweep_photos(self, folder, older_than, chunk=2000):
+        """Delete the files under `folder` written before `older_than` (Unix time) that no row
+        names (an upload whose row was never stored: the insert failed, or the process died
+        between the two) and the `.partial-*` files a write killed midway left. How many."""
+        photos, partial = old_files(folder, older_than)
+        for path in partial:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        removed = len(partial)
+        for start in range(0, len(photos), chunk):
+            part = photos[start:start + chunk]
+            named = {row[0] for row in self._query(
+                f"SELECT DISTINCT photo FROM predictions WHERE photo IN ({','.join('?' * len(part))})", part)}
+            if unnamed := set(part) - named:  # checked again under each photo's lock
+                with self._transaction() as conn:
+                    removed += self._forget_unreferenced(conn, unnamed, folder)
+        return removed
+
     def _forget_unreferenced(self, conn, photos, folder):
         """Remove the files of these photos that no row names any more, each under its lock, taken
         in order (two transactions never wait for each other's): a new row naming one is stored
-        before (and keeps it) or after (and writes it again)."""
+        before (and keeps it) or after (and writes it again). How many files went."""
+        removed = 0
         for sha256 in sorted(photos):
             self._lock_photo(conn, sha256)
             named = conn.execute("SELECT 1 FROM predictions WHERE photo = ? LIMIT 1", (sha256,)).fetchone()
             if folder and not named:
                 remove_photo(folder, sha256)
+                removed += 1
+        return removed
 
     def feedback_count(self):
         return self._query("SELECT value FROM counters WHERE name = 'feedback'")[0][0]

@@ -15,8 +15,8 @@ import harness
 import serve
 from harness import export_tiny_model, free_port, png_chunks, synthetic_photo, wait_ready
 
-__all__ = ["ROOT", "SHARED", "Server", "client_of", "export_tiny_model", "free_port", "in_process", "png_chunks",
-           "sample", "scrape", "served", "synthetic_photo", "tiny_model", "upload", "wait_ready"]
+__all__ = ["ROOT", "SHARED", "Server", "client_of", "export_tiny_model", "free_port", "in_process", "photo_files",
+           "png_chunks", "sample", "scrape", "served", "synthetic_photo", "tiny_model", "upload", "wait_ready"]
 
 ROOT = catdog.ROOT
 SHARED = catdog.SHARED_SAMPLE
@@ -56,6 +56,17 @@ def client_of(tmp_path_factory, model_path=None, **settings):
                                  **settings)
     yield client
     service.close()
+
+
+def photo_files(folder):
+    """{file name: bytes} of every file under a photos folder (its sha256 for a photo), {} when the
+    folder does not exist."""
+    found = {}
+    for here, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(here, name), "rb") as f:
+                found[name] = f.read()
+    return found
 
 
 def upload(data, name="photo.jpg", field="file"):

@@ -13,7 +13,7 @@ import pytest
 
 import backup
 from harness import PostgresServer, why_no_postgres
-from service_helpers import ROOT, in_process, synthetic_photo, tiny_model, upload
+from service_helpers import ROOT, in_process, photo_files, synthetic_photo, tiny_model, upload
 
 
 def write_traffic(client, count=12, seed=0):
@@ -34,30 +34,33 @@ def every_row(source):
                 for table in backup.table_rows(conn, source.kind)}
 
 
-def photo_files(source):
-    """{path under the folder: bytes} of the kept photos' folder ({} when there is none)."""
-    if source is None or not os.path.isdir(source.location):
-        return {}
-    return {os.path.relpath(os.path.join(folder, name), source.location): open(os.path.join(folder, name), "rb").read()
-            for folder, _, names in os.walk(source.location) for name in names}
-
-
 def live_stats(client):
     stats = client.get("/stats").json
     return stats["live_accuracy"], stats["live_accuracy_samples"]
 
 
+def kept(before):
+    """The sha256 of the photos the rows with feedback name: the kept ones, all a backup holds."""
+    judged = {row[0] for row in before["feedback"]}
+    return {row[-1] for row in before["predictions"] if row[0] in judged and row[-1]}
+
+
 def round_trip(tmp_path, environ, destroy, **settings):
     """Traffic through the service, backup while it runs, destroy (the kept photos too), restore,
-    the same rows, photo files and live accuracy again; a restore over the restored store needs --force."""
+    the same rows, kept photo files and live accuracy again; a restore over the restored store needs --force."""
     db_path = str(tmp_path / "var" / "catdog.db")
     client, service = in_process(tiny_model(), db_path, **settings)
     write_traffic(client)
     before, stats = every_row(backup.store_source(environ)), live_stats(client)
     photos = backup.photos_source(environ)
-    files = photo_files(photos)
+    folder = photos.location if photos else str(tmp_path / "no-photos")
+    everything = photo_files(folder)
+    files = {name: data for name, data in everything.items() if name in kept(before)}
     assert before["feedback"] and before["predictions"] and stats[1] == len(before["feedback"]) and stats[0] < 1
     assert bool(files) == (settings.get("keep_photos", "off") != "off") == (photos is not None)
+    if photos:  # pending uploads nobody judged and a half-written file: no part of a backup
+        assert len(everything) > len(files)
+        open(os.path.join(photos.location, next(iter(files))[:2], ".partial-x1"), "wb").close()
     manifest = backup.backup(str(tmp_path / "backup"), environ, only="store")
     service.close()
     parts = {part["name"]: part["rows"] for part in manifest["parts"]}
@@ -68,14 +71,14 @@ def round_trip(tmp_path, environ, destroy, **settings):
         shutil.rmtree(photos.location)
 
     backup.restore(str(tmp_path / "backup"), environ)
-    assert every_row(backup.store_source(environ)) == before and photo_files(photos) == files
+    assert every_row(backup.store_source(environ)) == before and photo_files(folder) == files
     client, service = in_process(tiny_model(), db_path, **settings)
     assert live_stats(client) == stats
     with pytest.raises(backup.Refused, match="restoring would overwrite it"):
         backup.restore(str(tmp_path / "backup"), environ)
     write_traffic(client, count=3, seed=1)  # rows the backup does not have, gone after --force
     backup.restore(str(tmp_path / "backup"), environ, force=True)
-    assert every_row(backup.store_source(environ)) == before and photo_files(photos) == files
+    assert every_row(backup.store_source(environ)) == before and photo_files(folder) == files
     service.close()
 
 
@@ -88,6 +91,22 @@ def test_sqlite_store_restores_every_row_every_photo_and_the_live_accuracy(tmp_p
             if os.path.exists(environ["DB_PATH"] + suffix):
                 os.remove(environ["DB_PATH"] + suffix)
     round_trip(tmp_path, environ, destroy, keep_photos=keep_photos)
+
+
+def test_a_backup_without_photos_restores_its_rows_once_keeping_is_on(tmp_path):
+    """A backup from before KEEP_PHOTOS (or made with it off) holds no photos: its rows restore
+    all the same, with or without --only store, and the photos folder is left alone."""
+    db = str(tmp_path / "var" / "catdog.db")
+    client, service = in_process(tiny_model(), db)
+    write_traffic(client, count=3)
+    before = every_row(backup.store_source({"DB_PATH": db}))
+    service.close()
+    manifest = backup.backup(str(tmp_path / "old"), {"DB_PATH": db}, only="store")
+    assert [part["name"] for part in manifest["parts"]] == ["store"]
+    on = {"DB_PATH": db, "KEEP_PHOTOS": "all"}
+    for only in (None, "store"):
+        backup.restore(str(tmp_path / "old"), on, only=only, force=True)
+        assert every_row(backup.store_source(on)) == before and not os.path.exists(tmp_path / "var" / "photos")
 
 
 def test_postgres_store_restores_every_row_every_photo_and_the_live_accuracy(tmp_path):

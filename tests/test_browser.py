@@ -183,6 +183,7 @@ def test_the_page_says_when_photos_are_kept_and_how_to_have_one_removed(keeping_
         if service is keeping_server:
             assert notice.is_visible() and "kept to improve the model" in text(notice), text(notice)
             assert "Photos you correct" in text(notice) and "To have a photo removed" in text(notice)
+            assert "Every photo sent here is stored until it gets a verdict" in text(notice)  # pending ones too
             assert f"Reference: {reference}" in text(cards(page).first)
         else:
             assert not notice.is_visible() and "Reference" not in text(cards(page).first)

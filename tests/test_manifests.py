@@ -184,6 +184,9 @@ def test_kept_photos_are_one_volume_every_replica_mounts_at_photos_dir(tmp_path)
             claim = docs["PersistentVolumeClaim"]
             assert volume == {"name": "photos", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
             assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    # Per-pod SQLite files beside one shared folder: one pod's retention deletes another's photos.
+    with open(os.path.join(KEEP_PHOTOS_K8S, "kustomization.yaml")) as f:
+        assert "Requires DATABASE_URL (PostgreSQL" in f.read()
 
 
 def test_kubernetes_postgres_is_persistent_probed_and_locked_down():

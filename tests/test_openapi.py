@@ -199,7 +199,8 @@ def test_every_answer_and_refusal_keeps_the_contract(app):
     assert call(app, "/feedback", body={"request_id": "album-7", "label": "dog"},
                 media_type="application/json")[1]["error"] == "ambiguous_request_id"
     removal = {"method": "DELETE", "path_parameters": {"prediction_id": cat}}
-    assert call(app, "/predictions/{prediction_id}/photo", **removal) == (200, {"prediction_id": cat, "removed": False})
+    nothing_kept = {"prediction_id": cat, "removed": False, "predictions": 0}
+    assert call(app, "/predictions/{prediction_id}/photo", **removal) == (200, nothing_kept)
     status, body = call(app, "/predictions/{prediction_id}/photo", method="DELETE",
                         path_parameters={"prediction_id": "nope"})
     assert (status, body["error"]) == (404, "unknown_prediction_id")

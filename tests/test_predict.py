@@ -144,8 +144,13 @@ def test_a_missing_or_empty_folder_fails_naming_it(tmp_path):
         run(empty, "--out", str(tmp_path / "p.csv"))
 
 
-def test_compare_posts_the_same_files_to_a_real_service(folder, tmp_path):
+def test_compare_posts_the_same_files_to_a_real_service(folder, tmp_path, monkeypatch):
+    # A shell set up for production: the service --compare starts must store nothing there.
+    monkeypatch.setenv("DATABASE_URL", "postgresql://catdog@127.0.0.1:1/production")
+    monkeypatch.setenv("KEEP_PHOTOS", "all")
+    monkeypatch.setenv("PHOTOS_DIR", str(tmp_path / "production-photos"))
     printed = run(folder, "--out", str(tmp_path / "p.csv"), "--compare")
+    assert not os.path.exists(tmp_path / "production-photos")
     assert re.search(r"^the same 19 files one by one to a local POST /predict .*: [\d.]+ photos/s; "
                      r"offline [\d.]+ photos/s, [\d.]+x$", printed, re.M), printed
     assert "answers differing from /predict's: 0" in printed, printed

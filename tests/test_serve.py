@@ -30,6 +30,7 @@ from service_helpers import (
     Server,
     export_tiny_model,
     in_process,
+    photo_files,
     sample,
     scrape,
     synthetic_photo,
@@ -931,11 +932,6 @@ def sha(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def kept_files(folder):
-    """The sha256 names of the photo files under `folder` (none when it does not exist)."""
-    return sorted(name for _, _, names in os.walk(folder) for name in names)
-
-
 def photo_column(db_path):
     with sqlite3.connect(db_path) as conn:
         return dict(conn.execute("SELECT id, photo FROM predictions").fetchall())
@@ -966,7 +962,7 @@ def test_corrected_keeps_the_corrections_and_a_share_of_the_confirmations_by_sha
         photos = [synthetic_photo(rng, "cat" if i % 2 else "dog") for i in range(16)]
         answers = [predict(client, data).json for data in photos[:8]]
         answers += batch(client, [(data, f"{i}.jpg") for i, data in enumerate(photos[8:])]).json["results"]
-        assert kept_files(tmp_path / "kept") == sorted(map(sha, photos))  # pending until their feedback
+        assert sorted(photo_files(tmp_path / "kept")) == sorted(map(sha, photos))  # pending until their feedback
         confirmed = {}
         for i, (data, answer) in enumerate(zip(photos, answers)):
             truth = answer["label"] if i % 3 else "other"  # every third one corrected
@@ -976,8 +972,9 @@ def test_corrected_keeps_the_corrections_and_a_share_of_the_confirmations_by_sha
                 confirmed[sha(data)] = int(sha(data)[:8], 16) < share * 16 ** 8
         corrected = {sha(data) for i, data in enumerate(photos) if not i % 3}
         assert set(confirmed.values()) == {True, False}, "the rule is not exercised both ways"
-        assert kept_files(tmp_path / "kept") == sorted(corrected | {photo for photo, kept in confirmed.items() if kept})
-        assert sorted(filter(None, photo_column(tmp_path / "catdog.db").values())) == kept_files(tmp_path / "kept")
+        kept = sorted(photo_files(tmp_path / "kept"))
+        assert kept == sorted(corrected | {photo for photo, kept in confirmed.items() if kept})
+        assert sorted(filter(None, photo_column(tmp_path / "catdog.db").values())) == kept
         assert {row["photo"] for row in service.store.kept_photos() if row["label"] != row["predicted"]} == corrected
         assert client.get("/health").json["keep_photos"] == "corrected"
     finally:
@@ -994,14 +991,15 @@ def test_same_bytes_share_one_file_and_a_photo_is_removed_on_request(tmp_path):
         for prediction_id in (first, second, other):  # all: every judged photo stays, right or wrong
             r = client.post("/feedback", json={"prediction_id": prediction_id, "label": "cat"}, headers=token)
             assert r.status_code == 200, r.json
-        assert kept_files(service.photos) == sorted([sha(twice), sha(once)])
+        assert sorted(photo_files(service.photos)) == sorted([sha(twice), sha(once)])
         assert client.delete(f"/predictions/{first}/photo").status_code == 401
         r = client.delete(f"/predictions/{first}/photo", headers=token)
-        assert r.status_code == 200 and r.json == {"prediction_id": first, "removed": True}
-        assert kept_files(service.photos) == sorted([sha(twice), sha(once)])  # the second prediction keeps it
-        assert client.delete(f"/predictions/{first}/photo", headers=token).json["removed"] is False  # idempotent
-        assert client.delete(f"/predictions/{second}/photo", headers=token).json["removed"] is True
-        assert kept_files(service.photos) == [sha(once)]
+        # The second prediction of the same bytes forgets them too: else it would keep the file.
+        assert r.status_code == 200 and r.json == {"prediction_id": first, "removed": True, "predictions": 2}
+        assert sorted(photo_files(service.photos)) == [sha(once)]
+        for prediction_id in (first, second):  # idempotent
+            assert client.delete(f"/predictions/{prediction_id}/photo", headers=token).json == {
+                "prediction_id": prediction_id, "removed": False, "predictions": 0}
         r = client.delete("/predictions/nope/photo", headers=token)
         assert r.status_code == 404 and r.json["error"] == "unknown_prediction_id"
         assert [row["prediction_id"] for row in service.store.kept_photos()] == [other]
@@ -1023,15 +1021,39 @@ def test_pending_photos_expire_and_retention_takes_kept_ones_with_their_rows(tmp
             if len(ids) < 3:
                 assert s.post("/feedback", json={"prediction_id": ids[-1], "label": "dog"}).status_code == 200
         assert s.get("/health").json()["keep_photos"] == "all"
+        # An upload whose row was never stored (its insert failed) and a write killed midway.
+        os.makedirs(tmp_path / "photos" / "cd", exist_ok=True)
+        (tmp_path / "photos" / "cd" / ("cd" * 32)).write_bytes(b"no row names this")
+        (tmp_path / "photos" / "cd" / ".partial-x1").write_bytes(b"half a photo")
         deadline = time.monotonic() + 20
-        while kept_files(tmp_path / "photos") != [sha(photos[1])]:
-            assert time.monotonic() < deadline, kept_files(tmp_path / "photos")
+        while list(photo_files(tmp_path / "photos")) != [sha(photos[1])]:
+            assert time.monotonic() < deadline, list(photo_files(tmp_path / "photos"))
             time.sleep(0.1)
         assert photo_column(db_path) == {ids[1]: sha(photos[1]), ids[2]: None}  # the oldest row pruned
     finally:
         s.stop()
     events = {json.loads(line)["event"] for line in s.logs().splitlines() if '"event"' in line}
-    assert {"pruned", "pending_photos_dropped"} <= events, events
+    assert {"pruned", "pending_photos_dropped", "unnamed_photo_files_removed"} <= events, events
+
+
+def test_a_verdict_after_keeping_is_switched_off_drops_the_photo_an_earlier_mode_left_pending(tmp_path):
+    db_path = str(tmp_path / "catdog.db")
+    rng = np.random.default_rng(64)
+    photos = [synthetic_photo(rng, "cat") for _ in range(2)]
+    client, service = in_process(tiny_model(), db_path, keep_photos="all")
+    try:
+        kept, pending = (predict(client, data).json["prediction_id"] for data in photos)
+        assert client.post("/feedback", json={"prediction_id": kept, "label": "dog"}).status_code == 200
+    finally:
+        service.close()
+    client, service = in_process(tiny_model(), db_path)  # KEEP_PHOTOS=off from now on
+    try:
+        assert sorted(photo_files(service.photos)) == sorted(map(sha, photos))
+        assert client.post("/feedback", json={"prediction_id": pending, "label": "dog"}).status_code == 200
+        assert list(photo_files(service.photos)) == [sha(photos[0])]  # else harvested once judged
+        assert photo_column(db_path) == {kept: sha(photos[0]), pending: None}
+    finally:
+        service.close()
 
 
 def test_keeping_photos_refuses_to_start_without_a_usable_folder(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 
 import store
 from harness import PostgresServer, why_no_postgres
-from service_helpers import Server, in_process, sample, synthetic_photo, tiny_model, upload
+from service_helpers import Server, in_process, photo_files, sample, synthetic_photo, tiny_model, upload
 
 STATS = {"width": 320, "height": 240, "brightness": 0.5}
 
@@ -170,22 +170,18 @@ def keep(opened, folder, prediction_id, data, age_s=0.0):
     return sha
 
 
-def photo_files(folder):
-    return sorted(name for _, _, names in os.walk(folder) for name in names)
-
-
 def test_kept_photos_are_one_file_each_and_leave_with_the_last_row_naming_them(opened, tmp_path):
     folder = str(tmp_path / "photos")
     same = keep(opened, folder, "p1", b"photo one")
     assert keep(opened, folder, "p2", b"photo one") == same  # the same bytes again: the same file
     other = keep(opened, folder, "p3", b"photo two")
-    assert photo_files(folder) == sorted([same, other])
+    assert sorted(photo_files(folder)) == sorted([same, other])
     assert open(store.photo_path(folder, same), "rb").read() == b"photo one"
     assert store.photo_path(folder, same) == os.path.join(folder, same[:2], same)
-    assert opened.drop_photo("p1", folder) is True and photo_files(folder) == sorted([same, other])  # p2 names it
+    assert opened.drop_photo("p1", folder) is True and sorted(photo_files(folder)) == sorted([same, other])  # p2 too
     assert opened.drop_photo("p1", folder) is False  # idempotent
     assert opened.drop_photo("nope", folder) is None
-    assert opened.drop_photo("p2", folder) is True and photo_files(folder) == [other]
+    assert opened.drop_photo("p2", folder) is True and list(photo_files(folder)) == [other]
     assert rows(opened, "SELECT id FROM predictions WHERE photo IS NOT NULL") == [("p3",)]
 
 
@@ -198,15 +194,49 @@ def test_pending_photos_expire_and_kept_ones_stay_until_retention(opened, tmp_pa
     stale = keep(opened, folder, "stale", b"nobody judged this", age_s=7200)
     fresh = keep(opened, folder, "fresh", b"just uploaded")
     assert opened.expire_photos(time.time() - 3600, folder) == 2  # pending-shared and stale
-    assert photo_files(folder) == sorted([judged, fresh])  # the judged row still names the shared file
+    assert sorted(photo_files(folder)) == sorted([judged, fresh])  # the judged row still names the shared file
     (kept,) = opened.kept_photos()
     assert (kept["prediction_id"], kept["label"], kept["predicted"], kept["photo"]) == ("judged", "dog", "cat", judged)
     assert opened.expire_photos(time.time() - 3600, folder) == 0
     assert stale not in photo_files(folder)
     # Retention takes a photo's file with the last row naming it.
     assert opened.prune(older_than=time.time() - 3600, keep_rows=1000, folder=folder) == 3
-    assert photo_files(folder) == [fresh] and opened.kept_photos() == []
-    assert opened.prune(older_than=time.time() + 1, keep_rows=1000, folder=folder) == 1 and photo_files(folder) == []
+    assert list(photo_files(folder)) == [fresh] and opened.kept_photos() == []
+    assert opened.prune(older_than=time.time() + 1, keep_rows=1000, folder=folder) == 1 and photo_files(folder) == {}
+
+
+def test_removal_on_request_forgets_every_prediction_of_the_same_bytes_and_deletes_the_file(opened, tmp_path):
+    folder = str(tmp_path / "photos")
+    same = keep(opened, folder, "p1", b"photo one")
+    keep(opened, folder, "p2", b"photo one")  # the same bytes, uploaded again
+    other = keep(opened, folder, "p3", b"photo two")
+    opened.record_feedback("p2", "dog")
+    assert opened.erase_photo("p1", folder) == 2  # p2's row would keep the file, and nobody could find p2
+    assert list(photo_files(folder)) == [other] and same not in photo_files(folder)
+    assert rows(opened, "SELECT id FROM predictions WHERE photo IS NOT NULL") == [("p3",)]
+    assert opened.erase_photo("p1", folder) == 0 and opened.erase_photo("p2", folder) == 0  # idempotent
+    assert opened.erase_photo("nope", folder) is None and opened.feedback_count() == 1  # the feedback stays
+
+
+def test_old_files_no_row_names_and_stale_partial_files_are_swept(opened, tmp_path):
+    """An upload written before its row, whose insert failed (or whose process died), and a write
+    killed midway leave files no row names: the retention sweep deletes them once they are old."""
+    folder = str(tmp_path / "photos")
+    named = keep(opened, folder, "p1", b"a kept photo")
+    orphans = [hashlib.sha256(data).hexdigest() for data in (b"insert failed", b"just written")]
+    for sha, data in zip(orphans, (b"insert failed", b"just written")):
+        store.save_photo(folder, sha, data)
+    partial = [os.path.join(folder, named[:2], f".partial-{i}") for i in range(2)]
+    for path in partial:
+        open(path, "wb").close()
+    hour_ago = time.time() - 3600
+    for path in (store.photo_path(folder, named), store.photo_path(folder, orphans[0]), partial[0]):
+        os.utime(path, (hour_ago, hour_ago))
+    (tmp_path / "photos" / "notes.txt").write_text("not a photo")  # the sweep deletes photos only
+    assert opened.sweep_photos(folder, time.time() - 60) == 2  # the old orphan and the old partial file
+    assert sorted(photo_files(folder)) == sorted([named, orphans[1], ".partial-1", "notes.txt"])
+    assert opened.sweep_photos(folder, time.time() + 60) == 2 and sorted(photo_files(folder)) == [named, "notes.txt"]
+    assert opened.sweep_photos(str(tmp_path / "nowhere"), time.time()) == 0
 
 
 def test_database_urls_are_checked_and_passwords_never_logged():
@@ -273,6 +303,17 @@ def test_replicas_sharing_photos_dir_settle_a_photo_uploaded_to_the_other(tmp_pa
     finally:
         for replica in replicas:
             replica.stop()
+
+
+def test_a_replica_without_photos_dir_says_loudly_that_rows_name_photos(tmp_path, database_url):
+    """Keeping switched off, no PHOTOS_DIR: retention can forget those photos only in the rows."""
+    shared = store.PostgresStore(database_url)
+    shared.record_prediction("p1", "p1", "v1", "cat", 0.9, STATS, photo="ab" * 32)
+    shared.close()
+    replica = Server(tiny_model(), str(tmp_path / "unused.db"), DATABASE_URL=database_url)
+    replica.stop()
+    (said,) = [line for line in replica.logs().splitlines() if "photos_left_on_disk" in line]
+    assert '"level": "error"' in said and "PHOTOS_DIR" in said, said
 
 
 def test_killing_a_replica_under_load_loses_no_acknowledged_prediction(tmp_path, database_url):
