@@ -122,17 +122,37 @@ lock: setup-dev  ## re-pin requirements.txt, requirements-dev.txt, requirements-
 # (the data stage's outputs: `dvc push` uploads them), and data/raw/ when it downloads.
 DVC = PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc
 # A DATA_SOURCE given on the command line or in the environment forces the stage: DVC hashes
-# the code, not the photos behind a folder or URL. data/feedback (make harvest) is an input
-# of the stage: an empty one, as a fresh clone gets, adds nothing.
+# the code, not the photos behind a folder or URL. data/feedback, an input of the stage, is
+# the harvest data/feedback.dvc records (make harvest; committed, so `dvc push` and `dvc pull`
+# carry it). First it is checked out when absent: a record of no photos is an empty folder
+# (DVC cannot check out a folder whose listing no cache holds yet, as in a fresh clone), photos
+# no cache holds stop the run with the command that fetches them. Then `dvc commit` puts it in
+# the cache, and refuses when it is not what data/feedback.dvc records: dvc.lock would name a
+# harvest nobody can pull.
+FEEDBACK_RECORD := data/feedback.dvc
 data: setup  ## photos (+ data/feedback) -> validated, deduplicated, split data/ (the DVC data stage)
-	mkdir -p data/feedback
+	@if [ ! -d data/feedback ]; then \
+	  if grep -qx '  nfiles: 0' $(FEEDBACK_RECORD); then mkdir data/feedback; \
+	  elif ! $(DVC) checkout --quiet $(FEEDBACK_RECORD); then \
+	    echo "data/feedback: $(FEEDBACK_RECORD) records harvested photos this DVC cache does not have:" \
+	      "$(VENV)/bin/dvc pull $(FEEDBACK_RECORD), then make data again" >&2; exit 1; \
+	  fi; \
+	  chmod 700 data/feedback; \
+	fi
+	@$(DVC) commit --quiet $(FEEDBACK_RECORD) </dev/null 2>/dev/null || { $(DVC) status $(FEEDBACK_RECORD) >&2 || true; \
+	  echo "data/feedback is not the harvest $(FEEDBACK_RECORD) records: make harvest (or $(VENV)/bin/dvc add" \
+	    "data/feedback) records it; $(VENV)/bin/dvc checkout $(FEEDBACK_RECORD) goes back to the recorded one" >&2; exit 1; }
 	DATA_SOURCE="$(DATA_SOURCE)" $(DVC) repro $(if $(filter command line environment,$(origin DATA_SOURCE)),--force) --single-item data
 
 # Kept photos with staff labels from the store the service uses (DB_PATH or DATABASE_URL, and
-# PHOTOS_DIR, as serve.py reads them) -> data/feedback/{cat,dog,other}/ + manifest.csv; the
-# next `make data` takes them into the training split (docs/operations.md, "Harvest").
-harvest: setup  ## kept photos + staff labels from the store -> data/feedback/ (the next make data trains on them)
+# PHOTOS_DIR, as serve.py reads them) -> data/feedback/{cat,dog,other}/ + manifest.csv, recorded
+# in data/feedback.dvc; the next `make data` takes them into the training split
+# (docs/operations.md, "Harvest": run it as the user that runs make data).
+harvest: setup  ## kept photos + staff labels from the store -> data/feedback/ + data/feedback.dvc (make data trains on them)
 	$(PY) harvest.py
+	$(DVC) add --quiet data/feedback
+	@echo "harvest: recorded in $(FEEDBACK_RECORD). Inspect it (docs/operations.md, Harvest), then make data train," \
+	  "and version it: git add $(FEEDBACK_RECORD) dvc.lock && git commit && $(VENV)/bin/dvc push"
 
 # Both models -> MLflow (sqlite:///mlflow.db, artifacts in mlruns/) -> gate -> champion in models/,
 # always (`make all` skips it when train-is-current). As the DVC train stage, so dvc.lock records

@@ -11,9 +11,11 @@ that has staff feedback, under the label staff gave, to
     <out>/manifest.csv                       (prediction_id, model_version, label, predicted,
                                               date, sha256, file, skip_reason)
 The label folders are rewritten to exactly the store's kept photos now, so a photo removed on
-request is gone from the next harvest. A photo that cannot be written (its file missing, not
-the bytes its name says, not an image) is listed with its reason and left out. preprocess.py
-takes <out> into the training split only (make data).
+request is gone from the next harvest. A photo that cannot be written (its file missing or
+unreadable, not the bytes its name says, not an image) is listed with its reason and left out.
+<out> is made its user's alone (mode 0700): kept photos are personal data. preprocess.py
+takes <out> into the training split only (make data); `make harvest` then records it in
+data/feedback.dvc (dvc add) so that `dvc push` carries it.
 """
 import csv
 import datetime
@@ -65,11 +67,13 @@ def photo_file(row, folder):
     """(the file's name under its label folder, its bytes) of a kept photo, or (reason, None)."""
     if row["label"] not in catdog.ANSWERS:
         return "unknown_label", None
-    path = stores.photo_path(folder, row["photo"])
-    if not os.path.isfile(path):
+    try:
+        with open(stores.photo_path(folder, row["photo"]), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
         return "missing", None
-    with open(path, "rb") as f:
-        data = f.read()
+    except OSError:  # above all PermissionError: the service writes its photos 0600 as its own user
+        return "unreadable", None
     if hashlib.sha256(data).hexdigest() != row["photo"]:
         return "sha256_mismatch", None  # content-addressed: other bytes than the name says
     try:
@@ -83,6 +87,8 @@ def photo_file(row, folder):
 
 def harvest(kept, folder, out):
     """Write the kept photos and the manifest into `out`; the manifest's rows."""
+    os.makedirs(out, exist_ok=True)
+    os.chmod(out, 0o700)  # photos of people's pets, and at times of people: no other user reads them
     for label in catdog.ANSWERS:
         shutil.rmtree(os.path.join(out, label), ignore_errors=True)
         os.makedirs(os.path.join(out, label))
@@ -113,6 +119,9 @@ def summary(rows, folder, out):
         if not row["file"]:
             lines.append(f"  left out {row['prediction_id']} ({row['label']}): {row['skip_reason']} "
                          f"({stores.photo_path(folder, row['sha256'])})")
+    if any(row["skip_reason"] == "unreadable" for row in rows):
+        lines.append("  unreadable: the service's photo files are its own user's (mode 0600): harvest as that user, "
+                     "or from a restored backup of the store (docs/operations.md, Harvest)")
     return "\n".join(lines)
 
 

@@ -13,14 +13,17 @@ split 80/10/10 per class with a fixed seed and written to
 beside a manifest CSV (one row per input file) and a quality report (JSON + Markdown)
 in the parent folder of <out>.
 
-Feedback (--feedback, default <out>/../feedback: data/feedback, which harvest.py writes) is
-staff-labelled photos the service kept, in {cat,dog,other}/ folders. They join the training
+Feedback (--feedback, default <out>/../feedback: data/feedback, which harvest.py writes and
+`make data` restores from data/feedback.dvc) is staff-labelled photos the service kept, in
+{cat,dog,other}/ folders; the folder must exist (empty: no feedback). They join the training
 split only, after the sample is split (so they never move a sample photo), decoded with the
 same loader. Dropped with a reason: any that copies or near-copies an evaluation photo (the
 sample's val and test splits, the extra evaluation photos --eval-extra, the not-pets photos
 --not-pets, whose test part is evaluated) or a training photo, copies among themselves, and
 those labelled "other" (the cat/dog splits have no such class; "other" is learnt from the
-not-pets folder, train.py). Without feedback photos the output is byte for byte what it was.
+not-pets folder, train.py). The quality report names the folders they were checked against
+(train.py warns when it evaluates on others). Without feedback photos the output is byte for
+byte what it was.
 """
 import collections
 import csv
@@ -46,7 +49,7 @@ import catdog
 source = catdog.SHARED_SAMPLE  # a folder, a .zip, or an http(s) URL of a .zip
 out = catdog.PROCESSED_DIR  # the processed dataset folder (only its split folders are replaced)
 raw_dir = os.path.join(catdog.DATA_DIR, "raw")  # where a downloaded zip is kept (its sha256 is in the quality report)
-feedback = ""  # harvested staff-labelled photos, {cat,dog,other}/ (make harvest); "": feedback/ beside --out
+feedback = ""  # harvested staff-labelled photos, {cat,dog,other}/ (make harvest), an existing folder; "": feedback/ beside --out
 eval_extra = catdog.EXTRA_SAMPLE  # train.py's --eval-extra: evaluation photos no feedback photo may copy ("": none)
 not_pets = catdog.NOT_PETS_SAMPLE  # train.py's --not-pets: photos no feedback photo may copy ("": none)
 size = catdog.STORE_SIZE  # side of the stored square images, in pixels
@@ -370,10 +373,11 @@ def drop_table(dropped):
             + ([f"| {reason} | {n} |" for reason, n in dropped.items()] or ["| (none) | 0 |"]))
 
 
-def quality_report(rows, args, source_info, smallest_distance, feedback_folder):
+def quality_report(rows, args, source_info, smallest_distance, feedback_folder, checked_against):
     """What was kept, dropped and why: the same inputs give the same bytes (no timings, no
     worker count), so the DVC-tracked data does not change on a rerun. A "feedback" part only
-    when there were feedback photos (its "trained" is the lineage's feedback_photos)."""
+    when there were feedback photos (its "trained" is the lineage's feedback_photos;
+    "checked_against" the outside folders they were compared with, relative to the report)."""
     dropped = drop_counts(rows)
     kept = [r for r in rows if not r["drop_reason"]]
     splits = {split: {label: sum(r["split"] == split and r["label"] == label for r in kept)
@@ -387,7 +391,8 @@ def quality_report(rows, args, source_info, smallest_distance, feedback_folder):
     feedback = [r for r in rows if r.get("feedback")]
     if feedback:
         report["feedback"] = {"folder": feedback_folder, "inputs": len(feedback),
-                              "trained": sum(not r["drop_reason"] for r in feedback), "dropped": drop_counts(feedback)}
+                              "trained": sum(not r["drop_reason"] for r in feedback), "dropped": drop_counts(feedback),
+                              "checked_against": checked_against}
     return report
 
 
@@ -408,13 +413,22 @@ def report_markdown(report):
     if feedback := report.get("feedback"):
         lines += ["## Feedback", "", f"Folder `{feedback['folder']}`: {feedback['inputs']} photos, "
                   f"{feedback['trained']} into the training split (counted above); dropped:", "",
-                  *drop_table(feedback["dropped"]), ""]
+                  *drop_table(feedback["dropped"]), "",
+                  "Checked for copies of the photos of " + ", ".join(
+                      f"--{option.replace('_', '-')} `{folder or '(none)'}`"
+                      for option, folder in feedback["checked_against"].items()) + ".", ""]
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- main
 def main(args):
     t0 = time.time()
+    # The manifest and report sit beside <out> (data/), paths in them relative to it.
+    report_dir = os.path.dirname(os.path.abspath(args.out))
+    feedback_folder = args.feedback or os.path.join(report_dir, "feedback")
+    if not os.path.isdir(feedback_folder):  # a mistyped one would train on no feedback, silently
+        sys.exit(f"--feedback {feedback_folder} is not a folder: name the harvest folder (make harvest writes "
+                 "data/feedback, make data restores it from data/feedback.dvc), or an empty one for no feedback")
     source_info = {"path": args.source}
     source = args.source
     if source.startswith(("http://", "https://")):
@@ -442,9 +456,6 @@ def main(args):
     drop_exact_duplicates(rows)
     smallest = drop_near_duplicates(rows, args.near_duplicate_bits, args.near_duplicate_mad)
     assign_splits(rows, args.seed)
-    # The manifest and report sit beside <out> (data/), paths in them relative to it.
-    report_dir = os.path.dirname(os.path.abspath(out))
-    feedback_folder = args.feedback or os.path.join(report_dir, "feedback")
     rows += feedback_rows(args, feedback_folder, rows, staging, report_dir)
 
     taken = set()
@@ -467,7 +478,10 @@ def main(args):
     write_manifest(os.path.join(report_dir, "manifest.csv"), rows, prefix, feedback_folder + "/")
     seconds = {"fetch": round(t_fetch - t0, 2), "decode": round(t_decode - t_fetch, 2),
                "total": round(time.time() - t0, 2)}
-    report = quality_report(rows, args, source_info, smallest, feedback_folder)
+    # Relative to the report, as the manifest's sources: the same bytes from any checkout.
+    checked_against = {option: folder and os.path.relpath(os.path.abspath(folder), report_dir)
+                       for option, folder in (("eval_extra", args.eval_extra), ("not_pets", args.not_pets))}
+    report = quality_report(rows, args, source_info, smallest, feedback_folder, checked_against)
     catdog.write_json(os.path.join(report_dir, "quality_report.json"), report)
     with open(os.path.join(report_dir, "quality_report.md"), "w") as f:
         f.write(report_markdown(report))

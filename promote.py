@@ -39,14 +39,37 @@ def lineage_of(data_dir, test_items, evaluation):
     commit, the data's DVC md5, dvc.lock and manifest, the identity of the test split and of the
     evaluation set, and how many harvested feedback photos its training split holds (the
     quality report preprocess.py writes beside the manifest)."""
-    manifest = evaluate.manifest_path(data_dir)
-    report = os.path.join(os.path.dirname(manifest), "quality_report.json") if manifest else ""
-    feedback = catdog.read_json(report).get("feedback", {}).get("trained", 0) if os.path.isfile(report) else None
+    feedback = feedback_report(data_dir)
     found = {"git_commit": git_commit(), "dvc_md5": dvc_hash(data_dir), "dvc_lock_sha256": dvc_lock_sha256(),
              "manifest_sha256": manifest_sha256(data_dir),
              "test_split_sha256": split_hash(test_items, data_dir), "eval_set_sha256": evaluation.identity(),
-             "feedback_photos": feedback}
+             "feedback_photos": feedback.get("trained", 0) if feedback is not None else None}
     return {k: str(v) for k, v in found.items()}
+
+
+def feedback_report(data_dir):
+    """The "feedback" part of the quality report preprocess.py writes beside the manifest ({}
+    when the data has no feedback photos), None when there is no report."""
+    manifest = evaluate.manifest_path(data_dir)
+    report = os.path.join(os.path.dirname(manifest), "quality_report.json") if manifest else ""
+    return catdog.read_json(report).get("feedback", {}) if os.path.isfile(report) else None
+
+
+def unchecked_feedback(data_dir, eval_extra):
+    """A warning when the data's feedback photos were checked for copies of other extra
+    evaluation photos than eval_extra's (train.py --eval-extra against preprocess.py's): one of
+    them may then copy a photo this run is measured on. None when it is the same folder, or
+    there is none, or no feedback photo was trained on."""
+    feedback = feedback_report(data_dir) or {}
+    if not (eval_extra and feedback.get("trained")):
+        return None
+    checked = feedback.get("checked_against", {}).get("eval_extra")  # relative to the report
+    checked = checked and os.path.normpath(os.path.join(os.path.dirname(evaluate.manifest_path(data_dir)), checked))
+    if checked and os.path.realpath(checked) == os.path.realpath(eval_extra):
+        return None
+    return (f"the {feedback['trained']} feedback photos in the training split were checked for copies of the extra "
+            f"evaluation photos of {checked or 'no folder'}, not of {eval_extra}, which this run is measured on: "
+            f"check them with preprocess.py --eval-extra {eval_extra}")
 
 
 def git_commit():

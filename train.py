@@ -422,6 +422,9 @@ def prepare(cfg, device, synthetic_folder):
     if RANK == 0:
         client = promote.open_registry(cfg)
         lineage = promote.lineage_of(cfg.data, splits["test"], evaluation)
+        if unchecked := promote.unchecked_feedback(cfg.data, cfg.eval_extra):
+            log(f"WARNING: {unchecked}")
+            lineage["feedback_unchecked"] = unchecked  # an MLflow tag beside the lineage
         train_stats = promote.training_image_stats(splits["train"], cfg.data)
     others = other.non_pets(cfg, synthetic_folder)
     if not others.parts["train"]:

@@ -1,5 +1,6 @@
 """Shared fixtures: synthetic photos written on the fly (tests never use real photos from git);
 and REQUIRE_ALL_TOOLS=1 (CI), which turns a skip for a missing tool into a failure."""
+import hashlib
 import io
 import os
 import re
@@ -24,6 +25,21 @@ def photo_bytes(seed, size=(96, 80), mode="RGB", fmt="JPEG", **save_args):
     buffer = io.BytesIO()
     synthetic_photo(seed, size, mode).save(buffer, fmt, **save_args)
     return buffer.getvalue()
+
+
+def near_copy(data, scale=0.9, quality=60):
+    """A resized, re-encoded copy of a photo: what a re-upload of a saved picture looks like."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    buffer = io.BytesIO()
+    img.resize((round(img.width * scale), round(img.height * scale))).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def sha(data):
+    """The sha256 of bytes, as the manifests and the photo store name them."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def read_tree(folder):

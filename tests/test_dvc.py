@@ -53,19 +53,27 @@ def local_imports(module, seen=None):
 
 
 DATA_OUTS = ["data/manifest.csv", "data/processed", "data/quality_report.json", "data/quality_report.md"]
-EMPTY_FOLDER_MD5 = "d751713988987e9331980363e24189ce.dir"  # DVC's hash of a folder with no files
 
 
-def test_data_is_a_dvc_stage_output_not_in_git():
-    assert not os.path.exists(os.path.join(ROOT, "data.dvc"))  # one record of the data: dvc.lock
+def test_data_is_a_dvc_stage_output_not_in_git(tmp_path):
+    # Two records of the data: dvc.lock (the stages') and data/feedback.dvc (the harvest's).
+    assert not os.path.exists(os.path.join(ROOT, "data.dvc"))
     data = read_yaml("dvc.lock")["stages"]["data"]
     # Named one by one: data/feedback, an input of the stage, is inside data/ (and data/raw/,
     # a downloaded zip, is no output: its sha256 is in the quality report).
     assert sorted(out["path"] for out in data["outs"]) == DATA_OUTS
     assert next(out for out in data["outs"] if out["path"] == "data/processed")["md5"].endswith(".dir")
-    assert sh("git", "ls-files", "data", cwd=ROOT) == ""
-    # git ignores the data folder itself, so `git add -A` can never pick up a photo.
-    assert sh("git", "check-ignore", "data/processed/train/cat/cat.1.jpg", cwd=ROOT).strip()
+    assert sh("git", "ls-files", "data", cwd=ROOT) == "data/feedback.dvc\n"
+    # git ignores everything in data/ but that record, so `git add -A` can never pick up a photo
+    # (in a repository of the project's .gitignore alone: a checkout may exclude more locally).
+    sh("git", "init", "-q", cwd=tmp_path)
+    with open(os.path.join(ROOT, ".gitignore")) as f:
+        (tmp_path / ".gitignore").write_text(f.read())
+    paths = ["data/feedback.dvc", "data/feedback/cat/a.jpg", "data/processed/train/cat/cat.1.jpg", "data/manifest.csv",
+             "data/quality_report.json", "data/raw/pets.zip", "data/.gitignore"]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=tmp_path, env=ENV,
+                             capture_output=True, text=True).stdout.split()
+    assert ignored == paths[1:]
 
 
 def test_pipeline_is_data_then_train_with_every_input_as_a_dependency():
@@ -97,13 +105,18 @@ def test_dvc_lock_is_committed_with_the_code_it_describes():
                     assert hashlib.md5(f.read()).hexdigest() == dep["md5"], f"{name}: {dep['path']} changed since dvc.lock"
 
 
-def test_the_committed_lock_is_of_no_feedback_so_a_fresh_clone_reproduces_it():
-    """`make data` creates an empty data/feedback before the stage runs; the lock the project
-    commits records that empty folder, and preprocess.py adds nothing for it."""
+def test_the_committed_lock_ran_on_the_committed_harvest_so_a_fresh_clone_reproduces_it():
+    """data/feedback is the harvest data/feedback.dvc records (make harvest: dvc add), and the
+    lock's data stage ran on that one: commit both together (the runbook's `git add
+    data/feedback.dvc dvc.lock`), or a fresh clone's make data reruns on another harvest. `make
+    data` restores and checks data/feedback before the stage runs (tests/test_harvest.py runs it)."""
     feedback = next(dep for dep in read_yaml("dvc.lock")["stages"]["data"]["deps"] if dep["path"] == "data/feedback")
-    assert feedback["md5"] == EMPTY_FOLDER_MD5
+    record = read_yaml("data/feedback.dvc")["outs"]
+    assert [(out["path"], out["md5"]) for out in record] == [("feedback", feedback["md5"])]
+    assert feedback["md5"].endswith(".dir")
     commands = sh("make", "-n", "data", cwd=ROOT)
-    assert 0 <= commands.find("mkdir -p data/feedback") < commands.find("dvc repro"), commands
+    assert 0 <= commands.find("checkout --quiet data/feedback.dvc") < commands.find("commit --quiet data/feedback.dvc") \
+        < commands.find("dvc repro"), commands
 
 
 def test_models_record_the_data_hash_dvc_lock_holds(tmp_path, monkeypatch):
@@ -140,7 +153,8 @@ def test_push_then_pull_in_a_fresh_clone_restores_the_data(tmp_path, write_photo
         write_photo(str(repo / "data" / "processed" / "train" / "cat" / f"cat.{i}.jpg"), i)
         write_photo(str(repo / "data" / "processed" / "test" / "dog" / f"dog.{i}.jpg"), 100 + i)
     (repo / "data" / "manifest.csv").write_text("path,sha256\n")
-    (repo / ".gitignore").write_text("/data/\n")  # as in the project
+    with open(os.path.join(ROOT, ".gitignore")) as f:
+        (repo / ".gitignore").write_text(f.read())
 
     sh(DVC, "add", "--quiet", "data", cwd=repo)
     sh("git", "add", "data.dvc", ".gitignore", ".dvc", ".dvcignore", cwd=repo)

@@ -1,12 +1,15 @@
 """Staff corrections become training data: harvest.py writes the photos the store kept, with
-their staff labels, to a folder (refusing a store it cannot read); and the loop end to end: a
+their staff labels, to a folder (refusing a store it cannot read); make harvest records it in
+data/feedback.dvc, which dvc push and pull carry to a fresh clone; and the loop end to end: a
 real service keeps the photos staff correct -> make harvest -> preprocess.py takes them into the
 training split, never val, test or the evaluation set -> training records how many it used."""
 import csv
-import hashlib
-import io
 import os
+import shutil
 import sqlite3
+import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +22,7 @@ import harness
 import harvest
 import preprocess
 import store as stores
-from conftest import photo_bytes
+from conftest import near_copy, photo_bytes, sha
 
 
 def pet_photo(seed, label, size=(120, 100)):
@@ -28,16 +31,6 @@ def pet_photo(seed, label, size=(120, 100)):
     arr = np.asarray(harness.picture(np.random.default_rng(seed), *size, noise=0), float) * 0.5
     arr[..., 0 if label == "cat" else 2] += 110
     return harness.encode(Image.fromarray(arr.clip(0, 255).astype(np.uint8)), "JPEG", quality=90)
-
-
-def near_copy(data, scale=0.9, quality=60):
-    """A resized, re-encoded copy: what a re-upload of a saved picture looks like."""
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    return harness.encode(img.resize((round(img.width * scale), round(img.height * scale))), "JPEG", quality=quality)
-
-
-def sha(data):
-    return hashlib.sha256(data).hexdigest()
 
 
 def read_csv(path):
@@ -75,7 +68,7 @@ def test_harvest_refuses_a_store_it_cannot_read(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_harvest_writes_exactly_the_kept_photos_with_their_labels(tmp_path, capsys):
+def test_harvest_writes_exactly_the_kept_photos_with_their_labels(tmp_path, capsys, monkeypatch):
     db, folder, out = str(tmp_path / "catdog.db"), str(tmp_path / "photos"), tmp_path / "feedback"
     png, jpeg, other = photo_bytes(1, fmt="PNG"), photo_bytes(2), photo_bytes(3)
     keep(db, folder, "p1", png, predicted="dog", label="cat")       # corrected
@@ -87,6 +80,15 @@ def test_harvest_writes_exactly_the_kept_photos_with_their_labels(tmp_path, caps
     keep(db, folder, "p6", photo_bytes(6), predicted="cat", label="dog")
     with open(stores.photo_path(folder, sha(photo_bytes(6))), "wb") as f:
         f.write(b"other bytes than its name says")
+    keep(db, folder, "p7", photo_bytes(7), predicted="cat", label="dog")
+    locked = stores.photo_path(folder, sha(photo_bytes(7)))  # the service's file (0600), another user's
+
+    def open_as_another_user(path, *args, **kwargs):
+        if path == locked:
+            raise PermissionError(13, "Permission denied", path)
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(harvest, "open", open_as_another_user, raising=False)
     (out / "cat").mkdir(parents=True)
     (out / "cat" / "stale.jpg").write_bytes(jpeg)                    # from an earlier harvest
     (out / "notes.txt").write_text("the operator's")
@@ -103,12 +105,15 @@ def test_harvest_writes_exactly_the_kept_photos_with_their_labels(tmp_path, caps
                                    ("p2", "v1", "dog", "dog", f"dog/{sha(jpeg)}.jpg", ""),
                                    ("p3", "v1", "other", "cat", f"other/{sha(other)}.jpg", ""),
                                    ("p5", "v1", "dog", "cat", "", "missing"),
-                                   ("p6", "v1", "dog", "cat", "", "sha256_mismatch")]
-    assert manifest[0]["sha256"] == sha(png) and len(rows) == 5
+                                   ("p6", "v1", "dog", "cat", "", "sha256_mismatch"),
+                                   ("p7", "v1", "dog", "cat", "", "unreadable")]
+    assert manifest[0]["sha256"] == sha(png) and len(rows) == 6
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o700  # no other user reads the harvest
     assert manifest[0]["date"].endswith("Z") and manifest[0]["date"][:4].isdigit()
     printed = capsys.readouterr().out
     assert f"harvest: 3 photos -> {out}: cat 1, dog 1, other 1; 2 disagree with the model's answer" in printed
     assert "left out p5 (dog): missing" in printed and "left out p6 (dog): sha256_mismatch" in printed
+    assert "left out p7 (dog): unreadable" in printed and "harvest as that user, or from a restored backup" in printed
 
     # A photo removed on request (the service's DELETE /predictions/{id}/photo) is gone next time.
     store = stores.SQLiteStore(db)
@@ -116,7 +121,80 @@ def test_harvest_writes_exactly_the_kept_photos_with_their_labels(tmp_path, caps
     store.close()
     harvest.main(["--out", str(out)], {"DB_PATH": db})
     assert not (out / "cat" / f"{sha(png)}.png").exists()
-    assert [r["prediction_id"] for r in read_csv(out / "manifest.csv")] == ["p2", "p3", "p5", "p6"]
+    assert [r["prediction_id"] for r in read_csv(out / "manifest.csv")] == ["p2", "p3", "p5", "p6", "p7"]
+
+
+# ---------------------------------------------------------------- versioning: make harvest, data/feedback.dvc
+def sh(cwd, *command, check=True):
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False, env={
+        **os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"})
+    assert done.returncode == 0 or not check, f"{command}: {done.stdout}{done.stderr}"
+    return done
+
+
+VENV = os.path.dirname(os.path.dirname(sys.executable))
+DVC = os.path.join(VENV, "bin", "dvc")
+
+
+def make(cwd, target, check=True, **environ):
+    """A target of the project's Makefile, its set-up taken as done (this venv)."""
+    return sh(cwd, "env", *(f"{k}={v}" for k, v in environ.items()), "make", "--no-print-directory", "-o", "setup",
+              target, f"VENV={VENV}", check=check)
+
+
+@pytest.mark.skipif(not os.path.exists(DVC), reason="dvc is not installed in this environment")
+def test_a_harvest_is_versioned_by_dvc_and_a_fresh_clone_gets_it_back(tmp_path):
+    """The project's Makefile, .gitignore and committed data/feedback.dvc, with a data stage that
+    lists what it trains on: a fresh clone reproduces the committed lock; make harvest records a
+    harvest that git commit + dvc push carry, and a clone's make data asks for dvc pull until it
+    has it; a harvest folder that is not what data/feedback.dvc records is refused."""
+    repo, remote = tmp_path / "repo", tmp_path / "remote"
+    for name in ("Makefile", ".gitignore", "harvest.py", "store.py", "catdog.py", "data/feedback.dvc"):
+        os.makedirs(os.path.dirname(repo / name), exist_ok=True)
+        shutil.copy(os.path.join(catdog.ROOT, name), repo / name)
+    (repo / "dvc.yaml").write_text("stages:\n  data:\n    cmd: find data/feedback -name '*.jpg' | sort > data/trained\n"
+                                   "    deps: [data/feedback]\n    outs: [data/trained]\n")
+    sh(repo, "git", "init", "-q")
+    sh(repo, DVC, "init", "-q")
+    sh(repo, DVC, "remote", "add", "-d", "local", str(remote))
+    make(repo, "data")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-q", "-m", "an empty harvest")
+    assert sh(repo, "git", "ls-files", "data").stdout == "data/feedback.dvc\n"  # the record, never a photo
+
+    empty = tmp_path / "empty"
+    sh(tmp_path, "git", "clone", "-q", str(repo), str(empty))
+    for _ in range(2):
+        make(empty, "data")
+    assert (empty / "data" / "trained").read_text() == ""
+    assert sh(empty, "git", "status", "--porcelain").stdout == ""  # the committed lock, reproduced
+    assert "up to date" in sh(empty, DVC, "status").stdout
+
+    db, photos = tmp_path / "var" / "catdog.db", tmp_path / "var" / "photos"
+    keep(str(db), str(photos), "p1", photo_bytes(1), predicted="dog", label="cat")
+    printed = make(repo, "harvest", DB_PATH=db, PHOTOS_DIR=photos).stdout
+    assert "git add data/feedback.dvc dvc.lock && git commit" in printed and "dvc push" in printed
+    assert stat.S_IMODE(os.stat(repo / "data" / "feedback").st_mode) == 0o700
+    make(repo, "data")
+    assert (repo / "data" / "trained").read_text() == f"data/feedback/cat/{sha(photo_bytes(1))}.jpg\n"
+    sh(repo, "git", "add", "data/feedback.dvc", "dvc.lock")
+    sh(repo, "git", "commit", "-q", "-m", "a harvest of one photo")
+    sh(repo, DVC, "push", "-q")  # no target: DVC finds data/feedback.dvc in git-ignored data/
+
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(repo), str(clone))
+    refused = make(clone, "data", check=False)
+    assert refused.returncode != 0 and "dvc pull data/feedback.dvc, then make data again" in refused.stderr
+    sh(clone, DVC, "pull", "-q", "data/feedback.dvc")
+    make(clone, "data")
+    assert (clone / "data" / "trained").read_text() == (repo / "data" / "trained").read_text()
+    assert sh(clone, "git", "status", "--porcelain").stdout == ""
+
+    (clone / "data" / "feedback" / "dog").mkdir(exist_ok=True)
+    (clone / "data" / "feedback" / "dog" / "unrecorded.jpg").write_bytes(photo_bytes(2))
+    refused = make(clone, "data", check=False)
+    assert refused.returncode != 0 and "data/feedback is not the harvest data/feedback.dvc records" in refused.stderr
 
 
 # ---------------------------------------------------------------- the loop
@@ -134,6 +212,7 @@ def photo_rows(data_dir, split=None):
 
 
 def run_preprocess(source, data_dir, extra, not_pets):
+    os.makedirs(os.path.join(data_dir, "feedback"), exist_ok=True)  # as make data leaves it: an empty harvest
     return preprocess.main(preprocess.parse_args(["--source", source, "--out", os.path.join(data_dir, "processed"),
                                                   "--workers", "1", "--eval-extra", extra, "--not-pets", not_pets]))
 
@@ -209,19 +288,26 @@ def test_corrected_photos_reach_the_training_split_and_nothing_else(loop):
         len(evaluation.items) == 2 * 2 + 12
 
 
-def test_training_records_how_many_feedback_photos_it_used(loop):
+def test_training_records_how_many_feedback_photos_it_used(loop, capsys):
     pytest.importorskip("torch")
     mlflow = pytest.importorskip("mlflow")
     import train
 
     tmp = loop["tmp"]
     tracking = f"sqlite:///{tmp}/mlflow.db"
+    # The same evaluation photos in another folder than preprocess.py checked the harvest against.
+    elsewhere = shutil.copytree(loop["extra"], tmp / "extra-elsewhere")
     train.main(["--data", str(tmp / "data" / "processed"), "--out", str(tmp / "models"), "--tracking-uri", tracking,
-                "--arch", "baseline", "--epochs", "1", "--batch-size", "8", "--eval-extra", loop["extra"],
+                "--arch", "baseline", "--epochs", "1", "--batch-size", "8", "--eval-extra", str(elsewhere),
                 "--not-pets", str(tmp / "notpets"), "--synthetic", "0", "--calibration-images", "16"])
+    warning = f"WARNING: the 2 feedback photos in the training split were checked for copies of the extra " \
+              f"evaluation photos of {loop['extra']}, not of {elsewhere}"
+    assert warning in capsys.readouterr().out
     client = mlflow.MlflowClient(tracking)
     run = client.search_runs([client.get_experiment_by_name("catdog").experiment_id])[0]
     assert run.data.tags["feedback_photos"] == "2"
+    assert run.data.tags["feedback_unchecked"] == warning.removeprefix("WARNING: ") + \
+        f", which this run is measured on: check them with preprocess.py --eval-extra {elsewhere}"
     assert run.data.params["train_images"] == str(32 + 2)  # 16 per class from the sample, plus the two
     meta = catdog.read_json(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model/model.json",
                                                                 tracking_uri=tracking))
@@ -229,6 +315,17 @@ def test_training_records_how_many_feedback_photos_it_used(loop):
     card = open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="reports/model_card.md",
                                                     tracking_uri=tracking)).read()
     assert "Staff-corrected photos harvested from the service (make harvest) in the training split: 2." in card
+
+
+def test_training_warns_only_when_it_evaluates_on_photos_the_harvest_was_not_checked_against(loop, tmp_path):
+    import promote
+
+    data, plain = str(loop["tmp"] / "data" / "processed"), str(loop["tmp"] / "plain" / "processed")
+    same_folder = os.path.join(loop["tmp"], "data", "..", "extra")
+    assert promote.unchecked_feedback(data, same_folder) is None
+    assert promote.unchecked_feedback(data, "") is None  # measured on the test split only
+    assert promote.unchecked_feedback(plain, str(tmp_path)) is None  # no feedback photo trained on
+    assert f"of {loop['extra']}, not of {tmp_path}" in promote.unchecked_feedback(data, str(tmp_path))
 
 
 def test_without_a_quality_report_the_feedback_count_is_unknown(tmp_path):

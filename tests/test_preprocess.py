@@ -21,7 +21,7 @@ from PIL import Image
 
 import catdog
 import preprocess
-from conftest import ROOT, SHARED_SAMPLE, photo_bytes, read_tree, synthetic_photo
+from conftest import ROOT, SHARED_SAMPLE, near_copy, photo_bytes, read_tree, sha, synthetic_photo
 
 GOOD_PER_CLASS = 20  # 80/10/10 -> 16/2/2 per class
 DROPPED = {"empty": 1, "corrupt": 1, "not_an_image": 1, "thumbs_db": 1, "too_small": 1,
@@ -80,6 +80,8 @@ def write_zip(path, files, rename=lambda n: n):
 
 
 def run(source, out, workers=1, *extra):
+    """preprocess.py beside an empty harvest folder (data/feedback), as `make data` runs it."""
+    os.makedirs(os.path.join(os.path.dirname(out), "feedback"), exist_ok=True)
     args = preprocess.parse_args(["--source", str(source), "--out", str(out), "--workers", str(workers), *extra])
     return preprocess.main(args)
 
@@ -226,13 +228,13 @@ def tree_digest(files):
     """sha256 over (relative path, sha256) of {relative path: bytes}, in path order."""
     digest = hashlib.sha256()
     for path, data in sorted(files.items()):
-        digest.update(f"{path}\t{hashlib.sha256(data).hexdigest()}\n".encode())
+        digest.update(f"{path}\t{sha(data)}\n".encode())
     return digest.hexdigest()
 
 
 def test_without_feedback_photos_not_one_byte_changes(kaggle_run):
-    """No feedback folder, an empty harvest (label folders, a manifest with no rows), or a
-    --feedback folder that does not exist: the data is what preprocess.py made before feedback."""
+    """An empty feedback folder, or an empty harvest (label folders, a manifest with no rows):
+    the data is what preprocess.py made before feedback."""
     source, out, _ = kaggle_run
     data_dir = os.path.dirname(out)
     everything = read_tree(data_dir)
@@ -247,16 +249,20 @@ def test_without_feedback_photos_not_one_byte_changes(kaggle_run):
         assert {k: v for k, v in read_tree(data_dir).items() if not k.startswith("feedback")} == everything
     finally:
         shutil.rmtree(feedback)
-    run(source, out, 1, "--feedback", os.path.join(data_dir, "no-such-folder"))
+    run(source, out)
     assert read_tree(data_dir) == everything
 
 
-def near_copy(data, scale=0.9, quality=60):
-    """A resized, re-encoded copy of a photo: what a re-upload of a saved picture looks like."""
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    buffer = io.BytesIO()
-    img.resize((round(img.width * scale), round(img.height * scale))).save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
+def test_a_feedback_folder_that_is_not_there_stops_the_run(kaggle_run, tmp_path):
+    """A mistyped --feedback, or no data/feedback beside --out (make data restores it from
+    data/feedback.dvc), would silently train on no feedback: refused before anything is written."""
+    source, _, _ = kaggle_run
+    out = tmp_path / "data" / "processed"
+    for extra, missing in (([], tmp_path / "data" / "feedback"),
+                           (["--feedback", str(tmp_path / "feedbak")], tmp_path / "feedbak")):
+        with pytest.raises(SystemExit, match=f"--feedback {missing} is not a folder"):
+            preprocess.main(preprocess.parse_args(["--source", source, "--out", str(out), *extra]))
+    assert not (tmp_path / "data").exists()
 
 
 def sample_bytes(kaggle_out, split):
@@ -318,7 +324,7 @@ def test_feedback_photos_join_the_training_split_only(kaggle_run, feedback_run):
     assert added == {os.path.relpath(r["path"], os.path.join(out, "train")) for r in kept.values()}
     for name, row in kept.items():
         assert (row["split"], row["label"]) == ("train", name.split("/")[0])
-        assert row["sha256"] == hashlib.sha256(feedback_run["files"][name]).hexdigest()
+        assert row["sha256"] == sha(feedback_run["files"][name])
         assert Image.open(row["path"]).size == (224, 224)
     for row in feedback.values():
         assert row["split"] == "" if row["drop_reason"] else row["split"] == "train"
@@ -327,12 +333,15 @@ def test_feedback_photos_join_the_training_split_only(kaggle_run, feedback_run):
     assert feedback["cat/extra-copy.jpg"]["duplicate_of"].endswith(os.path.join("extra", "cat.0.jpg"))
     assert all(r["sha256"] == "" for r in feedback.values() if r["drop_reason"] == "evaluation_duplicate")
     dropped = collections.Counter(r for r in FEEDBACK_REASONS.values() if r)
+    # The folders they were checked against, as train.py finds them (relative to the report).
     assert report["feedback"] == {"folder": "feedback", "inputs": len(FEEDBACK_REASONS), "trained": 3,
-                                  "dropped": dict(sorted(dropped.items()))}
+                                  "dropped": dict(sorted(dropped.items())),
+                                  "checked_against": {"eval_extra": "../extra", "not_pets": "../not-pets"}}
     assert report["splits"]["train"] == {"cat": 16 + 2, "dog": 16 + 1}
     assert report["splits"]["val"] == kaggle_report["splits"]["val"]
     markdown = (Path(out).parent / "quality_report.md").read_text()
     assert "## Feedback" in markdown and "| evaluation_duplicate | 4 |" in markdown
+    assert "Checked for copies of the photos of --eval-extra `../extra`, --not-pets `../not-pets`." in markdown
 
 
 def test_feedback_leaves_the_evaluation_set_as_it_was(kaggle_run, feedback_run):
@@ -395,7 +404,7 @@ def test_url_source_resumes_download_and_records_checksum(tmp_path):
         server.shutdown()
     assert RangeHandler.ranges == ["bytes=1000-"]
     assert (raw / "pets.zip").read_bytes() == whole and not (raw / "pets.zip.part").exists()
-    digest = hashlib.sha256(whole).hexdigest()
+    digest = sha(whole)
     assert report["source"]["sha256"] == digest
     assert (raw / "pets.zip.sha256").read_text().split()[0] == digest
     assert report["kept"] == 2 * GOOD_PER_CLASS
@@ -406,6 +415,7 @@ def test_url_source_resumes_download_and_records_checksum(tmp_path):
 def test_shared_3k_sample(tmp_path):
     """The real 3k Kaggle sample, as `make data` runs it (a separate process, all cores)."""
     out = tmp_path / "data" / "processed"
+    (tmp_path / "data" / "feedback").mkdir(parents=True)  # as make data leaves it: no harvest
     subprocess.run([sys.executable, "preprocess.py", "--source", SHARED_SAMPLE, "--out", str(out)],
                    cwd=ROOT, check=True, capture_output=True)
     report = json.loads((tmp_path / "data" / "quality_report.json").read_text())
