@@ -3,7 +3,6 @@ in-process on Flask's test client (serve.create_app); what needs a real serve.py
 (signals, kill -9, JSON logs on stdout, concurrent requests) runs one on 127.0.0.1, stopped
 by PID."""
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -25,6 +24,7 @@ import catdog
 import harness
 import serve
 import upload as uploads
+from conftest import sha
 from service_helpers import (
     ROOT,
     Server,
@@ -928,10 +928,6 @@ def test_the_model_card_beside_the_model_is_served_with_it(tmp_path):
 
 
 # ---------------------------------------------------------------- kept photos (KEEP_PHOTOS)
-def sha(data):
-    return hashlib.sha256(data).hexdigest()
-
-
 def photo_column(db_path):
     with sqlite3.connect(db_path) as conn:
         return dict(conn.execute("SELECT id, photo FROM predictions").fetchall())
