@@ -34,6 +34,7 @@ import sys
 import tarfile
 import urllib.parse
 
+import kept
 import store as stores
 
 MANIFEST = "manifest.json"
@@ -75,7 +76,7 @@ def store_source(environ):
 
 
 def photos_source(environ, held=None):
-    """The store's kept photos' folder, found as the service finds it (store.photos_folder). For a
+    """The store's kept photos' folder, found as the service finds it (kept.folder_of). For a
     backup (`held` None): None when there is none to back up (KEEP_PHOTOS off and no folder there).
     For a restore: the folder when the backup holds photos (`held`), else None: an older backup,
     or one made with keeping off, restores its rows and leaves the folder alone."""
@@ -83,7 +84,7 @@ def photos_source(environ, held=None):
         return None
     mode = environ.get("KEEP_PHOTOS", "off")
     try:
-        folder = stores.photos_folder(environ.get("PHOTOS_DIR", ""), environ.get("DB_PATH") or stores.DEFAULT_DB_PATH,
+        folder = kept.folder_of(environ.get("PHOTOS_DIR", ""), environ.get("DB_PATH") or stores.DEFAULT_DB_PATH,
                                       environ.get("DATABASE_URL", ""))
     except ValueError as e:
         if mode == "off" and not held:
@@ -227,7 +228,7 @@ def dump(source, target, photos=None):
     with tarfile.open(target, "w") as tar:
         if photos is None:
             tar.add(source.location, arcname=".")
-        for path in (stores.photo_path(source.location, sha256) for sha256 in photos or ()):
+        for path in (kept.path_of(source.location, sha256) for sha256 in photos or ()):
             with contextlib.suppress(FileNotFoundError):  # removed since the rows were read: gone
                 tar.add(path, arcname=os.path.relpath(path, source.location))
         return {"files": sum(member.isfile() for member in tar.getmembers())}

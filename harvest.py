@@ -27,6 +27,7 @@ import shutil
 from PIL import Image
 
 import catdog
+import kept
 import store as stores
 
 # ---------------------------------------------------------------- configuration (--name value overrides)
@@ -42,7 +43,7 @@ def open_kept(environ):
     url, db_path = environ.get("DATABASE_URL", ""), environ.get("DB_PATH") or stores.DEFAULT_DB_PATH
     try:
         kind = stores.kind_of(url)
-        folder = stores.photos_folder(environ.get("PHOTOS_DIR", ""), db_path, url)
+        folder = kept.folder_of(environ.get("PHOTOS_DIR", ""), db_path, url)
     except ValueError as e:
         raise SystemExit(f"harvest: {e}") from None
     where = f"DATABASE_URL={stores.redacted(url)}" if url else f"DB_PATH={db_path}"
@@ -54,13 +55,13 @@ def open_kept(environ):
     except Exception as e:  # an unreachable server, a refused password, a file that is no database
         raise SystemExit(f"harvest: cannot read the store at {where}: {e}") from None
     try:
-        kept = store.kept_photos()
+        photos = store.kept_photos()
     finally:
         store.close()
-    if kept and not os.path.isdir(folder):
-        raise SystemExit(f"harvest: the store names {len(kept)} kept photos but their folder {folder} does not "
+    if photos and not os.path.isdir(folder):
+        raise SystemExit(f"harvest: the store names {len(photos)} kept photos but their folder {folder} does not "
                          "exist (set PHOTOS_DIR to the service's)")
-    return kept, folder
+    return photos, folder
 
 
 def photo_file(row, folder):
@@ -68,7 +69,7 @@ def photo_file(row, folder):
     if row["label"] not in catdog.ANSWERS:
         return "unknown_label", None
     try:
-        with open(stores.photo_path(folder, row["photo"]), "rb") as f:
+        with open(kept.path_of(folder, row["photo"]), "rb") as f:
             data = f.read()
     except FileNotFoundError:
         return "missing", None
@@ -85,7 +86,7 @@ def photo_file(row, folder):
     return f"{row['photo']}.{EXTENSIONS[fmt]}", data
 
 
-def harvest(kept, folder, out):
+def harvest(photos, folder, out):
     """Write the kept photos and the manifest into `out`; the manifest's rows."""
     os.makedirs(out, exist_ok=True)
     os.chmod(out, 0o700)  # photos of people's pets, and at times of people: no other user reads them
@@ -93,7 +94,7 @@ def harvest(kept, folder, out):
         shutil.rmtree(os.path.join(out, label), ignore_errors=True)
         os.makedirs(os.path.join(out, label))
     rows = []
-    for row in kept:
+    for row in photos:
         name, data = photo_file(row, folder)
         file = os.path.join(row["label"], name) if data is not None else ""
         if data is not None:
@@ -118,7 +119,7 @@ def summary(rows, folder, out):
     for row in rows:
         if not row["file"]:
             lines.append(f"  left out {row['prediction_id']} ({row['label']}): {row['skip_reason']} "
-                         f"({stores.photo_path(folder, row['sha256'])})")
+                         f"({kept.path_of(folder, row['sha256'])})")
     if any(row["skip_reason"] == "unreadable" for row in rows):
         lines.append("  unreadable: the service's photo files are its own user's (mode 0600): harvest as that user, "
                      "or from a restored backup of the store (docs/operations.md, Harvest)")
@@ -127,8 +128,8 @@ def summary(rows, folder, out):
 
 def main(argv=None, environ=os.environ):
     args = catdog.config_parser(globals()).parse_args(argv)
-    kept, folder = open_kept(environ)
-    rows = harvest(kept, folder, args.out)
+    photos, folder = open_kept(environ)
+    rows = harvest(photos, folder, args.out)
     print(summary(rows, folder, args.out))
     return rows
 

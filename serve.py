@@ -24,7 +24,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -35,12 +34,28 @@ import onnxruntime as ort
 import waitress
 import waitress.channel
 import yaml
-from flask import Blueprint, Flask, current_app, g, jsonify, request, send_from_directory
-from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from flask import (
+    Blueprint,
+    Flask,
+    current_app,
+    g,
+    jsonify,
+    request,
+    send_from_directory,
+)
+from prometheus_client import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from werkzeug.exceptions import HTTPException
 
 import catdog
+import kept
 import store as stores
 import upload
 
@@ -51,9 +66,6 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # costs less per image than single runs, and than larger ones (which outgrow the CPU cache).
 RUN_SIZE = 4
 OPENAPI_PATH = os.path.join(catdog.ROOT, "openapi.yaml")
-# KEEP_PHOTOS: off keeps nothing; corrected keeps the photos staff correct (and KEEP_CONFIRMED_SHARE
-# of those they confirm, so that training does not see only hard cases); all keeps every judged one.
-KEEP_MODES = ("off", "corrected", "all")
 
 
 # ---------------------------------------------------------------- settings (env vars)
@@ -83,7 +95,7 @@ class Settings:
     retention_interval_s: float = 600.0  # how often the pruning runs (in the background)
     cors_origins: str = ""  # comma-separated origins a browser front end may call the API from; "": none
     api_token: str = ""  # when set, /feedback, /stats, /metrics and photo removal need "Authorization: Bearer <it>"
-    keep_photos: str = "off"  # off, corrected or all (KEEP_MODES): uploads kept after staff feedback, to train on
+    keep_photos: str = "off"  # off, corrected or all (kept.MODES): uploads kept after staff feedback, to train on
     photos_dir: str = ""  # where kept photos go; "": photos/ beside DB_PATH (required with DATABASE_URL)
     keep_confirmed_share: float = 0.1  # corrected: this share of the photos staff confirm is kept too
     keep_pending_hours: float = 24.0  # an upload waits this long for its feedback, then its photo goes
@@ -115,27 +127,13 @@ class Refused(Exception):
 
 
 def photos_folder(settings):
-    """Where kept photos live (store.photos_folder), created and written to once when KEEP_PHOTOS
-    is on; None when it is off and no folder is known (PostgreSQL without PHOTOS_DIR)."""
-    mode = settings.keep_photos
-    if mode not in KEEP_MODES:
-        raise Refused(f"KEEP_PHOTOS={mode!r}: must be one of {', '.join(KEEP_MODES)}")
-    if not 0 <= settings.keep_confirmed_share <= 1:
-        raise Refused(f"KEEP_CONFIRMED_SHARE={settings.keep_confirmed_share}: must be between 0 and 1")
+    """Where kept photos live (kept.checked_folder), or None when KEEP_PHOTOS is off and no
+    folder is known; Refused for settings the service must not start with."""
     try:
-        folder = stores.photos_folder(settings.photos_dir, settings.db_path, settings.database_url)
+        return kept.checked_folder(settings.keep_photos, settings.keep_confirmed_share, settings.photos_dir,
+                                   settings.db_path, settings.database_url)
     except ValueError as e:
-        if mode == "off":
-            return None
-        raise Refused(f"KEEP_PHOTOS={mode}: {e}") from e
-    if mode != "off":
-        try:
-            os.makedirs(folder, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as e:
-            raise Refused(f"KEEP_PHOTOS={mode}: cannot write to the photos folder {folder} (PHOTOS_DIR): {e}") from e
-    return folder
+        raise Refused(str(e)) from e
 
 
 def read_text(path):
@@ -480,7 +478,7 @@ class Service:
         photo = self.keep_pending(data)
         self.store.record_prediction(prediction_id, request_id, model.version, label, confidence, stats, photo)
         if photo is not None:  # again: the last other row naming it may have taken the file meanwhile
-            stores.save_photo(self.photos, photo, data)
+            kept.save(self.photos, photo, data)
         # The reference confidences are of cat/dog answers; an "other" answer's is another quantity.
         self.drift.add(stats, confidence if label != catdog.OTHER else None)
         self.metrics.predictions.labels(label).inc()
@@ -495,23 +493,18 @@ class Service:
             return None
         photo = hashlib.sha256(data).hexdigest()
         try:
-            stores.save_photo(self.photos, photo, data)
+            kept.save(self.photos, photo, data)
         except OSError as e:
             log(event="photo_not_kept", folder=self.photos, error=f"{type(e).__name__}: {e}")
             return None
         return photo
 
     def settle_photo(self, prediction_id, predicted, truth):
-        """After a prediction's feedback, its pending photo stays (all; corrected: a correction,
-        or a confirmation its sha256 puts in KEEP_CONFIRMED_SHARE, so a retry decides the same) or
-        goes (off too: a photo an earlier mode left pending keeps nothing once judged)."""
-        mode = self.settings.keep_photos
-        if mode == "all" or (mode == "corrected" and predicted != truth):
-            return
+        """After a prediction's feedback, its pending photo stays or goes (kept.stays)."""
         photo = self.store.photo_of(prediction_id)
-        if photo is None:
-            return
-        if mode == "off" or int(photo[:8], 16) >= self.settings.keep_confirmed_share * 16 ** 8:
+        settings = self.settings
+        if photo is not None and not kept.stays(settings.keep_photos, predicted, truth, photo,
+                                                settings.keep_confirmed_share):
             self.store.drop_photo(prediction_id, self.photos)
 
     def drift_report(self):

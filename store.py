@@ -3,19 +3,19 @@ default) or PostgreSQL when DATABASE_URL=postgresql://... is set (every replica 
 
 Both run the same schema, migrations and SQL (written with "?" placeholders). No image
 bytes, file names or client addresses in rows: only what monitoring needs. A photo kept for
-training (serve.py's KEEP_PHOTOS) is a file under the photos folder, named by its sha256
-(photo_path), which a row names; the store removes the file with the last row naming it, and
-sweeps old files no row names (sweep_photos). A prediction's key is made by the server; the
+training (KEEP_PHOTOS, kept.py) is a file under the photos folder, named by its sha256, which
+a row names; the store removes the file with the last row naming it, and sweeps old files no
+row names (sweep_photos). A prediction's key is made by the server; the
 client's X-Request-ID is kept beside it for correlation and never overwrites anything.
 Feedback for a prediction is recorded once.
 """
 import contextlib
 import os
-import re
 import sqlite3
-import tempfile
 import threading
 import time
+
+import kept
 
 # Each migration takes the schema from the previous version; schema_version says where a
 # database is, so opening an old one upgrades it and opening a current one changes nothing.
@@ -51,72 +51,13 @@ MIGRATIONS = (
     """CREATE TABLE counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
     INSERT INTO counters SELECT 'feedback', COUNT(*) FROM feedback""",
     # The sha256 of the photo kept for this prediction (KEEP_PHOTOS): its bytes are a file
-    # under PHOTOS_DIR (photo_path), never a row; NULL when none is kept.
+    # under PHOTOS_DIR (kept.path_of), never a row; NULL when none is kept.
     """ALTER TABLE predictions ADD COLUMN photo TEXT;
     CREATE INDEX predictions_photo ON predictions(photo)""",
 )
 LATEST = len(MIGRATIONS)
-SHA256, PREFIX = re.compile(r"[0-9a-f]{64}"), re.compile(r"[0-9a-f]{2}")  # a photo file's name and its folder's
 # The SQLite file when DB_PATH is unset (the service's and backup.py's default).
 DEFAULT_DB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "var", "catdog.db")
-
-
-def photos_folder(photos_dir, db_path, database_url):
-    """Where kept photos live: PHOTOS_DIR, else a photos/ folder beside the SQLite file. With
-    PostgreSQL every replica must see the same folder, so PHOTOS_DIR has no default there."""
-    if photos_dir:
-        return photos_dir
-    if kind_of(database_url) == PostgresStore.kind:
-        raise ValueError("KEEP_PHOTOS with DATABASE_URL needs PHOTOS_DIR: a folder (volume) every replica mounts")
-    return os.path.join(os.path.dirname(os.path.abspath(db_path)), "photos")
-
-
-def photo_path(folder, sha256):
-    """A kept photo's file: content-addressed, one copy per photo however many predictions share it."""
-    return os.path.join(folder, sha256[:2], sha256)
-
-
-def save_photo(folder, sha256, data):
-    """Write a photo's bytes to its photo_path unless the file is there: into a temporary file
-    renamed into place, so that no reader ever sees half a photo. The file is the service user's
-    alone (mode 0600, mkstemp's)."""
-    path = photo_path(folder, sha256)
-    if os.path.exists(path):
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".partial-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
-
-
-def remove_photo(folder, sha256):
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(photo_path(folder, sha256))
-
-
-def old_files(folder, older_than):
-    """(sha256 names of the photo files, paths of the `.partial-*` files) under `folder` last
-    written before `older_than` (Unix time); none when the folder does not exist."""
-    photos, partial = [], []
-    with contextlib.suppress(FileNotFoundError):
-        for sub in os.scandir(folder):
-            if not (sub.is_dir(follow_symlinks=False) and PREFIX.fullmatch(sub.name)):
-                continue
-            for entry in os.scandir(sub.path):
-                with contextlib.suppress(FileNotFoundError):  # removed meanwhile: nothing to do
-                    if not entry.is_file(follow_symlinks=False) or entry.stat().st_mtime >= older_than:
-                        continue
-                    if entry.name.startswith(".partial-"):
-                        partial.append(entry.path)
-                    elif SHA256.fullmatch(entry.name) and entry.name.startswith(sub.name):
-                        photos.append(entry.name)
-    return photos, partial
 
 
 class Store:
@@ -174,7 +115,7 @@ class Store:
 
     def record_prediction(self, prediction_id, request_id, model_version, label, confidence, stats, photo=None):
         """Store a prediction; `photo`: the sha256 of its kept upload, whose file the caller writes
-        (save_photo) before this and again after it: a removal of the last other row naming the
+        (kept.save) before this and again after it: a removal of the last other row naming the
         same photo (_forget_unreferenced) either sees this row or ends before it is stored."""
         with self._transaction() as conn:
             if photo is not None:
@@ -270,7 +211,7 @@ class Store:
         """Delete the files under `folder` written before `older_than` (Unix time) that no row
         names (an upload whose row was never stored: the insert failed, or the process died
         between the two) and the `.partial-*` files a write killed midway left. How many."""
-        photos, partial = old_files(folder, older_than)
+        photos, partial = kept.old_files(folder, older_than)
         for path in partial:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
@@ -293,7 +234,7 @@ class Store:
             self._lock_photo(conn, sha256)
             named = conn.execute("SELECT 1 FROM predictions WHERE photo = ? LIMIT 1", (sha256,)).fetchone()
             if folder and not named:
-                remove_photo(folder, sha256)
+                kept.remove(folder, sha256)
                 removed += 1
         return removed
 

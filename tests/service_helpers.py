@@ -13,7 +13,13 @@ from prometheus_client.parser import text_string_to_metric_families
 import catdog
 import harness
 import serve
-from harness import export_tiny_model, free_port, png_chunks, synthetic_photo, wait_ready
+from harness import (
+    export_tiny_model,
+    free_port,
+    png_chunks,
+    synthetic_photo,
+    wait_ready,
+)
 
 __all__ = ["ROOT", "SHARED", "Server", "client_of", "export_tiny_model", "free_port", "in_process", "photo_files",
            "png_chunks", "sample", "scrape", "served", "synthetic_photo", "tiny_model", "upload", "wait_ready"]

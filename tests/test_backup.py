@@ -13,7 +13,14 @@ import pytest
 
 import backup
 from harness import PostgresServer, why_no_postgres
-from service_helpers import ROOT, in_process, photo_files, synthetic_photo, tiny_model, upload
+from service_helpers import (
+    ROOT,
+    in_process,
+    photo_files,
+    synthetic_photo,
+    tiny_model,
+    upload,
+)
 
 
 def write_traffic(client, count=12, seed=0):

@@ -20,6 +20,7 @@ import catdog
 import evaluate
 import harness
 import harvest
+import kept
 import preprocess
 import store as stores
 from conftest import near_copy, photo_bytes, sha
@@ -42,7 +43,7 @@ def read_csv(path):
 def keep(db, folder, prediction_id, data, predicted, label=None):
     """A prediction whose photo the service kept, and its staff feedback when `label` is given."""
     store = stores.SQLiteStore(db)
-    stores.save_photo(folder, sha(data), data)
+    kept.save(folder, sha(data), data)
     store.record_prediction(prediction_id, prediction_id, "v1", predicted, 0.9,
                             {"width": 1, "height": 1, "brightness": 0.5}, photo=sha(data))
     if label:
@@ -76,12 +77,12 @@ def test_harvest_writes_exactly_the_kept_photos_with_their_labels(tmp_path, caps
     keep(db, folder, "p3", other, predicted="cat", label="other")   # corrected to neither
     keep(db, folder, "p4", photo_bytes(4), predicted="cat")         # no feedback yet: not harvested
     keep(db, folder, "p5", photo_bytes(5), predicted="cat", label="dog")
-    os.remove(stores.photo_path(folder, sha(photo_bytes(5))))        # its file lost
+    os.remove(kept.path_of(folder, sha(photo_bytes(5))))        # its file lost
     keep(db, folder, "p6", photo_bytes(6), predicted="cat", label="dog")
-    with open(stores.photo_path(folder, sha(photo_bytes(6))), "wb") as f:
+    with open(kept.path_of(folder, sha(photo_bytes(6))), "wb") as f:
         f.write(b"other bytes than its name says")
     keep(db, folder, "p7", photo_bytes(7), predicted="cat", label="dog")
-    locked = stores.photo_path(folder, sha(photo_bytes(7)))  # the service's file (0600), another user's
+    locked = kept.path_of(folder, sha(photo_bytes(7)))  # the service's file (0600), another user's
 
     def open_as_another_user(path, *args, **kwargs):
         if path == locked:
@@ -150,7 +151,7 @@ def test_a_harvest_is_versioned_by_dvc_and_a_fresh_clone_gets_it_back(tmp_path):
     harvest that git commit + dvc push carry, and a clone's make data asks for dvc pull until it
     has it; a harvest folder that is not what data/feedback.dvc records is refused."""
     repo, remote = tmp_path / "repo", tmp_path / "remote"
-    for name in ("Makefile", ".gitignore", "harvest.py", "store.py", "catdog.py", "data/feedback.dvc"):
+    for name in ("Makefile", ".gitignore", "harvest.py", "store.py", "kept.py", "catdog.py", "data/feedback.dvc"):
         os.makedirs(os.path.dirname(repo / name), exist_ok=True)
         shutil.copy(os.path.join(catdog.ROOT, name), repo / name)
     (repo / "dvc.yaml").write_text("stages:\n  data:\n    cmd: find data/feedback -name '*.jpg' | sort > data/trained\n"
@@ -344,7 +345,7 @@ def test_the_store_file_is_the_one_the_service_wrote(loop):
     """The harvest read the service's own SQLite file (DB_PATH), and the photos beside it."""
     db = loop["tmp"] / "var" / "catdog.db"
     with sqlite3.connect(db) as conn:
-        kept = {row[0] for row in conn.execute("SELECT photo FROM predictions WHERE photo IS NOT NULL")}
-    assert kept == {sha(data) for data in loop["sent"].values()}
-    for photo in kept:
-        assert os.path.isfile(stores.photo_path(str(db.parent / "photos"), photo))
+        named = {row[0] for row in conn.execute("SELECT photo FROM predictions WHERE photo IS NOT NULL")}
+    assert named == {sha(data) for data in loop["sent"].values()}
+    for photo in named:
+        assert os.path.isfile(kept.path_of(str(db.parent / "photos"), photo))

@@ -21,7 +21,15 @@ from PIL import Image
 
 import catdog
 import preprocess
-from conftest import ROOT, SHARED_SAMPLE, near_copy, photo_bytes, read_tree, sha, synthetic_photo
+from conftest import (
+    ROOT,
+    SHARED_SAMPLE,
+    near_copy,
+    photo_bytes,
+    read_tree,
+    sha,
+    synthetic_photo,
+)
 
 GOOD_PER_CLASS = 20  # 80/10/10 -> 16/2/2 per class
 DROPPED = {"empty": 1, "corrupt": 1, "not_an_image": 1, "thumbs_db": 1, "too_small": 1,

@@ -11,9 +11,18 @@ import uuid
 import numpy as np
 import pytest
 
+import kept
 import store
 from harness import PostgresServer, why_no_postgres
-from service_helpers import Server, in_process, photo_files, sample, synthetic_photo, tiny_model, upload
+from service_helpers import (
+    Server,
+    in_process,
+    photo_files,
+    sample,
+    synthetic_photo,
+    tiny_model,
+    upload,
+)
 
 STATS = {"width": 320, "height": 240, "brightness": 0.5}
 
@@ -164,7 +173,7 @@ def test_retention_prunes_old_and_surplus_predictions_with_their_feedback(opened
 def keep(opened, folder, prediction_id, data, age_s=0.0):
     """A prediction whose upload `data` is kept, as serve.py keeps one, made `age_s` seconds ago."""
     sha = hashlib.sha256(data).hexdigest()
-    store.save_photo(folder, sha, data)
+    kept.save(folder, sha, data)
     opened.record_prediction(prediction_id, prediction_id, "v1", "cat", 0.9, STATS, photo=sha)
     opened._write("UPDATE predictions SET time = ? WHERE id = ?", (time.time() - age_s, prediction_id))
     return sha
@@ -176,8 +185,8 @@ def test_kept_photos_are_one_file_each_and_leave_with_the_last_row_naming_them(o
     assert keep(opened, folder, "p2", b"photo one") == same  # the same bytes again: the same file
     other = keep(opened, folder, "p3", b"photo two")
     assert sorted(photo_files(folder)) == sorted([same, other])
-    assert open(store.photo_path(folder, same), "rb").read() == b"photo one"
-    assert store.photo_path(folder, same) == os.path.join(folder, same[:2], same)
+    assert open(kept.path_of(folder, same), "rb").read() == b"photo one"
+    assert kept.path_of(folder, same) == os.path.join(folder, same[:2], same)
     assert opened.drop_photo("p1", folder) is True and sorted(photo_files(folder)) == sorted([same, other])  # p2 too
     assert opened.drop_photo("p1", folder) is False  # idempotent
     assert opened.drop_photo("nope", folder) is None
@@ -225,12 +234,12 @@ def test_old_files_no_row_names_and_stale_partial_files_are_swept(opened, tmp_pa
     named = keep(opened, folder, "p1", b"a kept photo")
     orphans = [hashlib.sha256(data).hexdigest() for data in (b"insert failed", b"just written")]
     for sha, data in zip(orphans, (b"insert failed", b"just written")):
-        store.save_photo(folder, sha, data)
+        kept.save(folder, sha, data)
     partial = [os.path.join(folder, named[:2], f".partial-{i}") for i in range(2)]
     for path in partial:
         open(path, "wb").close()
     hour_ago = time.time() - 3600
-    for path in (store.photo_path(folder, named), store.photo_path(folder, orphans[0]), partial[0]):
+    for path in (kept.path_of(folder, named), kept.path_of(folder, orphans[0]), partial[0]):
         os.utime(path, (hour_ago, hour_ago))
     (tmp_path / "photos" / "notes.txt").write_text("not a photo")  # the sweep deletes photos only
     assert opened.sweep_photos(folder, time.time() - 60) == 2  # the old orphan and the old partial file
