@@ -148,7 +148,7 @@ data: setup  ## photos (+ data/feedback) -> validated, deduplicated, split data/
 # PHOTOS_DIR, as serve.py reads them) -> data/feedback/{cat,dog,other}/ + manifest.csv, recorded
 # in data/feedback.dvc; the next `make data` takes them into the training split
 # (docs/operations.md, "Harvest": run it as the user that runs make data).
-harvest: setup  ## kept photos + staff labels from the store -> data/feedback/ + data/feedback.dvc (make data trains on them)
+harvest: setup  ## kept photos + staff labels from the store (DB_PATH or DATABASE_URL, PHOTOS_DIR) -> data/feedback/ + its .dvc
 	$(PY) harvest.py
 	$(DVC) add --quiet data/feedback
 	@echo "harvest: recorded in $(FEEDBACK_RECORD). Inspect it (docs/operations.md, Harvest), then make data train," \
@@ -222,7 +222,7 @@ post-eval: setup  ## accuracy of the running service at URL from labelled photos
 # settings from the environment), each answered as POST /predict answers it, into OUT (.csv, or
 # .jsonl for JSON lines); accuracy when the names carry labels; photos per second. PREDICT_ARGS:
 # more predict.py options ("--compare": the same photos one by one to a local /predict too).
-predict: setup  ## score every file under DIR offline into OUT (CSV or JSON lines), as /predict answers it
+predict: setup  ## score every file under DIR offline into OUT (CSV or JSON lines) as /predict would (PREDICT_ARGS=--compare)
 	@test -n "$(DIR)" || { echo "make predict DIR=folder [OUT=predictions.csv]: name the folder of photos" >&2; exit 1; }
 	$(PY) predict.py "$(DIR)" --out "$(or $(OUT),predictions.csv)" $(PREDICT_ARGS)
 

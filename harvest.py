@@ -51,7 +51,7 @@ def open_kept(environ):
     if kind == stores.SQLiteStore.kind and not os.path.isfile(db_path):
         raise SystemExit(f"harvest: no store at {where}: the file does not exist (set DB_PATH to the service's)")
     try:
-        store = stores.open_store(url, db_path, max_connections=1)
+        store = stores.open_store(url, db_path, max_connections=1, read_only=True)
     except Exception as e:  # an unreachable server, a refused password, a file that is no database
         raise SystemExit(f"harvest: cannot read the store at {where}: {e}") from None
     try:

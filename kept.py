@@ -43,7 +43,7 @@ def checked_folder(mode, confirmed_share, photos_dir, db_path, database_url):
         raise ValueError(f"KEEP_PHOTOS={mode}: {e}") from e
     if mode != "off":
         try:
-            os.makedirs(folder, exist_ok=True)
+            os.makedirs(folder, mode=0o700, exist_ok=True)  # photos of people's pets, at times of people
             with tempfile.TemporaryFile(dir=folder):
                 pass
         except OSError as e:
@@ -72,7 +72,7 @@ def save(folder, sha256, data):
     path = path_of(folder, sha256)
     if os.path.exists(path):
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".partial-")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -116,6 +116,7 @@ class Rows:
 
     def __init__(self, path, fmt, version):
         self.version = version
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.f = open(path, "w", newline="", encoding="utf-8")
         self.csv = csv.DictWriter(self.f, CSV_FIELDS) if fmt == "csv" else None
         if self.csv:
@@ -186,7 +187,7 @@ def summarise(rows, listed):
         skipped = sum(1 for row in failed if row["truth"])
         lines.append(f"accuracy {right / len(labelled):.2%} (95 % Wilson interval {low:.2%} to {high:.2%}): "
                      f"{right} of {len(labelled)} photos labelled by their names right"
-                     + (f"; {skipped} labelled files unreadable" if skipped else ""))
+                     + (f"; {skipped} labelled {'file' if skipped == 1 else 'files'} unreadable" if skipped else ""))
     return lines
 
 

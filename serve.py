@@ -102,9 +102,17 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ=os.environ):
-        """The settings given by environment variables (PORT, MODEL_PATH, ...), defaults for the rest."""
-        return cls(**{field.name: type(field.default)(environ[field.name.upper()])
-                      for field in dataclasses.fields(cls) if field.name.upper() in environ})
+        """The settings given by environment variables (PORT, MODEL_PATH, ...), defaults for the
+        rest; Refused naming the variable whose value is not of its type."""
+        values = {}
+        for field in dataclasses.fields(cls):
+            name, kind = field.name.upper(), type(field.default)
+            if name in environ:
+                try:
+                    values[field.name] = kind(environ[name])
+                except ValueError:
+                    raise Refused(f"{name}={environ[name]!r}: not a number ({kind.__name__})") from None
+        return cls(**values)
 
     @property
     def max_upload_bytes(self):
@@ -871,9 +879,9 @@ def handle_signals(server, service):
 def main():
     upload.tune_malloc()
     log_libraries_as_json("psycopg")
-    settings = Settings.from_env()
-    database = stores.redacted(settings.database_url) if settings.database_url else settings.db_path
     try:
+        settings = Settings.from_env()
+        database = stores.redacted(settings.database_url) if settings.database_url else settings.db_path
         service = Service(settings)
     except Refused as e:
         log(event="settings_refused", error=str(e))

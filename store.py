@@ -14,6 +14,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 
 import kept
 
@@ -274,10 +275,15 @@ class SQLiteStore(Store):
     kind = "sqlite"
     unavailable = (sqlite3.OperationalError,)  # locked past the timeout, disk full, file gone
 
-    def __init__(self, path):
+    def __init__(self, path, read_only=False):
+        """read_only: an existing file, opened so that nothing is written (no WAL switch, no migration)."""
+        self._lock = threading.Lock()
+        if read_only:
+            self._conn = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro", uri=True,
+                                         check_same_thread=False, isolation_level=None, timeout=10)
+            return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._lock = threading.Lock()
         # WAL: readers never block the writer. synchronous=NORMAL: a commit survives the
         # process being killed (kill -9, OOM); only a power cut can lose the last few.
         self._switch_to_wal()
@@ -338,7 +344,7 @@ class PostgresStore(Store):
     kind = "postgresql"
     MIGRATION_LOCK = 7_362_836  # pg_advisory_xact_lock key: one replica migrates, the others wait
 
-    def __init__(self, url, max_connections=10, start_timeout_s=10.0, wait_s=2.0):
+    def __init__(self, url, max_connections=10, start_timeout_s=10.0, wait_s=2.0, migrate=True):
         """Connect within start_timeout_s or fail (a replica without its database must not
         start); a request waits at most wait_s for a connection while the database is away."""
         import psycopg
@@ -350,7 +356,8 @@ class PostgresStore(Store):
             kwargs={"connect_timeout": max(1, round(wait_s))})
         try:
             self._pool.open(wait=True, timeout=start_timeout_s)
-            self.migrate()
+            if migrate:
+                self.migrate()
         except BaseException:
             self._pool.close()
             raise
@@ -382,11 +389,20 @@ def kind_of(database_url):
     return PostgresStore.kind if database_url else SQLiteStore.kind
 
 
-def open_store(database_url, db_path, max_connections=10):
-    """PostgresStore of database_url when it is set, else the SQLite file at db_path."""
+def open_store(database_url, db_path, max_connections=10, read_only=False):
+    """PostgresStore of database_url when it is set, else the SQLite file at db_path. read_only:
+    a reader's (harvest.py's): an existing store of this code's schema, left as it is (nothing
+    created or migrated), else ValueError: a wrong path must not pass for an empty store."""
     if kind_of(database_url) == PostgresStore.kind:
-        return PostgresStore(database_url, max_connections)
-    return SQLiteStore(db_path)
+        store = PostgresStore(database_url, max_connections, migrate=not read_only)
+    else:
+        store = SQLiteStore(db_path, read_only)
+    if read_only and (found := store.version) != LATEST:
+        store.close()
+        why = ("it has no catdog tables" if found == 0 else "start the service of this code once to migrate it"
+               if found < LATEST else "a newer catdog wrote it")
+        raise ValueError(f"not a catdog store of this code's schema (version {found}, this code's {LATEST}): {why}")
+    return store
 
 
 def redacted(url):

@@ -59,6 +59,13 @@ def test_harvest_refuses_a_store_it_cannot_read(tmp_path):
     (tmp_path / "garbage.db").write_bytes(b"not a database " * 100)
     with pytest.raises(SystemExit, match="cannot read the store at DB_PATH=.*garbage.db"):
         harvest.main(["--out", str(tmp_path / "out")], {"DB_PATH": str(tmp_path / "garbage.db")})
+    unrelated = tmp_path / "mlflow.db"  # a database, but not the store: refused, and left as it was
+    with sqlite3.connect(unrelated) as conn:
+        conn.execute("CREATE TABLE runs (id TEXT)")
+    before = unrelated.read_bytes()
+    with pytest.raises(SystemExit, match="mlflow.db: not a catdog store .*version 0.*: it has no catdog tables"):
+        harvest.main(["--out", str(tmp_path / "out")], {"DB_PATH": str(unrelated)})
+    assert unrelated.read_bytes() == before
     with pytest.raises(SystemExit, match="needs PHOTOS_DIR"):
         harvest.main([], {"DATABASE_URL": "postgresql://catdog@127.0.0.1:1/catdog"})
     db = str(tmp_path / "var" / "catdog.db")

@@ -1068,3 +1068,5 @@ def test_keeping_photos_refuses_to_start_without_a_usable_folder(tmp_path):
                          timeout=60, check=False)
     refused = [json.loads(line) for line in out.stdout.splitlines() if "settings_refused" in line]
     assert out.returncode == 1 and refused and str(tmp_path / "a-file") in refused[0]["error"], out.stdout + out.stderr
+    with pytest.raises(serve.Refused, match=re.escape("KEEP_PENDING_HOURS='a day': not a number (float)")):
+        serve.Settings.from_env({"KEEP_PENDING_HOURS": "a day"})
