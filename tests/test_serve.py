@@ -106,7 +106,7 @@ def test_settings_come_from_the_environment_in_one_place():
     hard_limit = [uploads.waitress_body_limits(s)["max_request_body_size"]
                   for s in (given, dataclasses.replace(given, max_upload_mb=100))]
     assert hard_limit == [64 << 20, 400 << 20]  # waitress's own cap: far above the app's
-    with pytest.raises(ValueError):
+    with pytest.raises(serve.Refused, match=re.escape("PORT='eighty': not a number (int)")):  # named, not a traceback
         serve.Settings.from_env({"PORT": "eighty"})
 
 
