@@ -325,6 +325,10 @@ class Metrics:
             self.predictions.labels(label)
         for correct in ("true", "false"):
             self.feedback.labels(correct)
+        # KEEP_PHOTOS wanted an upload kept and its file could not be written (a full or read-only
+        # PHOTOS_DIR): the answer went out, the staff correction will train nothing. Alerted on.
+        self.photos_not_kept = Counter("catdog_photos_not_kept", "Uploads KEEP_PHOTOS could not write to PHOTOS_DIR.",
+                                       registry=registry)
         self.batch_size = Histogram("catdog_inference_batch_size", "Images per ONNX Runtime run.",
                                     buckets=BATCH_BUCKETS, registry=registry)
         registry.register(self)  # collect()
@@ -503,6 +507,7 @@ class Service:
         try:
             kept.save(self.photos, photo, data)
         except OSError as e:
+            self.metrics.photos_not_kept.inc()
             log(event="photo_not_kept", folder=self.photos, error=f"{type(e).__name__}: {e}")
             return None
         return photo

@@ -949,6 +949,23 @@ def test_with_keep_photos_off_nothing_is_written_or_hashed(tmp_path, monkeypatch
         service.close()
 
 
+def test_a_photo_that_cannot_be_written_is_answered_logged_and_counted(tmp_path, capsys):
+    """PHOTOS_DIR gone bad after the start (here a file where the folder was: root writes
+    anywhere, so no chmod): the prediction is still answered and stored, without a photo, and
+    catdog_photos_not_kept_total counts it for the CatdogPhotosNotKept alert."""
+    client, service = in_process(tiny_model(), str(tmp_path / "catdog.db"), keep_photos="all",
+                                 photos_dir=str(tmp_path / "kept"))
+    try:
+        os.rmdir(tmp_path / "kept")
+        (tmp_path / "kept").write_text("not a folder")
+        answer = predict(client, synthetic_photo(np.random.default_rng(59), "cat"))
+        assert answer.status_code == 200 and photo_column(tmp_path / "catdog.db") == {answer.json["prediction_id"]: None}
+        assert "catdog_photos_not_kept_total 1.0" in client.get("/metrics").text
+        assert '"event": "photo_not_kept"' in capsys.readouterr().out
+    finally:
+        service.close()
+
+
 def test_corrected_keeps_the_corrections_and_a_share_of_the_confirmations_by_sha256(tmp_path):
     share = 0.5
     client, service = in_process(tiny_model(), str(tmp_path / "catdog.db"), keep_photos="corrected",
