@@ -139,7 +139,7 @@ data: setup  ## photos (+ data/feedback) -> validated, deduplicated, split data/
 	  fi; \
 	  chmod 700 data/feedback; \
 	fi
-	@$(DVC) commit --quiet $(FEEDBACK_RECORD) </dev/null 2>/dev/null || { $(DVC) status $(FEEDBACK_RECORD) >&2 || true; \
+	@$(DVC) commit --quiet $(FEEDBACK_RECORD) </dev/null || { $(DVC) status $(FEEDBACK_RECORD) >&2 || true; \
 	  echo "data/feedback is not the harvest $(FEEDBACK_RECORD) records: make harvest (or $(VENV)/bin/dvc add" \
 	    "data/feedback) records it; $(VENV)/bin/dvc checkout $(FEEDBACK_RECORD) goes back to the recorded one" >&2; exit 1; }
 	DATA_SOURCE="$(DATA_SOURCE)" $(DVC) repro $(if $(filter command line environment,$(origin DATA_SOURCE)),--force) --single-item data

@@ -720,7 +720,8 @@ def feedback():
         return error(409, "feedback_exists", f"this prediction's feedback is already recorded ({on_record}); it is kept")
     if stored:  # the metric counts stored feedback, as the database does
         service.metrics.feedback.labels("true" if predicted == truth else "false").inc()
-    service.settle_photo(prediction_id, predicted, truth)  # also when not stored now: a retry finishes it
+    if stored:  # a retry must not judge again a photo settled before, under another KEEP_PHOTOS maybe
+        service.settle_photo(prediction_id, predicted, truth)
     g.label = truth
     return jsonify(request_id=key, prediction_id=prediction_id, label=truth, predicted=predicted,
                    correct=predicted == truth, recorded=stored)

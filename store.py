@@ -279,8 +279,12 @@ class SQLiteStore(Store):
         """read_only: an existing file, opened so that nothing is written (no WAL switch, no migration)."""
         self._lock = threading.Lock()
         if read_only:
-            self._conn = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro", uri=True,
-                                         check_same_thread=False, isolation_level=None, timeout=10)
+            # With no -wal file nobody has it open and it holds every commit: immutable, else a
+            # read-only open would leave -wal and -shm files of this user, which the service's
+            # user could not open at its next start. With one, the service is (or was) running.
+            immutable = "" if os.path.exists(path + "-wal") else "&immutable=1"
+            self._conn = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro{immutable}",
+                                         uri=True, check_same_thread=False, isolation_level=None, timeout=10)
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
@@ -353,7 +357,8 @@ class PostgresStore(Store):
         self.unavailable = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
         self._pool = psycopg_pool.ConnectionPool(
             url, min_size=1, max_size=max_connections, timeout=wait_s, open=False, name="catdog",
-            kwargs={"connect_timeout": max(1, round(wait_s))})
+            kwargs={"connect_timeout": max(1, round(wait_s)),
+                    **({} if migrate else {"options": "-c default_transaction_read_only=on"})})
         try:
             self._pool.open(wait=True, timeout=start_timeout_s)
             if migrate:

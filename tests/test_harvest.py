@@ -66,6 +66,15 @@ def test_harvest_refuses_a_store_it_cannot_read(tmp_path):
     with pytest.raises(SystemExit, match="mlflow.db: not a catdog store .*version 0.*: it has no catdog tables"):
         harvest.main(["--out", str(tmp_path / "out")], {"DB_PATH": str(unrelated)})
     assert unrelated.read_bytes() == before
+    # The service's own store, stopped: read without leaving a -wal or -shm file of this user,
+    # which the service's user could not open at its next start.
+    served = tmp_path / "served" / "catdog.db"
+    keep(str(served), str(tmp_path / "served" / "photos"), "p0", photo_bytes(0), "dog", "cat")
+    files = sorted(os.listdir(served.parent))
+    before = served.read_bytes()
+    assert [row["prediction_id"] for row in harvest.open_kept({"DB_PATH": str(served), "PHOTOS_DIR": str(
+        tmp_path / "served" / "photos")})[0]] == ["p0"]
+    assert sorted(os.listdir(served.parent)) == files and served.read_bytes() == before
     with pytest.raises(SystemExit, match="needs PHOTOS_DIR"):
         harvest.main([], {"DATABASE_URL": "postgresql://catdog@127.0.0.1:1/catdog"})
     db = str(tmp_path / "var" / "catdog.db")

@@ -1064,6 +1064,8 @@ def test_a_verdict_after_keeping_is_switched_off_drops_the_photo_an_earlier_mode
         assert sorted(photo_files(service.photos)) == sorted(map(sha, photos))
         assert client.post("/feedback", json={"prediction_id": pending, "label": "dog"}).status_code == 200
         assert list(photo_files(service.photos)) == [sha(photos[0])]  # else harvested once judged
+        # The kept one's verdict sent again (a double click) does not judge it again under off.
+        assert client.post("/feedback", json={"prediction_id": kept, "label": "dog"}).json["recorded"] is False
         assert photo_column(db_path) == {kept: sha(photos[0]), pending: None}
     finally:
         service.close()

@@ -204,8 +204,8 @@ def test_pending_photos_expire_and_kept_ones_stay_until_retention(opened, tmp_pa
     fresh = keep(opened, folder, "fresh", b"just uploaded")
     assert opened.expire_photos(time.time() - 3600, folder) == 2  # pending-shared and stale
     assert sorted(photo_files(folder)) == sorted([judged, fresh])  # the judged row still names the shared file
-    (kept,) = opened.kept_photos()
-    assert (kept["prediction_id"], kept["label"], kept["predicted"], kept["photo"]) == ("judged", "dog", "cat", judged)
+    (row,) = opened.kept_photos()
+    assert (row["prediction_id"], row["label"], row["predicted"], row["photo"]) == ("judged", "dog", "cat", judged)
     assert opened.expire_photos(time.time() - 3600, folder) == 0
     assert stale not in photo_files(folder)
     # Retention takes a photo's file with the last row naming it.
@@ -305,9 +305,9 @@ def test_replicas_sharing_photos_dir_settle_a_photo_uploaded_to_the_other(tmp_pa
             r = two.post("/feedback", json={"prediction_id": answer["prediction_id"], "label": truth})
             assert r.status_code == 200, r.text
         shared = store.PostgresStore(database_url)
-        kept = [row["prediction_id"] for row in shared.kept_photos()]
+        kept_ids = [row["prediction_id"] for row in shared.kept_photos()]
         shared.close()
-        assert kept == [corrected["prediction_id"]]
+        assert kept_ids == [corrected["prediction_id"]]
         assert len(photo_files(photos)) == 1 and two.get("/health").json()["keep_photos"] == "corrected"
     finally:
         for replica in replicas:
@@ -389,3 +389,21 @@ def test_a_database_outage_answers_503_and_the_replica_recovers(tmp_path):
         service.close()
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_read_only_store_reads_the_kept_photos_and_writes_nothing(kind, tmp_path, request):
+    """harvest.py's store: an existing one, read as the service wrote it, and refusing every write."""
+    url, path = (request.getfixturevalue("database_url"), "") if kind == "postgresql" else ("", str(tmp_path / "c.db"))
+    stats = {"width": 1, "height": 1, "brightness": 0.5}
+    writer = store.open_store(url, path)
+    writer.record_prediction("p", "p", "v1", "cat", 0.9, stats, photo="ab" * 32)
+    writer.record_feedback("p", "dog")
+    writer.close()
+    reader = store.open_store(url, path, read_only=True)
+    try:
+        assert [(row["prediction_id"], row["label"]) for row in reader.kept_photos()] == [("p", "dog")]
+        with pytest.raises(Exception, match="read-only|readonly"):
+            reader.record_prediction("q", "q", "v1", "cat", 0.9, stats)
+    finally:
+        reader.close()
