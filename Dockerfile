@@ -57,7 +57,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 WORKDIR /app
 # Owned by root and read-only to the service: code and model cannot change at run time.
-COPY catdog.py serve.py upload.py store.py kept.py openapi.yaml ./
+COPY catdog.py serve.py upload.py monitor.py store.py kept.py openapi.yaml ./
 COPY static/ static/
 # MODEL_CARD.md (GET /model-card) is written by training beside the model; the build fails without
 # it, as without the model (make smoke-model's tiny model writes one too).
