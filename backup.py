@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import datetime
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -34,6 +33,7 @@ import sys
 import tarfile
 import urllib.parse
 
+import catdog
 import kept
 import store as stores
 
@@ -72,7 +72,7 @@ def store_source(environ):
         kind = stores.kind_of(url)
     except ValueError as e:
         raise Refused(f"DATABASE_URL={stores.redacted(url)}: {e}") from e
-    return Source("store", kind, url if url else environ.get("DB_PATH") or stores.DEFAULT_DB_PATH)
+    return Source("store", kind, url if url else stores.db_path_of(environ))
 
 
 def photos_source(environ, held=None):
@@ -84,8 +84,7 @@ def photos_source(environ, held=None):
         return None
     mode = environ.get("KEEP_PHOTOS", "off")
     try:
-        folder = kept.folder_of(environ.get("PHOTOS_DIR", ""), environ.get("DB_PATH") or stores.DEFAULT_DB_PATH,
-                                      environ.get("DATABASE_URL", ""))
+        folder = stores.photos_folder_of(environ)
     except ValueError as e:
         if mode == "off" and not held:
             return None
@@ -99,8 +98,6 @@ def mlflow_sources(environ):
     """MLflow's database and artifacts folder, from MLFLOW_TRACKING_URI and MLFLOW_ARTIFACTS_DIR."""
     uri = environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        import catdog  # numpy and Pillow: only for the project's default
-
         uri = catdog.TRACKING_URI
     artifacts = environ.get("MLFLOW_ARTIFACTS_DIR", "")
     scheme, _, rest = uri.partition("://")
@@ -153,6 +150,8 @@ def connect(source, readonly=False):
         if readonly and not os.access(source.location, os.R_OK):
             raise Refused(f"{source.name}: no readable SQLite file at {source.location}")
         os.makedirs(os.path.dirname(os.path.abspath(source.location)), exist_ok=True)
+        # A plain read-only open (not store.read_only_uri's immutable one): the online backup
+        # must take SQLite's locks to copy a database the service or MLflow writes meanwhile.
         uri = f"file:{urllib.parse.quote(os.path.abspath(source.location))}?mode={'ro' if readonly else 'rwc'}"
         return contextlib.closing(sqlite3.connect(uri, uri=True, isolation_level=None))
     import psycopg
@@ -202,10 +201,15 @@ def run_tool(name, *args, url=None):
 def kept_photos(store):
     """The sha256 of every photo a row with staff feedback names in the `store` source's database:
     the kept photos (pending uploads nobody judged, and half-written files, are no part of a backup)."""
-    with connect(store, readonly=True) as conn:
-        return sorted(row[0] for row in conn.execute(
-            "SELECT DISTINCT p.photo FROM predictions p JOIN feedback f ON f.prediction_id = p.id "
-            "WHERE p.photo IS NOT NULL").fetchall())
+    url, path = (store.location, "") if store.kind == "postgresql" else ("", store.location)
+    try:
+        reader = stores.open_store(url, path, max_connections=1, read_only=True)
+    except ValueError as e:  # a store of another schema: its photos cannot be told apart
+        raise Refused(f"{store.name}: {store.shown}: {e}") from e
+    try:
+        return sorted({row["photo"] for row in reader.kept_photos()})
+    finally:
+        reader.close()
 
 
 def dump(source, target, photos=None):
@@ -283,14 +287,6 @@ def readable(source, artifacts=None):
 
 
 # ---------------------------------------------------------------- backup, check, restore
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def backup(dest, environ, only=None):
     """Every part into the new or empty folder `dest`, manifest.json last (a folder without one
     is an unfinished backup, which check and restore refuse). The manifest."""
@@ -308,7 +304,7 @@ def backup(dest, environ, only=None):
         photos = kept_photos(parts[0]) if source.name == "store-photos" else None  # parts[0]: the store, read first
         counts = dump(source, path, photos)
         entries.append({"name": source.name, "kind": source.kind, "source": source.shown, "file": source.file,
-                        "bytes": os.path.getsize(path), "sha256": sha256(path), "rows": counts})
+                        "bytes": os.path.getsize(path), "sha256": catdog.sha256_file(path), "rows": counts})
         print(f"{source.name}: {source.shown} -> {path} ({os.path.getsize(path)} bytes, {counts})")
     manifest = {"started": started, "finished": now(), "parts": entries}
     with open(os.path.join(dest, MANIFEST), "w") as f:
@@ -330,7 +326,7 @@ def check(folder):
         manifest = json.load(f)
     for entry in manifest["parts"]:
         file = os.path.join(folder, entry["file"])
-        if not os.path.isfile(file) or os.path.getsize(file) != entry["bytes"] or sha256(file) != entry["sha256"]:
+        if not os.path.isfile(file) or os.path.getsize(file) != entry["bytes"] or catdog.sha256_file(file) != entry["sha256"]:
             raise Refused(f"{entry['name']}: {file} is missing or differs from the size and sha256 in {path}")
         if entry["kind"] == "sqlite":
             with connect(Source(entry["name"], "sqlite", file), readonly=True) as conn:

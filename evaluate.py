@@ -12,6 +12,7 @@ keeps its older names for the test split's figures (accuracy, log_loss, ...: mod
 """
 import csv
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -306,7 +307,7 @@ class Evaluation:
     def labels(self):
         return labels_of(self.items)
 
-    @property
+    @functools.cached_property
     def slices(self):
         """{slice: bool array over the photos} of each SLICES rule."""
         return {name: np.array([rule(s) for s in self.stats], dtype=bool) for name, (_, rule) in SLICES.items()}
@@ -338,9 +339,10 @@ def original_photos(items, data_dir):
     where it is on this machine: the service sees originals, of any size, not 224 px copies."""
     manifest = manifest_path(data_dir)
     originals = {row["path"]: row["photo"] for row in catdog.read_manifest(manifest)} if manifest else {}
-    found = [originals.get(os.path.normpath(os.path.abspath(path))) for path, _ in items]
+    keys = [os.path.normpath(os.path.abspath(path)) for path, _ in items]
+    found = [originals.get(key) for key in keys]
     # read_manifest names the copy itself when its original is not on this machine.
-    if missing := sum(photo is None or os.path.samefile(photo, path) for photo, (path, _) in zip(found, items)):
+    if missing := sum(photo in (None, key) for photo, key in zip(found, keys)):
         # Said aloud: on copies the small, wide and tall slices come out empty and go unjudged.
         print(f"warning: {missing} of {len(items)} test photos have no original on this machine (data/manifest.csv "
               "names them): they are measured as their 224 px copies, so the slices by size and shape miss them",

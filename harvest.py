@@ -40,14 +40,14 @@ COLUMNS = ("prediction_id", "model_version", "label", "predicted", "date", "sha2
 def open_kept(environ):
     """(kept photos of store.Store.kept_photos, the photos folder) of the store the service
     would open with these variables; SystemExit naming what is wrong when it cannot be read."""
-    url, db_path = environ.get("DATABASE_URL", ""), environ.get("DB_PATH") or stores.DEFAULT_DB_PATH
+    url, db_path = environ.get("DATABASE_URL", ""), stores.db_path_of(environ)
     try:
         kind = stores.kind_of(url)
-        folder = kept.folder_of(environ.get("PHOTOS_DIR", ""), db_path, url)
+        folder = stores.photos_folder_of(environ)
     except ValueError as e:
         raise SystemExit(f"harvest: {e}") from None
     where = f"DATABASE_URL={stores.redacted(url)}" if url else f"DB_PATH={db_path}"
-    # Opening a SQLite path creates the file: a mistyped DB_PATH would harvest nothing, silently.
+    # A read-only open of a missing file fails with SQLite's bare "unable to open database file": say which setting.
     if kind == stores.SQLiteStore.kind and not os.path.isfile(db_path):
         raise SystemExit(f"harvest: no store at {where}: the file does not exist (set DB_PATH to the service's)")
     try:

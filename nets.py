@@ -282,12 +282,16 @@ def export_onnx(model, meta, path=MODEL_ONNX):
     """ONNX (opset 17, dynamic batch) mapping a normalised batch to catdog.ONNX_OUTPUTS: cat/dog
     logits (n, 2), pet logit (n,) and feature distance (n,), plus the meta JSON beside it,
     which is all the service reads."""
-    crop = meta["preprocess"]["crop"]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.onnx.export(Outputs(model).eval(), torch.zeros(1, 3, crop, crop), path, opset_version=17,
-                      input_names=["image"], output_names=list(catdog.ONNX_OUTPUTS),
-                      dynamic_axes={name: {0: "batch"} for name in ("image", *catdog.ONNX_OUTPUTS)}, dynamo=False)
+    export(Outputs(model).eval(), meta["preprocess"]["crop"], path, list(catdog.ONNX_OUTPUTS))
     catdog.write_json(os.path.splitext(path)[0] + ".json", meta)
+
+
+def export(module, crop, path, outputs):
+    """`module` as ONNX at `path`: opset 17, an image batch of any size -> `outputs` (names)."""
+    torch.onnx.export(module, torch.zeros(1, 3, crop, crop), path, opset_version=17, input_names=["image"],
+                      output_names=outputs, dynamic_axes={name: {0: "batch"} for name in ("image", *outputs)},
+                      dynamo=False)
 
 
 def onnx_session(network, crop):
@@ -300,9 +304,7 @@ def onnx_session(network, crop):
     if network not in SESSIONS:
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "network.onnx")
-            torch.onnx.export(network.cpu().eval(), torch.zeros(1, 3, crop, crop), path, opset_version=17,
-                              input_names=["image"], output_names=["outputs"],
-                              dynamic_axes={"image": {0: "batch"}, "outputs": {0: "batch"}}, dynamo=False)
+            export(network.cpu().eval(), crop, path, ["outputs"])
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()
             SESSIONS[network] = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])

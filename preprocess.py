@@ -284,8 +284,7 @@ def outside_photos(args, report_dir):
         if not os.path.isdir(folder):
             sys.exit(f"--{option} {folder} does not exist: feedback photos cannot be checked against its photos "
                      f"(--{option} \"\" to check without them)")
-        names = sorted(os.path.relpath(os.path.join(d, n), folder) for d, _, files in os.walk(folder)
-                       for n in files if n.lower().endswith(catdog.IMAGE_SUFFIXES))
+        names = [name for name, _ in list_inputs(folder) if name.lower().endswith(catdog.IMAGE_SUFFIXES)]
         rows = decode_all([(i, folder, name, catdog.OTHER, None, args.size, args.resize)
                            for i, name in enumerate(names)], args.workers)
         for row in rows:  # named in duplicate_of as the manifest names sources: relative to its folder

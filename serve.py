@@ -584,9 +584,9 @@ def feedback():
     stored, on_record = service.store.record_feedback(prediction_id, truth)
     if on_record != truth:
         return error(409, "feedback_exists", f"this prediction's feedback is already recorded ({on_record}); it is kept")
-    if stored:  # the metric counts stored feedback, as the database does
+    if stored:  # the metric counts stored feedback, as the database does; a retry must not judge
+        # again a photo settled before (under another KEEP_PHOTOS, maybe)
         service.metrics.feedback.labels("true" if predicted == truth else "false").inc()
-    if stored:  # a retry must not judge again a photo settled before, under another KEEP_PHOTOS maybe
         service.settle_photo(prediction_id, predicted, truth)
     g.label = truth
     return jsonify(request_id=key, prediction_id=prediction_id, label=truth, predicted=predicted,

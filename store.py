@@ -229,12 +229,15 @@ class Store:
     def _forget_unreferenced(self, conn, photos, folder):
         """Remove the files of these photos that no row names any more, each under its lock, taken
         in order (two transactions never wait for each other's): a new row naming one is stored
-        before (and keeps it) or after (and writes it again). How many files went."""
+        before (and keeps it) or after (and writes it again). How many files went (none when no
+        folder is known: then only the rows change)."""
+        if not folder:
+            return 0
         removed = 0
         for sha256 in sorted(photos):
             self._lock_photo(conn, sha256)
             named = conn.execute("SELECT 1 FROM predictions WHERE photo = ? LIMIT 1", (sha256,)).fetchone()
-            if folder and not named:
+            if not named:
                 kept.remove(folder, sha256)
                 removed += 1
         return removed
@@ -279,12 +282,8 @@ class SQLiteStore(Store):
         """read_only: an existing file, opened so that nothing is written (no WAL switch, no migration)."""
         self._lock = threading.Lock()
         if read_only:
-            # With no -wal file nobody has it open and it holds every commit: immutable, else a
-            # read-only open would leave -wal and -shm files of this user, which the service's
-            # user could not open at its next start. With one, the service is (or was) running.
-            immutable = "" if os.path.exists(path + "-wal") else "&immutable=1"
-            self._conn = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro{immutable}",
-                                         uri=True, check_same_thread=False, isolation_level=None, timeout=10)
+            self._conn = sqlite3.connect(read_only_uri(path), uri=True, check_same_thread=False,
+                                         isolation_level=None, timeout=10)
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
@@ -392,6 +391,26 @@ def kind_of(database_url):
     if database_url and not database_url.startswith(("postgresql://", "postgres://")):
         raise ValueError("DATABASE_URL must be a postgresql:// URL")
     return PostgresStore.kind if database_url else SQLiteStore.kind
+
+
+def db_path_of(environ):
+    """The SQLite file the service's environment names: DB_PATH, else DEFAULT_DB_PATH."""
+    return environ.get("DB_PATH") or DEFAULT_DB_PATH
+
+
+def photos_folder_of(environ):
+    """kept.folder_of with the service's variables (PHOTOS_DIR, DB_PATH, DATABASE_URL): the folder
+    serve.py keeps photos in, as harvest.py and backup.py find it."""
+    return kept.folder_of(environ.get("PHOTOS_DIR", ""), db_path_of(environ), environ.get("DATABASE_URL", ""))
+
+
+def read_only_uri(path):
+    """A sqlite3 URI that reads the file at `path` and writes nothing beside it. With no -wal
+    file nobody has it open and it holds every commit: immutable, else a read-only open would
+    leave -wal and -shm files of this user, which the service's user could not open at its next
+    start. With one, the service is (or was) running and keeps them."""
+    immutable = "" if os.path.exists(path + "-wal") else "&immutable=1"
+    return f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro{immutable}"
 
 
 def open_store(database_url, db_path, max_connections=10, read_only=False):
