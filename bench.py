@@ -2,6 +2,7 @@
 
     python bench.py                       # models/ and the shared photo sample
     python bench.py --clients 1,8 --seconds 4
+    python bench.py --clients 8 --skip-baseline --against ../parent   # a change against its parent
 
 First it prints the CPU cost of each step of a prediction (decode, preprocess, drift
 statistics, the model, and a 12 MP phone JPEG decoded both ways), without HTTP: the model's
@@ -14,6 +15,8 @@ p50/p95/p99 and server CPU per request for each service, the speed-up and start 
 then per level the service's CPU per request against the model's own, and the targets.
 serve.py runs a second time storing into PostgreSQL (a server of its own on this machine,
 started like the tests' one) instead of its SQLite file, to show what the shared store costs.
+With --against, the serve.py of another folder (a `git worktree add ../parent HEAD~1`) runs in
+the same rounds too: the way to measure one change alone on a shared machine.
 Settings of serve.py come from the environment as usual (e.g. ORT_THREADS=2).
 This prints figures; it is not a test.
 
@@ -47,6 +50,8 @@ clients = "1,8,32"  # concurrent clients per level, comma-separated
 seconds = 4.0  # how long each service is driven per level and round
 rounds = 3  # rounds per level; the median round is reported
 skip_baseline = False  # skip the naive Flask + PyTorch peer
+against = ""  # a folder with another serve.py (e.g. a git worktree of the parent commit), driven in the same rounds
+against_env = ""  # NAME=VALUE,... for that serve.py (e.g. THREADS=4 with --against .)
 breakdown = False  # instead of the comparison: serve.py alone, its CPU per request step by step
 baseline_server = 0  # internal: run the naive peer on this port and nothing else
 probe_server = ""  # internal: run serve.py with its STEPS timed, writing them to this file on SIGUSR2
@@ -410,8 +415,9 @@ def check_inputs(cfg):
         sys.exit(f"no photos at {cfg.photos}")
 
 
-# The services driven; the third is serve.py storing into PostgreSQL instead of its SQLite file.
-SERVICES = ("serve.py (ONNX Runtime)", "baseline (Flask + eager)", "serve.py, PostgreSQL store")
+# The services driven; the third is serve.py storing into PostgreSQL instead of its SQLite file,
+# the fourth the --against one.
+SERVICES = ("serve.py (ONNX Runtime)", "baseline (Flask + eager)", "serve.py, PostgreSQL store", "serve.py --against")
 
 
 def run_services(cfg, photos, bodies, levels, serve_env, database_url=None):
@@ -426,6 +432,10 @@ def run_services(cfg, photos, bodies, levels, serve_env, database_url=None):
         others = [] if cfg.skip_baseline else [(SERVICES[1], {}, peer)]
         if database_url:
             others.append((SERVICES[2], {**serve_env, "DATABASE_URL": database_url}, None))
+        if cfg.against:
+            env = dict(pair.split("=", 1) for pair in cfg.against_env.split(",") if pair)
+            others.append((SERVICES[3], {**serve_env, **env},
+                           lambda port: [sys.executable, os.path.join(os.path.abspath(cfg.against), "serve.py")]))
         for name, env, command in others:
             services[name] = start(env, bodies, command)[0]
         results = measure(services, bodies, levels, cfg.rounds, cfg.seconds)
@@ -470,6 +480,11 @@ def print_summary(results, levels, ready_s, model_ms):
     if 8 in ours:
         print(f"  p99 at 8 clients: {ours[8]['p99']:.1f} ms (target <= 100 ms) {'PASS' if ours[8]['p99'] <= 100 else 'MISS'}")
     print(f"  start -> ready: {ready_s:.2f} s (target <= 3 s) {'PASS' if ready_s <= 3 else 'MISS'}")
+    other = results.get(SERVICES[3])
+    if other and 8 in ours:
+        print(f"  against the --against serve.py at 8 clients: server CPU {ours[8]['cpu_ms']:.2f} vs "
+              f"{other[8]['cpu_ms']:.2f} ms ({ours[8]['cpu_ms'] - other[8]['cpu_ms']:+.2f}), {ours[8]['rps']:.1f} vs "
+              f"{other[8]['rps']:.1f} req/s, p99 {ours[8]['p99']:.1f} vs {other[8]['p99']:.1f} ms")
     postgres = results.get(SERVICES[2])
     if postgres and 8 in ours:
         cost = 1 - postgres[8]["rps"] / ours[8]["rps"]
