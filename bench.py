@@ -5,8 +5,8 @@
     python bench.py --clients 8 --skip-baseline --against ../parent   # a change against its parent
 
 First it prints the CPU cost of each step of a prediction (decode, preprocess, drift
-statistics, the model, and a 12 MP phone JPEG decoded both ways), without HTTP: the model's
-is what the service's own CPU per request is set against. Then the HTTP benchmark. The
+statistics, the model, all four photo after photo, and a 12 MP phone JPEG decoded both ways),
+without HTTP: the model's is what the service's own CPU per request is set against. Then the HTTP benchmark. The
 baseline is what peers ship: Flask's own server, the same network in PyTorch eager
 (nets.load_model of models/model.pt), one image per forward, no batching. Both are driven over loopback with real photos by 1, 8 and 32 concurrent clients,
 each a keep-alive connection posting multipart uploads back to back: --rounds rounds of
@@ -209,8 +209,9 @@ def stage_costs(photos, model_path):
     """CPU ms per photo of each step of /predict, on one thread in this process, without HTTP:
     where the service's time goes. Best of 3 passes. Returns the model's ms: the service's runs
     (Model.run, its outputs), one photo at a time. The four steps one after the other cost more
-    than their sum (each evicts the others' data from the CPU's caches): the least CPU a request
-    can take in any service of this model and preprocessing."""
+    than their sum (each evicts the others' data from the CPU's caches): what a request costs
+    this service before HTTP, the store and the answer."""
+    import upload
     from serve import Settings, load_model
 
     model = load_model(model_path, Settings.from_env().ort_threads)  # the service's own ONNX Runtime settings
@@ -228,10 +229,8 @@ def stage_costs(photos, model_path):
     def decode(data):
         return catdog.open_image(data, min_side=settings["resize"])  # as the service decodes
 
-    def chain(data):  # what the service does to a photo, without HTTP, the store or the answer
-        img = decode(data)
-        x = catdog.preprocess(img, settings)
-        catdog.image_stats(img)
+    def chain(data):  # what the service does to a photo (upload.prepare's steps), without HTTP or the store
+        x, _ = upload.model_input(catdog.open_checked(data, min_side=settings["resize"]), settings)
         model.run(x[None])
 
     images = [decode(p) for p in photos]
@@ -362,8 +361,10 @@ def store_costs(rows=2_000_000, judged=20_000):
 
 
 def start(env, bodies, command=None):
-    """Start serve.py (or `command(port)`) with `env` and warm it up; (server, start -> ready s)."""
-    server = harness.Server(env, command)
+    """Start serve.py (or `command(port)`) with `env` and warm it up; (server, start -> ready s).
+    Without the Makefile's malloc tuning (it is for training's feature extraction): the services
+    run as in the image."""
+    server = harness.Server(env, command, unset=("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
     ready_s = server.wait(timeout=120)
     drive(server.port, bodies, 4, 1.0)  # warm-up: first requests allocate, fill caches
     return server, ready_s
@@ -371,13 +372,14 @@ def start(env, bodies, command=None):
 
 def measure(services, bodies, levels, rounds, seconds):
     """Drive each service at each level for `rounds` rounds, the services taking turns within
-    a round, and report the median round: the machine may be shared, and a slow spell then
+    a round (a different one first each round), and report the median round: the machine may be shared, and a slow spell then
     hits one short window of one service, which the median discards."""
     results = {name: {} for name in services}
     for clients in levels:
         per_round = {name: [] for name in services}
-        for _ in range(rounds):
-            for name, server in services.items():
+        for k in range(rounds):
+            order = list(services.items())
+            for name, server in order[k % len(order):] + order[:k % len(order)]:  # each takes its turn first
                 per_round[name].append(drive(server.port, bodies, clients, seconds, server.pid))
         for name, runs in per_round.items():
             r = results[name][clients] = {key: float(np.median([run[key] for run in runs]))
@@ -413,6 +415,19 @@ def check_inputs(cfg):
             sys.exit(f"{cfg.models}/{needed} is missing: run `make train` first")
     if not os.path.isdir(cfg.photos):
         sys.exit(f"no photos at {cfg.photos}")
+    if cfg.against and not os.path.exists(os.path.join(cfg.against, "serve.py")):
+        sys.exit(f"--against {cfg.against}: no serve.py there (a checkout, e.g. `git worktree add ../parent HEAD~1`)")
+    if cfg.against and cfg.breakdown:
+        sys.exit("--against compares services; --breakdown looks into this one: one or the other")
+    against_settings(cfg)
+
+
+def against_settings(cfg):
+    """--against-env's NAME=VALUE,... as a dict; exits naming a pair without '='."""
+    pairs = [pair.strip() for pair in cfg.against_env.split(",") if pair.strip()]
+    if bad := [pair for pair in pairs if "=" not in pair]:
+        sys.exit(f"--against-env {cfg.against_env!r}: {bad[0]!r} is not NAME=VALUE")
+    return dict(pair.split("=", 1) for pair in pairs)
 
 
 # The services driven; the third is serve.py storing into PostgreSQL instead of its SQLite file,
@@ -433,9 +448,9 @@ def run_services(cfg, photos, bodies, levels, serve_env, database_url=None):
         if database_url:
             others.append((SERVICES[2], {**serve_env, "DATABASE_URL": database_url}, None))
         if cfg.against:
-            env = dict(pair.split("=", 1) for pair in cfg.against_env.split(",") if pair)
-            others.append((SERVICES[3], {**serve_env, **env},
-                           lambda port: [sys.executable, os.path.join(os.path.abspath(cfg.against), "serve.py")]))
+            env = {**serve_env, "DB_PATH": serve_env["DB_PATH"] + ".against", **against_settings(cfg)}
+            other_serve = os.path.join(os.path.abspath(cfg.against), "serve.py")
+            others.append((SERVICES[3], env, lambda port: [sys.executable, other_serve]))
         for name, env, command in others:
             services[name] = start(env, bodies, command)[0]
         results = measure(services, bodies, levels, cfg.rounds, cfg.seconds)
@@ -469,6 +484,11 @@ def print_summary(results, levels, ready_s, model_ms):
         print(f"  {c} client{'s' if c > 1 else ' '}: server CPU {o['cpu_ms']:.1f} ms, model {model_ms:.1f} ms, "
               f"ratio {o['cpu_ms'] / model_ms:.2f}; {o['rps']:.1f} req/s ({peer}); "
               f"p50 {o['p50']:.1f} ms, p99 {o['p99']:.1f} ms")
+    other = results.get(SERVICES[3])
+    for c in (c for c in levels if other):
+        print(f"\nthis serve.py against the --against one at {c} client{'s' if c > 1 else ''}: server CPU "
+              f"{ours[c]['cpu_ms']:.2f} vs {other[c]['cpu_ms']:.2f} ms ({ours[c]['cpu_ms'] - other[c]['cpu_ms']:+.2f}), "
+              f"{ours[c]['rps']:.1f} vs {other[c]['rps']:.1f} req/s, p99 {ours[c]['p99']:.1f} vs {other[c]['p99']:.1f} ms")
     print("\ntargets:")
     if 8 in ours:
         ratio = ours[8]["cpu_ms"] / model_ms
@@ -480,11 +500,6 @@ def print_summary(results, levels, ready_s, model_ms):
     if 8 in ours:
         print(f"  p99 at 8 clients: {ours[8]['p99']:.1f} ms (target <= 100 ms) {'PASS' if ours[8]['p99'] <= 100 else 'MISS'}")
     print(f"  start -> ready: {ready_s:.2f} s (target <= 3 s) {'PASS' if ready_s <= 3 else 'MISS'}")
-    other = results.get(SERVICES[3])
-    if other and 8 in ours:
-        print(f"  against the --against serve.py at 8 clients: server CPU {ours[8]['cpu_ms']:.2f} vs "
-              f"{other[8]['cpu_ms']:.2f} ms ({ours[8]['cpu_ms'] - other[8]['cpu_ms']:+.2f}), {ours[8]['rps']:.1f} vs "
-              f"{other[8]['rps']:.1f} req/s, p99 {ours[8]['p99']:.1f} vs {other[8]['p99']:.1f} ms")
     postgres = results.get(SERVICES[2])
     if postgres and 8 in ours:
         cost = 1 - postgres[8]["rps"] / ours[8]["rps"]

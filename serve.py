@@ -70,7 +70,7 @@ class Settings:
     database_url: str = ""  # postgresql://user:password@host/db: the store every replica shares; "": DB_PATH
     max_upload_mb: float = 10.0
     max_pixels: int = catdog.MAX_PIXELS
-    threads: int = 0  # waitress worker threads; 0: one per CPU this process may use
+    threads: int = 0  # waitress worker threads; 0: one per CPU this process may use, at least 2
     ort_threads: int = 1  # intra-op threads per ORT run
     infer_threads: int = 0  # ORT runs at once; 0: the CPUs this process may use (more only fight over them)
     live_window: int = 500  # live accuracy over the last N predictions with feedback
@@ -115,10 +115,10 @@ class Settings:
     @property
     def request_threads(self):
         # One request thread per CPU: a request is CPU work from decode to answer, and a second
-        # thread per CPU only makes two requests share a core and its caches (0.7-1 ms more CPU
-        # a request at 8 clients, docs/benchmarks.md). Waitress reads uploads and writes answers
-        # in its own loop, so a slow client holds no thread.
-        return self.threads or available_cpus()
+        # thread per CPU only makes two requests share a core and its caches (docs/benchmarks.md).
+        # At least two: one waiting for a heavy decode's lane or the store leaves one to answer.
+        # Waitress reads uploads and writes answers in its own loop, so a slow client holds none.
+        return self.threads or max(2, available_cpus())
 
 
 class Refused(Exception):

@@ -43,8 +43,8 @@ def waitress_body_settings(settings):
     JSON 413; waitress's own (plain-text) cap only guards against absurd bodies. Bodies over
     MAX_UPLOAD_MB (a batch, or an upload about to be refused) wait in a temporary file (TMPDIR, a
     volume in the deployments), not in memory: 16 slow 60 MB uploads would otherwise hold 1 GB.
-    A connection is read 256 kB at a time, not 18 kB (waitress's default): each read is a pass
-    of its event loop, and fewer took 0.3-0.4 ms of CPU off a request at 8 clients."""
+    A connection is read 256 kB at a time, not 8 kB (waitress's default): each read is a pass of
+    its event loop, and fewer took 0.3-0.4 ms of CPU off a request (docs/benchmarks.md)."""
     return {"max_request_body_size": max(BATCH_BODY_PHOTOS * settings.max_upload_bytes, 64 << 20),
             "inbuf_overflow": settings.max_upload_bytes, "recv_bytes": 1 << 18}
 
@@ -215,8 +215,8 @@ def tune_malloc():
     """Blocks of 1 MB and more come from mmap and go back to the system when freed: glibc's
     default threshold grows with use, after which a decoded 16 MP image stays in the heap.
     Freed heap stays with the process up to 8 MB per arena: at glibc's default (128 kB) every
-    request gave its photo's arrays back and faulted them in again, zeroed by the kernel (280
-    page faults and 0.9 ms of CPU a request, docs/benchmarks.md). release_memory() still trims."""
+    request gave its photo's arrays back and faulted them in again, pages the kernel zeroes
+    (docs/benchmarks.md). release_memory() still trims after a large decode."""
     if glibc():
         glibc().mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (a fixed one also stops the growth)
         glibc().mallopt(-1, 8 << 20)  # M_TRIM_THRESHOLD
