@@ -689,7 +689,7 @@ def page_policy(path):
 # ---------------------------------------------------------------- process: start, reload, stop
 def make_server(app, settings):
     return waitress.create_server(app, host=settings.host, port=settings.port, threads=settings.request_threads,
-                                  ident="catdog", **upload.waitress_body_settings(settings))
+                                  ident="catdog", **upload.waitress_body_limits(settings))
 
 
 def stop_listening(server):

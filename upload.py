@@ -38,15 +38,13 @@ class InMemoryRequest(Request):
         return io.BytesIO()
 
 
-def waitress_body_settings(settings):
-    """waitress.create_server's settings for request bodies. The app answers oversize uploads with a
+def waitress_body_limits(settings):
+    """waitress.create_server's limits on request bodies. The app answers oversize uploads with a
     JSON 413; waitress's own (plain-text) cap only guards against absurd bodies. Bodies over
     MAX_UPLOAD_MB (a batch, or an upload about to be refused) wait in a temporary file (TMPDIR, a
-    volume in the deployments), not in memory: 16 slow 60 MB uploads would otherwise hold 1 GB.
-    A connection is read 256 kB at a time, not 8 kB (waitress's default): each read is a pass of
-    its event loop, and fewer took 0.3-0.4 ms of CPU off a request (docs/benchmarks.md)."""
+    volume in the deployments), not in memory: 16 slow 60 MB uploads would otherwise hold 1 GB."""
     return {"max_request_body_size": max(BATCH_BODY_PHOTOS * settings.max_upload_bytes, 64 << 20),
-            "inbuf_overflow": settings.max_upload_bytes, "recv_bytes": 1 << 18}
+            "inbuf_overflow": settings.max_upload_bytes}
 
 
 def body_limit(settings):

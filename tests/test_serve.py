@@ -103,7 +103,7 @@ def test_settings_come_from_the_environment_in_one_place():
         9000, "/m/model.onnx", 2.5, 5.0, 3.0)
     assert serve.load_model(tiny_model()).profile is not None  # reference_profile.json beside the model,
     assert serve.load_model(tiny_model(), profile_path=os.devnull + ".json").profile is None  # unless PROFILE_PATH
-    hard_limit = [uploads.waitress_body_settings(s)["max_request_body_size"]
+    hard_limit = [uploads.waitress_body_limits(s)["max_request_body_size"]
                   for s in (given, dataclasses.replace(given, max_upload_mb=100))]
     assert hard_limit == [64 << 20, 400 << 20]  # waitress's own cap: far above the app's
     with pytest.raises(serve.Refused, match=re.escape("PORT='eighty': not a number (int)")):  # named, not a traceback
