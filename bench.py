@@ -6,8 +6,8 @@
 
 First it prints the CPU cost of each step of a prediction (decode, preprocess, drift
 statistics, the model, all four photo after photo, and a 12 MP phone JPEG decoded both ways),
-without HTTP: the model's is what the service's own CPU per request is set against. Then the HTTP benchmark. The
-baseline is what peers ship: Flask's own server, the same network in PyTorch eager
+without HTTP: the model's is what the service's own CPU per request is set against. Then the
+HTTP benchmark. The baseline is what peers ship: Flask's own server, the same network in PyTorch eager
 (nets.load_model of models/model.pt), one image per forward, no batching. Both are driven over loopback with real photos by 1, 8 and 32 concurrent clients,
 each a keep-alive connection posting multipart uploads back to back: --rounds rounds of
 --seconds per level, services taking turns, the median round reported. Prints requests/s,
@@ -361,10 +361,8 @@ def store_costs(rows=2_000_000, judged=20_000):
 
 
 def start(env, bodies, command=None):
-    """Start serve.py (or `command(port)`) with `env` and warm it up; (server, start -> ready s).
-    Without the Makefile's malloc tuning (it is for training's feature extraction): the services
-    run as in the image."""
-    server = harness.Server(env, command, unset=("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+    """Start serve.py (or `command(port)`) with `env` and warm it up; (server, start -> ready s)."""
+    server = harness.Server(env, command)
     ready_s = server.wait(timeout=120)
     drive(server.port, bodies, 4, 1.0)  # warm-up: first requests allocate, fill caches
     return server, ready_s
@@ -372,8 +370,9 @@ def start(env, bodies, command=None):
 
 def measure(services, bodies, levels, rounds, seconds):
     """Drive each service at each level for `rounds` rounds, the services taking turns within
-    a round (a different one first each round), and report the median round: the machine may be shared, and a slow spell then
-    hits one short window of one service, which the median discards."""
+    a round (a different one first each round), and report the median round: the machine may
+    be shared, and a slow spell then hits one short window of one service, which the median
+    discards."""
     results = {name: {} for name in services}
     for clients in levels:
         per_round = {name: [] for name in services}
@@ -484,8 +483,8 @@ def print_summary(results, levels, ready_s, model_ms):
         print(f"  {c} client{'s' if c > 1 else ' '}: server CPU {o['cpu_ms']:.1f} ms, model {model_ms:.1f} ms, "
               f"ratio {o['cpu_ms'] / model_ms:.2f}; {o['rps']:.1f} req/s ({peer}); "
               f"p50 {o['p50']:.1f} ms, p99 {o['p99']:.1f} ms")
-    other = results.get(SERVICES[3])
-    for c in (c for c in levels if other):
+    other = results.get(SERVICES[3], {})
+    for c in other:
         print(f"\nthis serve.py against the --against one at {c} client{'s' if c > 1 else ''}: server CPU "
               f"{ours[c]['cpu_ms']:.2f} vs {other[c]['cpu_ms']:.2f} ms ({ours[c]['cpu_ms'] - other[c]['cpu_ms']:+.2f}), "
               f"{ours[c]['rps']:.1f} vs {other[c]['rps']:.1f} req/s, p99 {ours[c]['p99']:.1f} vs {other[c]['p99']:.1f} ms")

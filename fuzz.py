@@ -589,10 +589,8 @@ def start_server(model_path, workdir):
     per request) and stderr (tracebacks) go to files there."""
     spool = os.path.join(workdir, "tmp")
     os.makedirs(spool, exist_ok=True)
-    # The Makefile's malloc tuning is for training's feature extraction; the image runs without it.
     server = harness.Server({"MODEL_PATH": model_path, "DB_PATH": os.path.join(workdir, "fuzz.db"), "TMPDIR": spool},
-                            log=os.path.join(workdir, "serve.log"), err=os.path.join(workdir, "serve.err"),
-                            unset=("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+                            log=os.path.join(workdir, "serve.log"), err=os.path.join(workdir, "serve.err"))
     try:
         server.wait(timeout=120)
     except RuntimeError as e:

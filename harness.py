@@ -380,10 +380,15 @@ def wait_ready(url, proc=None, timeout=30):
     raise TimeoutError(f"{url} did not answer 200 within {timeout} s")
 
 
+# The Makefile's malloc tuning is for training's feature extraction: a service runs as in the image.
+TRAINING_MALLOC = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
 class Server:
     """A service on 127.0.0.1:<free port>: serve.py, or command(port) -> argv. `env` is added to
-    this process's environment (values as str), `unset` names are removed from it. stdout goes
-    to the file `log`, stderr to `err` (or with stdout when err is None; nowhere without log)."""
+    this process's environment (values as str), `unset` names and TRAINING_MALLOC are removed
+    from it. stdout goes to the file `log`, stderr to `err` (or with stdout when err is None;
+    nowhere without log)."""
 
     def __init__(self, env=None, command=None, log=None, err=None, unset=()):
         self.port = free_port()
@@ -391,7 +396,7 @@ class Server:
         self.log, self.err = log, err
         env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "PYTHONDONTWRITEBYTECODE": "1",
                **{k: str(v) for k, v in (env or {}).items()}}
-        for name in unset:
+        for name in (*TRAINING_MALLOC, *unset):
             env.pop(name, None)
         argv = command(self.port) if command else [sys.executable, SERVE]
         self.started = time.monotonic()

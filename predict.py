@@ -21,7 +21,6 @@ both rates, their ratio and how many answers differ.
 """
 import concurrent.futures
 import csv
-import functools
 import http.client
 import json
 import multiprocessing
@@ -87,8 +86,9 @@ def start_worker(settings):
                                              serve.log))
 
 
-def score(paths, size):
-    """The rows of these files, each answered as POST /predict answers it, in runs of `size`."""
+def score(paths):
+    """The rows of these files (one task: a run of up to --run-size), each answered as POST
+    /predict answers it, in one ONNX Runtime run."""
     model, settings, budget = WORKER["model"], WORKER["settings"], WORKER["budget"]
     rows, inputs = [], []
     for path in paths:
@@ -102,9 +102,8 @@ def score(paths, size):
         except OSError as e:
             row.update(error="unreadable", message=f"the file could not be read ({e.strerror})")
         rows.append(row)
-    for start in range(0, len(inputs), size):
-        run = inputs[start:start + size]
-        for (row, _), outputs in zip(run, model.run(np.stack([x for _, x in run]))):
+    if inputs:
+        for (row, _), outputs in zip(inputs, model.run(np.stack([x for _, x in inputs]))):
             row.update(serve.answer_fields(catdog.answer(outputs, model.meta)))
     return rows
 
@@ -154,7 +153,7 @@ def score_folder(cfg, paths, settings, version):
     # A worker that dies (a decoder crashing) breaks the pool: an error, never a silent gap.
     with concurrent.futures.ProcessPoolExecutor(count, multiprocessing.get_context("spawn"), start_worker,
                                                 (settings,)) as pool:
-        for batch in pool.map(functools.partial(score, size=cfg.run_size), tasks):
+        for batch in pool.map(score, tasks):
             for row in batch:
                 row["file"] = os.path.relpath(row["file"], cfg.dir)
                 output.write(row)

@@ -293,7 +293,7 @@ class Service:
                 deleted = self.store.prune(time.time() - settings.retention_days * 86400, settings.retention_rows,
                                            folder=self.photos)
                 expired = self.store.expire_photos(pending_since, self.photos)
-                swept = self.store.sweep_photos(self.photos, pending_since) if self.photos else 0
+                swept = self.store.sweep_photos(self.photos, pending_since)
             except (*self.store.unavailable, OSError) as e:  # a busy or full disk, the database away: next time
                 log(event="prune_failed", error=str(e))
                 continue
@@ -379,9 +379,8 @@ class Service:
             return None
         return photo
 
-    def settle_photo(self, prediction_id, predicted, truth):
-        """After a prediction's feedback, its pending photo stays or goes (kept.stays)."""
-        photo = self.store.photo_of(prediction_id)
+    def settle_photo(self, prediction_id, predicted, truth, photo):
+        """After a prediction's feedback, its pending photo (sha256, None: none) stays or goes (kept.stays)."""
         settings = self.settings
         if photo is not None and not kept.stays(settings.keep_photos, predicted, truth, photo,
                                                 settings.keep_confirmed_share):
@@ -581,14 +580,14 @@ def feedback():
         return error(404, "unknown_request_id", "no prediction has this id")
     if found == "ambiguous":
         return error(409, "ambiguous_request_id", "several predictions have this request_id: send their prediction_id")
-    prediction_id, predicted = found
+    prediction_id, predicted, photo = found
     stored, on_record = service.store.record_feedback(prediction_id, truth)
     if on_record != truth:
         return error(409, "feedback_exists", f"this prediction's feedback is already recorded ({on_record}); it is kept")
     if stored:  # the metric counts stored feedback, as the database does; a retry must not judge
         # again a photo settled before (under another KEEP_PHOTOS, maybe)
         service.metrics.feedback.labels("true" if predicted == truth else "false").inc()
-        service.settle_photo(prediction_id, predicted, truth)
+        service.settle_photo(prediction_id, predicted, truth, photo)
     g.label = truth
     return jsonify(request_id=key, prediction_id=prediction_id, label=truth, predicted=predicted,
                    correct=predicted == truth, recorded=stored)

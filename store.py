@@ -126,10 +126,11 @@ class Store:
                           stats["width"], stats["height"], stats["brightness"], photo))
 
     def find_prediction(self, key):
-        """(prediction id, predicted label) of the prediction with this id, else of the one with
-        this request id when exactly one has it; None when none, "ambiguous" when several do."""
-        rows = (self._query("SELECT id, label FROM predictions WHERE id = ?", (key,))
-                or self._query("SELECT id, label FROM predictions WHERE request_id = ? LIMIT 2", (key,)))
+        """(prediction id, predicted label, photo sha256 or None) of the prediction with this id,
+        else of the one with this request id when exactly one has it; None when none,
+        "ambiguous" when several do."""
+        rows = (self._query("SELECT id, label, photo FROM predictions WHERE id = ?", (key,))
+                or self._query("SELECT id, label, photo FROM predictions WHERE request_id = ? LIMIT 2", (key,)))
         return "ambiguous" if len(rows) > 1 else tuple(rows[0]) if rows else None
 
     def record_feedback(self, prediction_id, truth):
@@ -159,11 +160,6 @@ class Store:
             "JOIN feedback f ON f.prediction_id = p.id WHERE p.photo IS NOT NULL ORDER BY f.time, p.id")
         names = ("prediction_id", "model_version", "predicted", "label", "time", "photo")
         return [dict(zip(names, row)) for row in rows]
-
-    def photo_of(self, prediction_id):
-        """The sha256 of this prediction's photo; None when it has none (or no such prediction)."""
-        rows = self._query("SELECT photo FROM predictions WHERE id = ?", (prediction_id,))
-        return rows[0][0] if rows else None
 
     def drop_photo(self, prediction_id, folder):
         """Forget this prediction's photo (not kept after its feedback), removing its file from
@@ -211,7 +207,10 @@ class Store:
     def sweep_photos(self, folder, older_than, chunk=2000):
         """Delete the files under `folder` written before `older_than` (Unix time) that no row
         names (an upload whose row was never stored: the insert failed, or the process died
-        between the two) and the `.partial-*` files a write killed midway left. How many."""
+        between the two) and the `.partial-*` files a write killed midway left. How many (0
+        when no folder is known)."""
+        if not folder:
+            return 0
         photos, partial = kept.old_files(folder, older_than)
         for path in partial:
             with contextlib.suppress(FileNotFoundError):

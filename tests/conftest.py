@@ -1,5 +1,6 @@
 """Shared fixtures: synthetic photos written on the fly (tests never use real photos from git);
 and REQUIRE_ALL_TOOLS=1 (CI), which turns a skip for a missing tool into a failure."""
+import ast
 import hashlib
 import io
 import os
@@ -40,6 +41,21 @@ def near_copy(data, scale=0.9, quality=60):
 def sha(data):
     """The sha256 of bytes, as the manifests and the photo store name them."""
     return hashlib.sha256(data).hexdigest()
+
+
+def local_imports(module, seen=None):
+    """The project's own modules `module` imports, directly or through each other."""
+    seen = seen if seen is not None else {module}
+    with open(os.path.join(ROOT, module)) as f:
+        tree = ast.parse(f.read())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    for name in sorted(names):
+        path = name.split(".")[0] + ".py"
+        if path not in seen and os.path.isfile(os.path.join(ROOT, path)):
+            seen.add(path)
+            local_imports(path, seen)
+    return seen
 
 
 def read_tree(folder):

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import catdog
 import harness
 import serve
+from conftest import read_tree
 from harness import (
     export_tiny_model,
     free_port,
@@ -67,12 +68,7 @@ def client_of(tmp_path_factory, model_path=None, **settings):
 def photo_files(folder):
     """{file name: bytes} of every file under a photos folder (its sha256 for a photo), {} when the
     folder does not exist."""
-    found = {}
-    for here, _, names in os.walk(folder):
-        for name in names:
-            with open(os.path.join(here, name), "rb") as f:
-                found[name] = f.read()
-    return found
+    return {os.path.basename(path): data for path, data in read_tree(folder).items()}
 
 
 def upload(data, name="photo.jpg", field="file"):

@@ -1,7 +1,6 @@
 """DVC: the pipeline is dvc.yaml's stages (data -> train, their hashes in dvc.lock), the data
 lives in DVC, never in git, and `dvc push` then `dvc pull` in a fresh clone restores it byte
 for byte."""
-import ast
 import configparser
 import os
 import subprocess
@@ -10,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, local_imports
 from conftest import read_tree as tree
 
 DVC = os.path.join(os.path.dirname(sys.executable), "dvc")
@@ -35,21 +34,6 @@ def test_project_config_has_analytics_off_and_a_default_local_remote():
 def read_yaml(name):
     with open(os.path.join(ROOT, name)) as f:
         return yaml.safe_load(f)
-
-
-def local_imports(module, seen=None):
-    """The project's own modules `module` imports, directly or through each other."""
-    seen = seen if seen is not None else {module}
-    with open(os.path.join(ROOT, module)) as f:
-        tree = ast.parse(f.read())
-    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-    for name in sorted(names):
-        path = name.split(".")[0] + ".py"
-        if path not in seen and os.path.isfile(os.path.join(ROOT, path)):
-            seen.add(path)
-            local_imports(path, seen)
-    return seen
 
 
 DATA_OUTS = ["data/manifest.csv", "data/processed", "data/quality_report.json", "data/quality_report.md"]

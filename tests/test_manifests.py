@@ -13,6 +13,7 @@ import sys
 import pytest
 import yaml
 
+from conftest import local_imports
 from service_helpers import ROOT
 
 BIN = os.path.dirname(sys.executable)
@@ -267,22 +268,11 @@ def test_compose_reads_the_host_config_and_limits_the_api():
         assert subprocess.run(["git", "check-ignore", "-q", "catdog.env.example"], cwd=ROOT).returncode == 1
 
 
-def local_imports(name, found=None):
-    """The project's own modules `name`.py imports, and theirs, transitively."""
-    found = set() if found is None else found
-    with open(os.path.join(ROOT, f"{name}.py"), encoding="utf-8") as f:
-        for module in re.findall(r"^(?:import|from) (\w+)", f.read(), re.MULTILINE):
-            if module not in found and os.path.isfile(os.path.join(ROOT, f"{module}.py")):
-                found.add(module)
-                local_imports(module, found)
-    return found
-
-
 def test_the_backup_service_mounts_every_module_backup_py_imports():
     """The backup service runs the checkout's backup.py in the api image: each project module it
     imports must be mounted beside it, or the scheduled backup dies on its first import."""
     mounted = {volume.split(":")[0] for volume in load("docker-compose.yml")[0]["services"]["backup"]["volumes"]}
-    assert {f"./{module}.py" for module in local_imports("backup")} <= mounted
+    assert {f"./{path}" for path in local_imports("backup.py")} <= mounted
     assert "./backup.py" in mounted
 
 

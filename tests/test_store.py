@@ -1,6 +1,5 @@
 """The store on both backends (SQLite file, PostgreSQL server started by the tests), then
 several serve.py replicas on one PostgreSQL database."""
-import hashlib
 import os
 import signal
 import sqlite3
@@ -13,6 +12,7 @@ import pytest
 
 import kept
 import store
+from conftest import sha
 from harness import PostgresServer, why_no_postgres
 from service_helpers import (
     Server,
@@ -81,7 +81,7 @@ def rows(s, sql, params=()):
 def test_feedback_is_recorded_once_and_counted_in_the_database(opened):
     for i in range(3):
         opened.record_prediction(f"p{i}", "shelter-1", "v1", "cat", 0.9, STATS)
-    assert opened.find_prediction("p1") == ("p1", "cat")
+    assert opened.find_prediction("p1") == ("p1", "cat", None)
     assert opened.find_prediction("shelter-1") == "ambiguous" and opened.find_prediction("nope") is None
     assert opened.record_feedback("p1", "cat") == (True, "cat")
     assert opened.record_feedback("p1", "cat") == (False, "cat")  # the same again stores nothing
@@ -106,7 +106,7 @@ def test_old_databases_are_migrated_and_migrations_are_idempotent(backend):
     s = open_store()
     try:
         assert s.version == store.LATEST and s.feedback_count() == 1
-        assert s.find_prediction("r1") == ("r1", "cat") and s.live_accuracy(10) == (0.0, 1)
+        assert s.find_prediction("r1") == ("r1", "cat", None) and s.live_accuracy(10) == (0.0, 1)
     finally:
         s.close()
     s = open_store()  # opening a current database changes nothing
@@ -172,11 +172,11 @@ def test_retention_prunes_old_and_surplus_predictions_with_their_feedback(opened
 
 def keep(opened, folder, prediction_id, data, age_s=0.0):
     """A prediction whose upload `data` is kept, as serve.py keeps one, made `age_s` seconds ago."""
-    sha = hashlib.sha256(data).hexdigest()
-    kept.save(folder, sha, data)
-    opened.record_prediction(prediction_id, prediction_id, "v1", "cat", 0.9, STATS, photo=sha)
+    photo = sha(data)
+    kept.save(folder, photo, data)
+    opened.record_prediction(prediction_id, prediction_id, "v1", "cat", 0.9, STATS, photo=photo)
     opened._write("UPDATE predictions SET time = ? WHERE id = ?", (time.time() - age_s, prediction_id))
-    return sha
+    return photo
 
 
 def test_kept_photos_are_one_file_each_and_leave_with_the_last_row_naming_them(opened, tmp_path):
@@ -232,9 +232,9 @@ def test_old_files_no_row_names_and_stale_partial_files_are_swept(opened, tmp_pa
     killed midway leave files no row names: the retention sweep deletes them once they are old."""
     folder = str(tmp_path / "photos")
     named = keep(opened, folder, "p1", b"a kept photo")
-    orphans = [hashlib.sha256(data).hexdigest() for data in (b"insert failed", b"just written")]
-    for sha, data in zip(orphans, (b"insert failed", b"just written")):
-        kept.save(folder, sha, data)
+    orphans = [sha(data) for data in (b"insert failed", b"just written")]
+    for photo, data in zip(orphans, (b"insert failed", b"just written")):
+        kept.save(folder, photo, data)
     partial = [os.path.join(folder, named[:2], f".partial-{i}") for i in range(2)]
     for path in partial:
         open(path, "wb").close()
